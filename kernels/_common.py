@@ -1,0 +1,93 @@
+"""Argument checks and small helpers shared by every form of the hybrid attention op."""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("hybrid", "mlstm", "swa")
+COMBINES = ("gate", "shared_norm")
+# A finite stand-in for log(0): exp() of it is 0 in float32, and unlike -inf it never makes
+# inf - inf = nan in the stabiliser arithmetic (nor nan gradients).
+LOG_ZERO = -1e30
+
+
+def check_inputs(q, k, v, i_gate, f_gate, g_gate, window, sink_tokens, mode, combine):
+    """Validate shapes and options; returns (B, H, Hkv, T, Dqk, Dv)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not supported; allowed values: {', '.join(MODES)}")
+    if combine not in COMBINES:
+        raise ValueError(f"combine={combine!r} is not supported; allowed values: {', '.join(COMBINES)}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window={window!r} is invalid; allowed values: an integer >= 1")
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens={sink_tokens!r} is invalid; allowed values: an integer >= 0")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D [B, H, T, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    B, H, T, Dqk = q.shape
+    Hkv = k.shape[1]
+    if k.shape[-1] != Dqk:
+        raise ValueError(
+            f"head dim mismatch: q has head dim {Dqk} but k has {k.shape[-1]}; q and k must share the head dim"
+        )
+    if k.shape[0] != B or k.shape[2] != T or v.shape[0] != B or v.shape[2] != T:
+        raise ValueError(f"batch/time mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if v.shape[1] != Hkv:
+        raise ValueError(f"k has {Hkv} heads but v has {v.shape[1]}; they must match")
+    if H % Hkv != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv}) for GQA")
+    for name, gate in (("i_gate", i_gate), ("f_gate", f_gate), ("g_gate", g_gate)):
+        if gate is None:
+            continue
+        if tuple(gate.shape) != (B, H, T):
+            raise ValueError(f"{name} must have shape [B, H, T] = {(B, H, T)}; got {tuple(gate.shape)}")
+    if mode != "swa" and (i_gate is None or f_gate is None):
+        raise ValueError(f"mode={mode!r} needs i_gate and f_gate (the mLSTM gates); got None")
+    if mode == "hybrid" and g_gate is None:
+        raise ValueError("mode='hybrid' needs g_gate (the mix gate); got None")
+    return B, H, Hkv, T, Dqk, v.shape[-1]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, Hkv, ...] -> [B, H, ...]; query head h reads key/value head h // (H / Hkv), as HF GQA does."""
+    rep = num_heads // x.shape[1]
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def default_scale(scale, head_dim: int) -> float:
+    return head_dim**-0.5 if scale is None else float(scale)
+
+
+def head_rms_norm(h: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """RMS normalisation over the last dim per head; h [B, H, T, Dv], weight [H, Dv] or None."""
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.to(out.dtype)[None, :, None, :]
+    return out
+
+
+def mix_gate(combined_hm_normed, h_attn, g_gate):
+    g = torch.sigmoid(g_gate).unsqueeze(-1)
+    return g * combined_hm_normed + (1.0 - g) * h_attn
+
+
+def log_forget(f_gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return F.logsigmoid(f_gate.to(dtype))
+
+
+def is_power_of_two(n) -> bool:
+    return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0 and not isinstance(n, bool)
+
+
+__all__ = [
+    "MODES", "COMBINES", "LOG_ZERO", "check_inputs", "compute_dtype", "expand_kv",
+    "default_scale", "head_rms_norm", "mix_gate", "log_forget", "is_power_of_two",
+]
