@@ -1,0 +1,151 @@
+"""Saving and loading students: a folder with model.safetensors, config.json and the tokenizer.
+
+The folder reloads without the teacher and without ``trust_remote_code``: config.json holds the
+teacher's model config (to rebuild the skeleton with ``transformers``) and the HybridConfig.
+Writes are atomic: everything goes to a temporary sibling folder that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_model
+
+from .config import HybridConfig
+
+FORMAT = "xdistill-hybrid-student"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def atomic_directory_write(path: Path, write) -> Path:
+    """Call ``write(tmp_dir)`` then move tmp_dir to ``path``; an existing ``path`` is replaced only
+    once the new folder is complete, so a crash leaves the old or the new folder, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def save_student(student, path, tokenizer=None) -> Path:
+    """Write ``student`` (a HybridStudent) to the folder ``path``; the tokenizer (argument, or
+    ``student.tokenizer``) is saved beside it when there is one."""
+    tokenizer = tokenizer if tokenizer is not None else getattr(student, "tokenizer", None)
+    dtype = next(student.parameters()).dtype
+
+    def write(tmp: Path):
+        save_model(student, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dtype": str(dtype).replace("torch.", ""),
+            "hybrid_config": student.hybrid_config.to_dict(),
+            "teacher_config": student.config.to_dict(),
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return atomic_directory_write(Path(path), write)
+
+
+def _read_config(path: Path) -> dict:
+    cfg_file = path / CONFIG_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"student folder {path} does not exist (expected a folder written by models.save_student)")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: {path} is not a student folder written by models.save_student")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_file} is not valid JSON ({err}); the folder is corrupt, save the student again") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(
+            f"{cfg_file}: field 'format' is {config.get('format') if isinstance(config, dict) else None!r}, "
+            f"expected {FORMAT!r} (is this a plain Hugging Face model? load it with models.load_teacher)"
+        )
+    for key in ("teacher_config", "hybrid_config"):
+        if not isinstance(config.get(key), dict):
+            raise ValueError(f"{cfg_file}: field {key!r} is missing or not an object")
+    if "model_type" not in config["teacher_config"]:
+        raise ValueError(f"{cfg_file}: field 'teacher_config.model_type' is missing")
+    return config
+
+
+def _check_shapes(student, weights: Path, cfg_file: Path):
+    """Name the first tensor whose saved shape differs from what config.json builds."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            saved = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights} cannot be read ({err}); the file is truncated or corrupt") from err
+    for key, tensor in student.state_dict().items():
+        if key in saved and saved[key] != tuple(tensor.shape):
+            raise ValueError(
+                f"{weights} does not match {cfg_file}: tensor {key!r} has shape {list(saved[key])} in the file "
+                f"but the config builds {list(tensor.shape)}; check hidden_size, heads and head_dim in config.json"
+            )
+
+
+def load_student(path, dtype: torch.dtype | None = None, device=None):
+    """Rebuild a student saved by ``save_student`` (no teacher, no remote code needed)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .adapters import get_adapter
+    from .student import convert_to_hybrid
+
+    path = Path(path)
+    config = _read_config(path)
+    cfg_file = path / CONFIG_NAME
+    hybrid_cfg = HybridConfig.from_dict(config["hybrid_config"], source=str(cfg_file))
+    teacher_cfg = dict(config["teacher_config"])
+    model_type = teacher_cfg.pop("model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **teacher_cfg)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{cfg_file}: field 'teacher_config' cannot be read by transformers: {err}") from err
+    get_adapter(hf_config)
+    saved_dtype = getattr(torch, config.get("dtype", "float32"), None)
+    if not isinstance(saved_dtype, torch.dtype):
+        raise ValueError(f"{cfg_file}: field 'dtype'={config.get('dtype')!r} is not a torch dtype")
+    lm = AutoModelForCausalLM.from_config(hf_config, dtype=saved_dtype)
+    student = convert_to_hybrid(lm, hybrid_cfg)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing; the student folder is incomplete")
+    _check_shapes(student, weights, cfg_file)
+    try:
+        missing, unexpected = load_model(student, str(weights), strict=False, device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{weights} cannot be read ({err}); the file is truncated or corrupt") from err
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match {cfg_file}: missing tensors {sorted(missing)[:5]}, "
+            f"unexpected tensors {sorted(unexpected)[:5]}"
+        )
+    student.eval()
+    if dtype is not None or device is not None:
+        student.to(device=device, dtype=dtype)
+    if (path / "tokenizer_config.json").is_file():
+        student.tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return student

