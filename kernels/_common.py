@@ -74,6 +74,18 @@ def head_rms_norm(h: torch.Tensor, weight, eps: float) -> torch.Tensor:
     return out
 
 
+# exp(-m) above e^60 (m < -60: every key's weight is below e^-60) would overflow float32 and
+# poison gradients with inf * 0; the read-out there is ~num * e^-60 either way.
+MAX_NEG_LOG_FLOOR = 60.0
+
+
+def mlstm_normalise(num, den, m, eps):
+    """h^m = num / (max(|den|, exp(-m)) + eps): the mLSTM normaliser in stabilised units
+    (num, den [..., Dv] / [...] are the sums divided by exp(m)), as mlstm_kernels computes it."""
+    floor = torch.exp(torch.clamp(-m, max=MAX_NEG_LOG_FLOOR))
+    return num / (torch.maximum(den.abs(), floor) + eps).unsqueeze(-1)
+
+
 def mix_gate(combined_hm_normed, h_attn, g_gate):
     g = torch.sigmoid(g_gate).unsqueeze(-1)
     return g * combined_hm_normed + (1.0 - g) * h_attn
@@ -89,5 +101,5 @@ def is_power_of_two(n) -> bool:
 
 __all__ = [
     "MODES", "COMBINES", "LOG_ZERO", "check_inputs", "compute_dtype", "expand_kv",
-    "default_scale", "head_rms_norm", "mix_gate", "log_forget", "is_power_of_two",
+    "default_scale", "head_rms_norm", "mix_gate", "mlstm_normalise", "log_forget", "is_power_of_two",
 ]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    LOG_ZERO, check_inputs, compute_dtype, default_scale, expand_kv, head_rms_norm, log_forget,
+    LOG_ZERO, check_inputs, compute_dtype, default_scale, expand_kv, head_rms_norm, log_forget, mlstm_normalise,
     mix_gate,
 )
 from .recurrent import HybridState
@@ -177,7 +177,7 @@ def hybrid_attention_chunkwise(
             out = num / den.unsqueeze(-1)
         else:
             num, den, m, state_mem = mlstm_chunkwise(qf, kf, vf, i_f, log_f, scale=scale, chunk_size=L)
-            h_mem = num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
+            h_mem = mlstm_normalise(num, den, m, eps)
     if out is None:
         if mode == "mlstm":
             out = h_mem

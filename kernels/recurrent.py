@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from ._common import LOG_ZERO, check_inputs, default_scale, expand_kv, head_rms_norm, mix_gate
+from ._common import LOG_ZERO, check_inputs, default_scale, expand_kv, head_rms_norm, mix_gate, mlstm_normalise
 
 
 @dataclass
@@ -179,7 +179,7 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
         num_a, den_a = (w.unsqueeze(-2) @ vals).squeeze(-2), w.sum(-1)
 
     if state.mode == "mlstm":
-        out = num_m / (torch.maximum(den_m.abs(), torch.exp(-new.m)) + eps).unsqueeze(-1)
+        out = mlstm_normalise(num_m, den_m, new.m, eps)
     elif state.mode == "swa":
         out = num_a / den_a.unsqueeze(-1)
     elif state.shared_norm:
@@ -190,7 +190,7 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
             a_scale * den_a + o_scale * den_m.abs()
         ).unsqueeze(-1)
     else:
-        h_mem = num_m / (torch.maximum(den_m.abs(), torch.exp(-new.m)) + eps).unsqueeze(-1)
+        h_mem = mlstm_normalise(num_m, den_m, new.m, eps)
         normed = head_rms_norm(h_mem.unsqueeze(2), norm_weight, norm_eps).squeeze(2)
         out = mix_gate(normed, num_a / den_a.unsqueeze(-1), g_gate[:, :, 0].to(dt))
     return out.unsqueeze(2).to(q.dtype), new

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (
-    check_inputs, compute_dtype, default_scale, expand_kv, head_rms_norm, log_forget, mix_gate,
+    check_inputs, compute_dtype, default_scale, expand_kv, head_rms_norm, log_forget, mlstm_normalise, mix_gate,
 )
 
 
@@ -84,7 +84,7 @@ def hybrid_attention(
             den = a_scale * a_w.sum(-1) + o_scale * den_o.abs()
             return (num / den.unsqueeze(-1)).to(out_dtype)
         num, den, m, _ = _masked_mlstm(qk, log_decay, causal, v)
-        h_mem = num / (torch.maximum(den.abs(), torch.exp(-m)) + eps).unsqueeze(-1)
+        h_mem = mlstm_normalise(num, den, m, eps)
     if mode == "mlstm":
         return h_mem.to(out_dtype)
     if mode == "swa":

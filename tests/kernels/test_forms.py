@@ -1,0 +1,107 @@
+"""Invariant 3: parallel == chunkwise == recurrent (prefill then single steps), outputs and input gradients."""
+
+import itertools
+
+import pytest
+import torch
+
+from kernels import HybridState, hybrid_attention_chunkwise, hybrid_attention_step, reference
+from tests.conftest import rel_err
+
+VARIANTS = [("hybrid", "gate"), ("hybrid", "shared_norm"), ("mlstm", "gate"), ("swa", "gate")]
+
+
+def make_inputs(B, H, Hkv, T, D, Dv, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(
+        q=r(B, H, T, D), k=r(B, Hkv, T, D), v=r(B, Hkv, T, Dv),
+        i_gate=r(B, H, T), f_gate=r(B, H, T) + 2.0, g_gate=r(B, H, T),
+    )
+
+
+def run_recurrent(inputs, prefix, kw, chunk_size=16):
+    """Chunkwise prefill of the first ``prefix`` tokens, then one step per token."""
+    q = inputs["q"]
+    B, H, T, D = q.shape
+    Hkv, Dv = inputs["k"].shape[1], inputs["v"].shape[-1]
+    names = ("q", "k", "v", "i_gate", "f_gate", "g_gate")
+    outs = []
+    if prefix > 0:
+        head = {n: inputs[n][:, :, :prefix] for n in names}
+        out, state = hybrid_attention_chunkwise(*head.values(), chunk_size=chunk_size, return_state=True, **kw)
+        outs.append(out)
+    else:
+        state = HybridState.empty(B, H, Hkv, D, Dv, window=kw["window"], sink_tokens=kw["sink_tokens"],
+                                  mode=kw["mode"], combine=kw["combine"], dtype=q.dtype, device=q.device,
+                                  compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    step_kw = {k: v for k, v in kw.items() if k in ("norm_weight", "scale")}
+    for t in range(prefix, T):
+        sl = {n: inputs[n][:, :, t:t + 1] for n in names}
+        out, state = hybrid_attention_step(*sl.values(), state, **step_kw)
+        outs.append(out)
+    return torch.cat(outs, 2)
+
+
+@pytest.mark.parametrize("T,window,sinks", list(itertools.product([1, 7, 63, 64, 65, 200], [1, 16, 64], [0, 4])))
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_parallel_chunkwise_recurrent_agree(T, window, sinks, mode, combine):
+    inputs = make_inputs(2, 4, 2, T, 8, 6, seed=T * 7 + window)
+    for x in inputs.values():
+        x.requires_grad_(True)
+    norm_weight = (torch.rand(4, 6, dtype=torch.float64) + 0.5).requires_grad_(True)
+    kw = dict(window=window, sink_tokens=sinks, mode=mode, combine=combine, norm_weight=norm_weight)
+    leaves = list(inputs.values()) + [norm_weight]
+    upstream = torch.randn(2, 4, T, 6, dtype=torch.float64)
+
+    results = {}
+    for form in ("parallel", "chunkwise", "recurrent"):
+        if form == "parallel":
+            out = reference.hybrid_attention(**inputs, **kw)
+        elif form == "chunkwise":
+            out = hybrid_attention_chunkwise(**inputs, chunk_size=16, **kw)
+        else:
+            out = run_recurrent(inputs, prefix=T // 2, kw=kw)
+        used = [x for x in leaves if x is not inputs["g_gate"] or mode == "hybrid"]
+        grads = torch.autograd.grad((out * upstream).sum(), used, allow_unused=True)
+        results[form] = (out, grads)
+
+    ref_out, ref_grads = results["parallel"]
+    assert torch.isfinite(ref_out).all()
+    for form in ("chunkwise", "recurrent"):
+        out, grads = results[form]
+        assert rel_err(out, ref_out) < 1e-10, form
+        for g, rg in zip(grads, ref_grads):
+            if rg is None or g is None:
+                assert (rg if g is None else g) is None or (rg if g is None else g).abs().max() < 1e-12
+            else:
+                # relative error, with an absolute floor for gradients that are exactly zero in theory
+                assert (g - rg).norm() <= 1e-9 * rg.norm() + 1e-12, form
+
+
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_recurrent_from_empty_state_matches_parallel(mode, combine):
+    inputs = make_inputs(1, 2, 1, 40, 8, 8, seed=3)
+    kw = dict(window=8, sink_tokens=2, mode=mode, combine=combine)
+    ref = reference.hybrid_attention(**inputs, **kw)
+    assert rel_err(run_recurrent(inputs, prefix=0, kw=kw), ref) < 1e-10
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-2), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_low_precision_chunkwise_close_to_float64(dtype, tol, mode, combine):
+    inputs64 = make_inputs(2, 4, 2, 130, 16, 16, seed=5)
+    kw = dict(window=16, sink_tokens=4, mode=mode, combine=combine)
+    ref = reference.hybrid_attention(**inputs64, **kw)
+    low = {k: v.to(dtype) for k, v in inputs64.items()}
+    out = hybrid_attention_chunkwise(**low, chunk_size=32, **kw)
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < tol
+
+
+def test_chunk_size_does_not_change_result():
+    inputs = make_inputs(1, 2, 2, 100, 8, 8, seed=11)
+    kw = dict(window=16, sink_tokens=4, mode="hybrid", combine="shared_norm")
+    a = hybrid_attention_chunkwise(**inputs, chunk_size=8, **kw)
+    b = hybrid_attention_chunkwise(**inputs, chunk_size=128, **kw)
+    assert rel_err(a, b) < 1e-12
