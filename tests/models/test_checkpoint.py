@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models as tok_models
+
+from models import HybridConfig, convert_to_hybrid, load_student, save_student
+from tests.conftest import make_teacher
+
+
+def tiny_tokenizer():
+    vocab = {f"t{i}": i for i in range(97)}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="t0"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t1", eos_token="t2")
+
+
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen3", False), ("olmo2", False)])
+def test_round_trip_gives_identical_logits(tmp_path, family, tie):
+    teacher = make_teacher(family, tie_word_embeddings=tie)
+    student = convert_to_hybrid(teacher, HybridConfig(mode="hybrid", combine="shared_norm", window=8,
+                                                      full_attention_layers=[1]))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # make sure trained values, not init, round-trip
+    ids = torch.randint(0, 97, (2, 30))
+    save_student(student, tmp_path / "s", tokenizer=tiny_tokenizer())
+    assert {"model.safetensors", "config.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "s").iterdir()}
+    loaded = load_student(tmp_path / "s")
+    assert loaded.hybrid_config == student.hybrid_config
+    assert loaded.tokenizer is not None and loaded.tokenizer.eos_token == "t2"
+    student.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, student(ids).logits)
+
+
+def test_save_replaces_existing_folder_completely(tmp_path):
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig())
+    save_student(student, tmp_path / "s", tokenizer=tiny_tokenizer())
+    save_student(student, tmp_path / "s")  # no tokenizer this time
+    assert not (tmp_path / "s" / "tokenizer_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temporary folders left behind
+
+
+@pytest.fixture
+def saved(tmp_path):
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig())
+    return save_student(student, tmp_path / "s")
+
+
+def edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_bad_hybrid_field_is_named(saved):
+    edit_config(saved, lambda c: c["hybrid_config"].update(window=0))
+    with pytest.raises(ValueError, match="window"):
+        load_student(saved)
+
+
+def test_unknown_hybrid_field_is_named(saved):
+    edit_config(saved, lambda c: c["hybrid_config"].update(windw=3))
+    with pytest.raises(ValueError, match="windw"):
+        load_student(saved)
+
+
+def test_config_that_does_not_match_weights_names_tensor(saved):
+    edit_config(saved, lambda c: c["teacher_config"].update(intermediate_size=96))
+    with pytest.raises(ValueError, match="mlp") as err:
+        load_student(saved)
+    assert "model.safetensors" in str(err.value) and "shape" in str(err.value)
+
+
+def test_missing_and_broken_config(saved):
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        load_student(saved)
+    (saved / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_student(saved)
+
+
+def test_missing_model_type_and_foreign_format(saved):
+    edit_config(saved, lambda c: c["teacher_config"].pop("model_type"))
+    with pytest.raises(ValueError, match="model_type"):
+        load_student(saved)
+    edit_config(saved, lambda c: c.update(format="something-else"))
+    with pytest.raises(ValueError, match="format"):
+        load_student(saved)
+
+
+def test_truncated_weights_are_refused(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_student(saved)

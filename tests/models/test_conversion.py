@@ -1,0 +1,142 @@
+"""Invariant 1 and conversion behaviour on tiny teachers of every supported family."""
+
+import pytest
+import torch
+import transformers as tf
+
+from models import HybridAttention, HybridConfig, convert_to_hybrid, get_adapter
+from tests.conftest import FAMILIES, make_teacher, rel_err
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_swa_with_full_window_reproduces_teacher_logits(family, backend):
+    teacher = make_teacher(family)
+    ids = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(1))
+    student = convert_to_hybrid(teacher, HybridConfig(mode="swa", window=64, sink_tokens=0, chunk_size=16,
+                                                      backend=backend))
+    with torch.no_grad():
+        expected = teacher(ids).logits
+        got = student(ids).logits
+    assert got.shape == expected.shape
+    assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2", "olmo2"])
+def test_kept_full_attention_layers_reproduce_teacher(family):
+    teacher = make_teacher(family)
+    ids = torch.randint(0, 97, (1, 70))
+    student = convert_to_hybrid(teacher, HybridConfig(mode="swa", window=80, sink_tokens=0, full_attention_layers=[1]))
+    assert type(student.lm.model.layers[1].self_attn).__name__ == "FullAttention"
+    with torch.no_grad():
+        assert rel_err(student(ids).logits, teacher(ids).logits) < 1e-5
+
+
+def test_short_window_differs_from_teacher_and_hybrid_starts_close():
+    teacher = make_teacher("llama")
+    ids = torch.randint(0, 97, (1, 120))
+    with torch.no_grad():
+        ref = teacher(ids).logits
+        swa = convert_to_hybrid(teacher, HybridConfig(mode="swa", window=8, sink_tokens=0))(ids).logits
+        hyb = convert_to_hybrid(teacher, HybridConfig(mode="hybrid", window=8, sink_tokens=0))(ids).logits
+    assert rel_err(swa, ref) > 1e-3  # the window really truncates context
+    # mix gate bias -4: the fresh hybrid is within a few percent of its windowed teacher
+    assert rel_err(hyb, swa) < 0.1
+
+
+def test_teacher_is_untouched_and_weights_are_copied():
+    teacher = make_teacher("qwen3")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = convert_to_hybrid(teacher, HybridConfig())
+    assert all(type(l.self_attn).__name__ == "Qwen3Attention" for l in teacher.model.layers)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k])
+    s_attn, t_attn = student.lm.model.layers[0].self_attn, teacher.model.layers[0].self_attn
+    assert isinstance(s_attn, HybridAttention)
+    assert torch.equal(s_attn.q_proj.weight, t_attn.q_proj.weight)
+    assert s_attn.q_proj.weight.data_ptr() != t_attn.q_proj.weight.data_ptr()
+    assert torch.equal(s_attn.q_norm.weight, t_attn.q_norm.weight)
+    # training the student does not move the teacher
+    ids = torch.randint(0, 97, (1, 20))
+    student.train()
+    student(ids, labels=ids).loss.backward()
+    assert s_attn.gate_proj.weight.grad is not None and s_attn.gate_proj.weight.grad.abs().sum() > 0
+    assert teacher.model.layers[0].self_attn.q_proj.weight.grad is None
+
+
+def test_new_gate_initialisation():
+    teacher = make_teacher("llama")
+    cfg = HybridConfig(mix_gate_bias_init=-3.0, forget_gate_bias_init=(2.0, 5.0), input_gate_bias_init=-1.0)
+    attn = convert_to_hybrid(teacher, cfg).lm.model.layers[0].self_attn
+    H = 4
+    assert torch.all(attn.gate_proj.weight == 0)
+    assert torch.allclose(attn.gate_proj.bias[:H], torch.full((H,), -1.0))
+    assert torch.allclose(attn.gate_proj.bias[H:2 * H], torch.linspace(2.0, 5.0, H))
+    assert torch.allclose(attn.gate_proj.bias[2 * H:], torch.full((H,), -3.0))
+
+
+@pytest.mark.parametrize("mode,combine", [("hybrid", "gate"), ("hybrid", "shared_norm"), ("mlstm", "gate")])
+def test_extreme_gate_weights_give_finite_outputs_and_gradients(mode, combine):
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig(mode=mode, combine=combine, window=4))
+    for layer in student.lm.model.layers:
+        with torch.no_grad():
+            layer.self_attn.gate_proj.bias.fill_(100.0)
+    ids = torch.randint(0, 97, (1, 30))
+    loss = student(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_unsupported_family_lists_supported_ones():
+    config = tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    gpt2 = tf.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="gpt2") as err:
+        convert_to_hybrid(gpt2, HybridConfig())
+    for family in ("llama", "mistral", "qwen2", "qwen3", "olmo2"):
+        assert family in str(err.value)
+    with pytest.raises(ValueError, match="supported families"):
+        get_adapter(config)
+
+
+def test_mismatched_head_dims_are_named():
+    teacher = make_teacher("llama")
+    teacher.config.head_dim = 8  # config now disagrees with the projection weights
+    with pytest.raises(ValueError, match="mismatched head dims"):
+        convert_to_hybrid(teacher, HybridConfig())
+
+
+def test_full_attention_layer_out_of_range():
+    with pytest.raises(ValueError, match="full_attention_layers"):
+        convert_to_hybrid(make_teacher("llama"), HybridConfig(full_attention_layers=[5]))
+
+
+def test_padded_batch_rows_equal_unpadded_rows():
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig(window=4, sink_tokens=2)).eval()
+    a = torch.randint(3, 97, (1, 12))
+    b = torch.randint(3, 97, (1, 7))
+    with torch.no_grad():
+        la, lb = student(a).logits, student(b).logits
+        for side in ("left", "right"):
+            pad = torch.zeros(1, 5, dtype=torch.long)
+            ids_b = torch.cat([pad, b], 1) if side == "left" else torch.cat([b, pad], 1)
+            mask_b = (torch.arange(12) >= 5) if side == "left" else (torch.arange(12) < 7)
+            ids = torch.cat([a, ids_b])
+            mask = torch.stack([torch.ones(12, dtype=torch.bool), mask_b]).long()
+            out = student(ids, attention_mask=mask).logits
+            assert rel_err(out[0], la[0]) < 1e-6
+            assert rel_err(out[1][mask_b], lb[0]) < 1e-6
+    with pytest.raises(ValueError, match="contiguous"):
+        student(ids, attention_mask=torch.tensor([[1] * 12, [1, 0] * 6]))
+
+
+def test_hidden_states_follow_hugging_face_layout():
+    teacher = make_teacher("llama")
+    student = convert_to_hybrid(teacher, HybridConfig(mode="swa", window=64, sink_tokens=0))
+    ids = torch.randint(0, 97, (1, 10))
+    with torch.no_grad():
+        t = teacher(ids, output_hidden_states=True).hidden_states
+        s = student(ids, output_hidden_states=True).hidden_states
+    assert len(s) == len(t) == 3
+    for a, b in zip(s, t):
+        assert rel_err(a, b) < 1e-5
