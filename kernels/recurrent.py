@@ -1,10 +1,10 @@
 """Recurrent (one token at a time) form of the hybrid attention op: generation.
 
 The decode state has a constant size whatever the prompt length: per query head the mLSTM
-memory (C [D, Dv], n [D], m), per key/value head a ring buffer of the last ``window`` keys and
-values and the ``sink_tokens`` first ones. With ``combine="shared_norm"`` the memory holds only
-keys older than the window: a key enters it when the ring buffer evicts it, with the decay it
-accumulated while in the window (``win_logw``). Rows of a batch may sit at different positions
+memory (C [D, Dv], n [D], m), per key/value head the ``sink_tokens`` first keys/values and a ring
+buffer of the last ``window`` ones. With ``combine="shared_norm"`` the memory holds only keys
+older than the window: a key enters it when the ring buffer evicts it, with the decay it
+accumulated while in the window (``attn_logw``). Rows of a batch may sit at different positions
 (``pos``), which is how prompts of different lengths decode together without padding.
 Every update is functional (no in-place writes), so gradients flow through decoding too.
 """
@@ -16,12 +16,16 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from ._common import LOG_ZERO, check_inputs, default_scale, expand_kv, head_rms_norm, mix_gate, mlstm_normalise
+from ._common import LOG_ZERO, check_inputs, default_scale, head_rms_norm, mix_gate, mlstm_normalise
 
 
 @dataclass
 class HybridState:
-    """Decode state of one hybrid attention layer for a batch (all tensors batch-first)."""
+    """Decode state of one hybrid attention layer for a batch (all tensors batch-first).
+
+    The attention buffer has ``sink_tokens + window`` slots: slot p holds sink position p < S, and
+    slot S + p % W holds the recent position p >= S, so one masked softmax covers sinks and window.
+    """
 
     pos: torch.Tensor  # [B] long: number of tokens consumed so far (the next token's position)
     window: int
@@ -31,12 +35,10 @@ class HybridState:
     C: torch.Tensor | None = None  # [B, H, Dqk, Dv] mLSTM memory, stabilised by m
     n: torch.Tensor | None = None  # [B, H, Dqk] normaliser
     m: torch.Tensor | None = None  # [B, H] log-space stabiliser
-    win_k: torch.Tensor | None = None  # [B, Hkv, W, Dqk] ring buffer, slot = position % W
-    win_v: torch.Tensor | None = None  # [B, Hkv, W, Dv]
-    win_pos: torch.Tensor | None = None  # [B, W] long, position held by each slot (-1: empty)
-    win_logw: torch.Tensor | None = None  # [B, H, W] shared_norm: i_j + F_t - F_j of each slot
-    sink_k: torch.Tensor | None = None  # [B, Hkv, S, Dqk]
-    sink_v: torch.Tensor | None = None  # [B, Hkv, S, Dv]
+    attn_k: torch.Tensor | None = None  # [B, Hkv, S + W, Dqk] sink slots, then the ring buffer
+    attn_v: torch.Tensor | None = None  # [B, Hkv, S + W, Dv]
+    attn_pos: torch.Tensor | None = None  # [B, S + W] long, position held by each slot (-1: empty)
+    attn_logw: torch.Tensor | None = None  # [B, H, S + W] shared_norm: i_j + F_t - F_j per ring slot
 
     @property
     def has_memory(self) -> bool:
@@ -65,23 +67,27 @@ class HybridState:
         first = states[0]
         return replace(first, **{k: torch.cat([getattr(s, k) for s in states], 0) for k in first.tensors()})
 
+    def slot_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Buffer slot of each position: sinks first, then the ring."""
+        S, W = self.sink_tokens, self.window
+        return torch.where(positions < S, positions, S + positions % W)
+
     @classmethod
     def empty(cls, batch, num_heads, num_kv_heads, qk_dim, v_dim, *, window, sink_tokens, mode, combine,
               dtype, device, compute_dtype=torch.float32):
         st = cls(pos=torch.zeros(batch, dtype=torch.long, device=device), window=window,
                  sink_tokens=sink_tokens, mode=mode, combine=combine)
+        slots = sink_tokens + window
         if st.has_memory:
             st.C = torch.zeros(batch, num_heads, qk_dim, v_dim, dtype=compute_dtype, device=device)
             st.n = torch.zeros(batch, num_heads, qk_dim, dtype=compute_dtype, device=device)
             st.m = torch.full((batch, num_heads), LOG_ZERO, dtype=compute_dtype, device=device)
         if st.has_attention:
-            st.win_k = torch.zeros(batch, num_kv_heads, window, qk_dim, dtype=dtype, device=device)
-            st.win_v = torch.zeros(batch, num_kv_heads, window, v_dim, dtype=dtype, device=device)
-            st.win_pos = torch.full((batch, window), -1, dtype=torch.long, device=device)
-            st.sink_k = torch.zeros(batch, num_kv_heads, sink_tokens, qk_dim, dtype=dtype, device=device)
-            st.sink_v = torch.zeros(batch, num_kv_heads, sink_tokens, v_dim, dtype=dtype, device=device)
+            st.attn_k = torch.zeros(batch, num_kv_heads, slots, qk_dim, dtype=dtype, device=device)
+            st.attn_v = torch.zeros(batch, num_kv_heads, slots, v_dim, dtype=dtype, device=device)
+            st.attn_pos = torch.full((batch, slots), -1, dtype=torch.long, device=device)
             if st.shared_norm:
-                st.win_logw = torch.full((batch, num_heads, window), LOG_ZERO, dtype=compute_dtype, device=device)
+                st.attn_logw = torch.full((batch, num_heads, slots), LOG_ZERO, dtype=compute_dtype, device=device)
         return st
 
     @classmethod
@@ -95,21 +101,20 @@ class HybridState:
         if st.has_memory:
             st.C, st.n, st.m = (x.to(compute_dtype) for x in memory)
         if st.has_attention:
-            recent = torch.arange(max(0, T - window), T, device=k.device)
-            slots = recent % window
-            st.win_k = st.win_k.index_copy(2, slots, k[:, :, recent])
-            st.win_v = st.win_v.index_copy(2, slots, v[:, :, recent])
-            st.win_pos = st.win_pos.index_copy(1, slots, recent.expand(B, -1).contiguous())
-            S = min(sink_tokens, T)
-            if S > 0:
-                st.sink_k = st.sink_k.index_copy(2, torch.arange(S, device=k.device), k[:, :, :S])
-                st.sink_v = st.sink_v.index_copy(2, torch.arange(S, device=k.device), v[:, :, :S])
+            # sinks, then the last `window` non-sink positions
+            recent_start = max(sink_tokens, T - window)
+            kept = torch.cat([torch.arange(min(sink_tokens, T)), torch.arange(recent_start, max(recent_start, T))])
+            kept = kept.to(k.device)
+            slots = st.slot_of(kept)
+            st.attn_k = st.attn_k.index_copy(2, slots, k[:, :, kept])
+            st.attn_v = st.attn_v.index_copy(2, slots, v[:, :, kept])
+            st.attn_pos = st.attn_pos.index_copy(1, slots, kept.expand(B, -1).contiguous())
             if st.shared_norm:
                 log_f = F.logsigmoid(f_gate.to(torch.float64))
                 cum = log_f.cumsum(-1)
-                # decay each recent key has accumulated since it arrived: F_{T-1} - F_j
-                since = (cum[..., -1:] - cum[..., recent]).to(compute_dtype)
-                st.win_logw = st.win_logw.index_copy(2, slots, i_gate[..., recent].to(compute_dtype) + since)
+                # decay each kept key has accumulated since it arrived: F_{T-1} - F_j
+                since = (cum[..., -1:] - cum[..., kept]).to(compute_dtype)
+                st.attn_logw = st.attn_logw.index_copy(2, slots, i_gate[..., kept].to(compute_dtype) + since)
         return st
 
 
@@ -125,58 +130,55 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
     if q.shape[2] != 1:
         raise ValueError(f"hybrid_attention_step takes one token; got T={q.shape[2]} (loop over tokens)")
     B, H, _, Dqk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = H // Hkv
     dt = state.C.dtype if state.has_memory else (torch.float64 if q.dtype == torch.float64 else torch.float32)
     scale = default_scale(scale, Dqk)
-    W, S = state.window, state.sink_tokens
     t = state.pos
-    q1 = q[:, :, 0].to(dt) * scale
+    # Query heads grouped by the key/value head they read: [B, Hkv, G, D]; no key/value copies.
+    q_g = (q[:, :, 0].to(dt) * scale).view(B, Hkv, G, Dqk)
     k1, v1 = k[:, :, 0], v[:, :, 0]
     new = replace(state, pos=t + 1)
-    slot = t % W
-    onehot = slot[:, None] == torch.arange(W, device=q.device)  # [B, W]
+    if state.has_attention:
+        slot = state.slot_of(t)
 
     if state.has_memory:
         i1 = i_gate[:, :, 0].to(dt)
         log_f = F.logsigmoid(f_gate[:, :, 0].to(dt))
         if state.shared_norm:
-            logw = state.win_logw + log_f.unsqueeze(-1)
-            evicted_pos = state.win_pos.gather(1, slot[:, None]).squeeze(1)
+            # the key leaving the window (if any) enters the memory of older keys
+            logw = state.attn_logw + log_f.unsqueeze(-1)
+            evicted = state.attn_pos.gather(1, slot[:, None]).squeeze(1) >= 0
             gate_in = logw.gather(2, slot[:, None, None].expand(B, H, 1)).squeeze(-1)
-            gate_in = torch.where((evicted_pos >= S)[:, None], gate_in, torch.full_like(gate_in, LOG_ZERO))
-            idx = slot[:, None, None, None]
-            k_in = expand_kv(state.win_k.gather(2, idx.expand(-1, k.shape[1], 1, Dqk)).squeeze(2), H).to(dt)
-            v_in = expand_kv(state.win_v.gather(2, idx.expand(-1, v.shape[1], 1, v.shape[-1])).squeeze(2), H).to(dt)
+            gate_in = torch.where(evicted[:, None], gate_in, torch.full_like(gate_in, LOG_ZERO))
+            k_in = state.attn_k.gather(2, slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dqk)).squeeze(2)
+            v_in = state.attn_v.gather(2, slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dv)).squeeze(2)
         else:
-            gate_in, k_in, v_in = i1, expand_kv(k1, H).to(dt), expand_kv(v1, H).to(dt)
+            gate_in, k_in, v_in = i1, k1, v1
         m_carry = log_f + state.m
         m_new = torch.maximum(m_carry, gate_in)
-        decay, w_in = torch.exp(m_carry - m_new), torch.exp(gate_in - m_new)
-        new.C = decay[..., None, None] * state.C + w_in[..., None, None] * (k_in.unsqueeze(-1) * v_in.unsqueeze(-2))
-        new.n = decay.unsqueeze(-1) * state.n + w_in.unsqueeze(-1) * k_in
-        new.m = m_new
-        num_m = (q1.unsqueeze(-2) @ new.C).squeeze(-2)
-        den_m = (q1 * new.n).sum(-1)
+        decay = torch.exp(m_carry - m_new).view(B, Hkv, G, 1)
+        w_in = torch.exp(gate_in - m_new).view(B, Hkv, G, 1)
+        k_in, v_in = k_in.to(dt)[:, :, None, :], v_in.to(dt)[:, :, None, :]  # [B, Hkv, 1, D]
+        C = decay.unsqueeze(-1) * state.C.view(B, Hkv, G, Dqk, Dv) + (w_in * k_in).unsqueeze(-1) * v_in.unsqueeze(-2)
+        n = decay * state.n.view(B, Hkv, G, Dqk) + w_in * k_in
+        new.C, new.n, new.m = C.view(B, H, Dqk, Dv), n.view(B, H, Dqk), m_new
+        num_m = (q_g.unsqueeze(-2) @ C).squeeze(-2).reshape(B, H, Dv)
+        den_m = (q_g * n).sum(-1).reshape(B, H)
 
     if state.has_attention:
-        new.win_k = torch.where(onehot[:, None, :, None], k1.unsqueeze(2), state.win_k)
-        new.win_v = torch.where(onehot[:, None, :, None], v1.unsqueeze(2), state.win_v)
-        new.win_pos = torch.where(onehot, t[:, None], state.win_pos)
+        new.attn_k = state.attn_k.scatter(2, slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dqk), k1.unsqueeze(2))
+        new.attn_v = state.attn_v.scatter(2, slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dv), v1.unsqueeze(2))
+        new.attn_pos = state.attn_pos.scatter(1, slot[:, None], t[:, None])
         if state.shared_norm:
-            new.win_logw = torch.where(onehot[:, None, :], i1.unsqueeze(-1), logw)
-        sink_idx = torch.arange(S, device=q.device)
-        if S > 0:
-            sink_hot = (sink_idx[None, :] == t[:, None])[:, None, :, None]
-            new.sink_k = torch.where(sink_hot, k1.unsqueeze(2), state.sink_k)
-            new.sink_v = torch.where(sink_hot, v1.unsqueeze(2), state.sink_v)
-        keys = expand_kv(torch.cat([new.sink_k, new.win_k], 2), H).to(dt)
-        vals = expand_kv(torch.cat([new.sink_v, new.win_v], 2), H).to(dt)
-        win_ok = (new.win_pos >= S) & (new.win_pos > (t - W)[:, None])
-        ok = torch.cat([sink_idx[None, :] <= t[:, None], win_ok], 1)  # [B, S + W]
-        scores = (q1.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2)
-        scores = scores.masked_fill(~ok[:, None, :], float("-inf"))
-        a_max = scores.amax(-1)
-        w = torch.exp(scores - a_max.unsqueeze(-1))
-        num_a, den_a = (w.unsqueeze(-2) @ vals).squeeze(-2), w.sum(-1)
+            new.attn_logw = logw.scatter(2, slot[:, None, None].expand(B, H, 1), i1.unsqueeze(-1))
+        # every filled slot is visible: sinks are < S <= t, the ring holds exactly (t - W, t]
+        scores = q_g @ new.attn_k.to(dt).transpose(-1, -2)  # [B, Hkv, G, S + W]
+        scores = scores.masked_fill((new.attn_pos < 0)[:, None, None, :], float("-inf"))
+        a_max = scores.amax(-1, keepdim=True)
+        w = torch.exp(scores - a_max)
+        num_a = (w @ new.attn_v.to(dt)).reshape(B, H, Dv)
+        den_a, a_max = w.sum(-1).reshape(B, H), a_max.reshape(B, H)
 
     if state.mode == "mlstm":
         out = mlstm_normalise(num_m, den_m, new.m, eps)

@@ -55,23 +55,23 @@ class HybridAttention(_TeacherProjections):
         ref = self.q_proj.weight
         # One projection for the three per-head gates [i | f | g]. Zero weights: every head starts
         # at its bias, and the gradient w.r.t. the weights is not zero, so they learn.
-        self.gate_proj = nn.Linear(shape.hidden_size, 3 * H, bias=True, device=ref.device, dtype=ref.dtype)
+        self.hybrid_gates = nn.Linear(shape.hidden_size, 3 * H, bias=True, device=ref.device, dtype=ref.dtype)
         self.mlstm_norm_weight = nn.Parameter(torch.ones(H, shape.head_dim, device=ref.device, dtype=ref.dtype))
         self.reset_gate_parameters()
 
     def reset_gate_parameters(self):
         H, cfg = self.shape.num_heads, self.cfg
         with torch.no_grad():
-            self.gate_proj.weight.zero_()
+            self.hybrid_gates.weight.zero_()
             lo, hi = cfg.forget_gate_bias_init
-            self.gate_proj.bias[:H].fill_(cfg.input_gate_bias_init)
-            self.gate_proj.bias[H:2 * H].copy_(torch.linspace(lo, hi, H))
-            self.gate_proj.bias[2 * H:].fill_(cfg.mix_gate_bias_init)
+            self.hybrid_gates.bias[:H].fill_(cfg.input_gate_bias_init)
+            self.hybrid_gates.bias[H:2 * H].copy_(torch.linspace(lo, hi, H))
+            self.hybrid_gates.bias[2 * H:].fill_(cfg.mix_gate_bias_init)
             self.mlstm_norm_weight.fill_(1.0)
 
     def gates(self, hidden_states):
         """[B, T, hidden] -> i, f, g pre-activations [B, H, T] in float32 (i and f soft-capped)."""
-        pre = self.gate_proj(hidden_states).float().transpose(1, 2)
+        pre = self.hybrid_gates(hidden_states).float().transpose(1, 2)
         i, f, g = pre.chunk(3, dim=1)
         cap = self.cfg.gate_soft_cap
         if cap > 0:

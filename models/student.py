@@ -79,6 +79,15 @@ class HybridStudent(nn.Module):
     def num_layers(self) -> int:
         return len(_decoder(self.lm).layers)
 
+    def new_parameters(self):
+        """(name, parameter) pairs that conversion added (gates and norms of the hybrid layers)."""
+        for name, module in self.named_modules():
+            if isinstance(module, HybridAttention):
+                for pname, p in module.named_parameters(recurse=False):
+                    yield f"{name}.{pname}", p
+                for pname, p in module.hybrid_gates.named_parameters():
+                    yield f"{name}.hybrid_gates.{pname}", p
+
     def new_decode_state(self) -> DecodeState:
         return DecodeState.new(self.num_layers)
 

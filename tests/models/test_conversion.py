@@ -60,7 +60,7 @@ def test_teacher_is_untouched_and_weights_are_copied():
     ids = torch.randint(0, 97, (1, 20))
     student.train()
     student(ids, labels=ids).loss.backward()
-    assert s_attn.gate_proj.weight.grad is not None and s_attn.gate_proj.weight.grad.abs().sum() > 0
+    assert s_attn.hybrid_gates.weight.grad is not None and s_attn.hybrid_gates.weight.grad.abs().sum() > 0
     assert teacher.model.layers[0].self_attn.q_proj.weight.grad is None
 
 
@@ -69,10 +69,10 @@ def test_new_gate_initialisation():
     cfg = HybridConfig(mix_gate_bias_init=-3.0, forget_gate_bias_init=(2.0, 5.0), input_gate_bias_init=-1.0)
     attn = convert_to_hybrid(teacher, cfg).lm.model.layers[0].self_attn
     H = 4
-    assert torch.all(attn.gate_proj.weight == 0)
-    assert torch.allclose(attn.gate_proj.bias[:H], torch.full((H,), -1.0))
-    assert torch.allclose(attn.gate_proj.bias[H:2 * H], torch.linspace(2.0, 5.0, H))
-    assert torch.allclose(attn.gate_proj.bias[2 * H:], torch.full((H,), -3.0))
+    assert torch.all(attn.hybrid_gates.weight == 0)
+    assert torch.allclose(attn.hybrid_gates.bias[:H], torch.full((H,), -1.0))
+    assert torch.allclose(attn.hybrid_gates.bias[H:2 * H], torch.linspace(2.0, 5.0, H))
+    assert torch.allclose(attn.hybrid_gates.bias[2 * H:], torch.full((H,), -3.0))
 
 
 @pytest.mark.parametrize("mode,combine", [("hybrid", "gate"), ("hybrid", "shared_norm"), ("mlstm", "gate")])
@@ -80,7 +80,7 @@ def test_extreme_gate_weights_give_finite_outputs_and_gradients(mode, combine):
     student = convert_to_hybrid(make_teacher("llama"), HybridConfig(mode=mode, combine=combine, window=4))
     for layer in student.lm.model.layers:
         with torch.no_grad():
-            layer.self_attn.gate_proj.bias.fill_(100.0)
+            layer.self_attn.hybrid_gates.bias.fill_(100.0)
     ids = torch.randint(0, 97, (1, 30))
     loss = student(ids, labels=ids).loss
     loss.backward()
@@ -140,3 +140,16 @@ def test_hidden_states_follow_hugging_face_layout():
     assert len(s) == len(t) == 3
     for a, b in zip(s, t):
         assert rel_err(a, b) < 1e-5
+
+
+def test_new_parameters_are_exactly_the_gates_and_norms():
+    teacher = make_teacher("llama")
+    student = convert_to_hybrid(teacher, HybridConfig(full_attention_layers=[0]))
+    names = sorted(n for n, _ in student.new_parameters())
+    assert names == [
+        "lm.model.layers.1.self_attn.hybrid_gates.bias", "lm.model.layers.1.self_attn.hybrid_gates.weight",
+        "lm.model.layers.1.self_attn.mlstm_norm_weight",
+    ]
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    n_student = sum(p.numel() for p in student.parameters())
+    assert n_student - n_teacher == sum(p.numel() for _, p in student.new_parameters())

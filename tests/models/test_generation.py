@@ -21,9 +21,9 @@ def make_student(seed=0, **cfg):
     with torch.no_grad():
         for layer in student.lm.model.layers:
             attn = layer.self_attn
-            if hasattr(attn, "gate_proj"):
-                attn.gate_proj.weight.normal_(0, 0.3)
-                attn.gate_proj.bias[-4:].fill_(0.0)
+            if hasattr(attn, "hybrid_gates"):
+                attn.hybrid_gates.weight.normal_(0, 0.3)
+                attn.hybrid_gates.bias[-4:].fill_(0.0)
     return student
 
 
