@@ -25,12 +25,12 @@ from .recurrent import HybridState
 
 
 def _pad_time(x, pad, value=0.0):
+    """Append ``pad`` positions along the time dim (dim 2 of [B, H, T, ...] and of gates [B, H, T])."""
     if pad == 0:
         return x
     shape = list(x.shape)
-    time_dim = 2
-    shape[time_dim] = pad
-    return torch.cat([x, x.new_full(shape, value)], dim=time_dim)
+    shape[2] = pad
+    return torch.cat([x, x.new_full(shape, value)], dim=2)
 
 
 def mlstm_chunkwise(q, k, v, i_gate, log_f, *, scale, chunk_size):
@@ -47,8 +47,7 @@ def mlstm_chunkwise(q, k, v, i_gate, log_f, *, scale, chunk_size):
     # Padded positions come after every real one: they must not decay the state (log f = 0) nor
     # write into it (i = log 0), so the final state is the state after position T - 1.
     q, k, v = _pad_time(q, pad), _pad_time(k, pad), _pad_time(v, pad)
-    i_gate = _pad_time(i_gate.unsqueeze(-1), pad, LOG_ZERO).squeeze(-1)
-    log_f = _pad_time(log_f.unsqueeze(-1), pad, 0.0).squeeze(-1)
+    i_gate, log_f = _pad_time(i_gate, pad, LOG_ZERO), _pad_time(log_f, pad, 0.0)
     N = q.shape[2] // L
     q = (q * scale).view(B, H, N, L, D)
     k, v = k.view(B, H, N, L, D), v.view(B, H, N, L, Dv)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from ._common import LOG_ZERO, check_inputs, default_scale, head_rms_norm, mix_gate, mlstm_normalise
+from ._common import LOG_ZERO, check_inputs, compute_dtype, default_scale, head_rms_norm, mix_gate, mlstm_normalise
 
 
 @dataclass
@@ -132,7 +132,7 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
     B, H, _, Dqk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
-    dt = state.C.dtype if state.has_memory else (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    dt = state.C.dtype if state.has_memory else compute_dtype(q)
     scale = default_scale(scale, Dqk)
     t = state.pos
     # Query heads grouped by the key/value head they read: [B, Hkv, G, D]; no key/value copies.

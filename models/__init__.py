@@ -3,7 +3,7 @@
 from .adapters import SUPPORTED_FAMILIES, get_adapter
 from .checkpoint import load_student, save_student
 from .config import HybridConfig
-from .generation import decode_state_nbytes, generate, prefill
+from .generation import generate, prefill
 from .hybrid_layer import FullAttention, HybridAttention
 from .state import DecodeState, KVCacheState
 from .student import HybridCausalLMOutput, HybridStudent, convert_to_hybrid
@@ -12,6 +12,6 @@ from .teacher import EMBEDDED_TEACHER, embedded_teacher_dir, load_teacher, load_
 __all__ = [
     "EMBEDDED_TEACHER", "SUPPORTED_FAMILIES", "DecodeState", "FullAttention", "HybridAttention",
     "HybridCausalLMOutput", "HybridConfig", "HybridStudent", "KVCacheState", "convert_to_hybrid",
-    "decode_state_nbytes", "embedded_teacher_dir", "generate", "get_adapter", "load_student",
+    "embedded_teacher_dir", "generate", "get_adapter", "load_student",
     "load_teacher", "load_tokenizer", "prefill", "save_student",
 ]

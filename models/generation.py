@@ -101,7 +101,3 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, do_
     finally:
         model.train(was_training)
 
-
-def decode_state_nbytes(state: DecodeState) -> int:
-    """Bytes a decode state holds (all layers)."""
-    return state.nbytes()

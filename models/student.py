@@ -92,7 +92,10 @@ class HybridStudent(nn.Module):
         return DecodeState.new(self.num_layers)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, decode_state: DecodeState | None = None,
-                labels=None, output_hidden_states: bool = False, **unused):
+                labels=None, output_hidden_states: bool = False, use_cache: bool | None = None,
+                return_dict: bool | None = None):
+        # use_cache / return_dict are accepted so Hugging Face-style callers work unchanged: the
+        # output is always a ModelOutput, and decoding state travels in ``decode_state``.
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             if decode_state is not None:
                 raise ValueError("decode_state with a padded attention_mask is not supported; use models.generate")

@@ -153,3 +153,33 @@ def test_new_parameters_are_exactly_the_gates_and_norms():
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_student = sum(p.numel() for p in student.parameters())
     assert n_student - n_teacher == sum(p.numel() for _, p in student.new_parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    student = convert_to_hybrid(make_teacher("qwen2"), HybridConfig(window=8, sink_tokens=2)).train()
+    ids = torch.randint(0, 97, (2, 50))
+    student(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in student.named_parameters()}
+    student.zero_grad()
+    student.lm.gradient_checkpointing_enable()
+    student.train()
+    student(ids, labels=ids).loss.backward()
+    for n, p in student.named_parameters():
+        assert rel_err(p.grad, plain[n]) < 1e-6, n
+
+
+def test_bfloat16_student_is_close_to_float32():
+    teacher = make_teacher("llama")
+    ids = torch.randint(0, 97, (2, 50))
+    cfg = HybridConfig(window=8, sink_tokens=2)
+    with torch.no_grad():
+        ref = convert_to_hybrid(teacher, cfg).eval()(ids).logits
+        low = convert_to_hybrid(teacher, cfg).to(torch.bfloat16).eval()(ids).logits
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low.float(), ref) < 5e-2
+
+
+def test_unknown_forward_keyword_is_an_error():
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig())
+    with pytest.raises(TypeError):
+        student(torch.randint(0, 97, (1, 4)), past_key_values=None)
