@@ -1,0 +1,110 @@
+"""Losses of the training stages, as plain functions (DESIGN §4). Each is tested against its
+textbook formula in tests/lightning_modules/test_losses.py.
+
+Conventions: ``logits`` [B, T, V] predict the token after each position; ``targets`` [B, T] hold
+that next token, or IGNORE where no loss applies (padding, prompts, the last position).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels aligned with the inputs [B, T] -> targets [B, T]: targets[:, t] = labels[:, t + 1]."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], 1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask``; 0 (with a gradient path) when nothing is selected."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over positions with a target (0 if there are none)."""
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().clamp_min(0), reduction="none")
+    return masked_mean(per_token, targets.flatten() != IGNORE)
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int):
+    """Top-k token ids [B, T, k] and their log-probabilities (temperature 1) [B, T, k] in float32."""
+    logprobs = F.log_softmax(teacher_logits.float(), -1)
+    top = logprobs.topk(k, dim=-1)
+    return top.indices, top.values
+
+
+# Teacher top-k log-probabilities come from a cache in float32 or float16, so 1 - sum(p) carries
+# rounding noise of about 1e-7 per entry; a remaining mass below this is treated as exactly zero.
+REST_MASS_NOISE = 1e-6
+
+
+def _tempered(log_classes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Raise a distribution over classes to 1/T and renormalise, in log space."""
+    scaled = log_classes / temperature
+    return scaled - torch.logsumexp(scaled, -1, keepdim=True)
+
+
+def _teacher_classes(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """log of the teacher's (k + 1)-class distribution [top-k tokens, every other token]."""
+    rest = (1.0 - topk_logprobs.double().exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    rest = torch.where(rest < REST_MASS_NOISE, torch.zeros_like(rest), rest)
+    return torch.cat([topk_logprobs.float(), rest.log().float()], -1)
+
+
+def _student_classes(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """log of the student's (k + 1)-class distribution on the teacher's top-k support; the rest is
+    computed from the other logits directly (exact, -inf when k covers the vocabulary)."""
+    logits = student_logits.float()
+    log_z = torch.logsumexp(logits, -1, keepdim=True)
+    on_support = logits.gather(-1, topk_ids.long()) - log_z
+    others = logits.scatter(-1, topk_ids.long(), float("-inf"))
+    return torch.cat([on_support, torch.logsumexp(others, -1, keepdim=True) - log_z], -1)
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                   temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(teacher^T || student^T) over the teacher's top-k support plus one bucket for the
+    remaining probability mass, averaged over positions where ``mask`` (default: all).
+
+    Both distributions are reduced to k + 1 classes (the k tokens the teacher ranks highest and
+    "any other token"), then tempered: q ~ p^(1/T). Since softmax(z / T) ~ softmax(z)^(1/T), this is
+    the dense KD loss at any T when k is the vocabulary size.
+    """
+    log_q_teacher = _tempered(_teacher_classes(topk_logprobs), temperature)
+    log_q_student = _tempered(_student_classes(student_logits, topk_ids), temperature)
+    q_teacher = log_q_teacher.exp()
+    # 0 * log 0 = 0: an empty "rest" bucket contributes nothing, never nan
+    terms = torch.where(q_teacher > 0, q_teacher * (log_q_teacher - log_q_student), torch.zeros_like(q_teacher))
+    kl = terms.sum(-1)
+    if mask is None:
+        mask = torch.ones_like(kl, dtype=torch.bool)
+    return temperature**2 * masked_mean(kl, mask)
+
+
+def dense_kd_loss(student_logits, teacher_logits, temperature: float, mask=None) -> torch.Tensor:
+    """Textbook T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), averaged over masked positions."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
+    log_q = F.log_softmax(student_logits.float() / temperature, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if mask is None:
+        mask = torch.ones_like(kl, dtype=torch.bool)
+    return temperature**2 * masked_mean(kl, mask)
+
+
+def frobenius_alignment_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Distil-xLSTM eq. 38: mean over the batch of ||h_t - h_s||_F, divided by sqrt(|h_s|) where
+    |h_s| is the number of elements of one sequence's hidden state ([B, T, D] -> T * D)."""
+    diff = (teacher_hidden.float() - student_hidden.float()).flatten(1)
+    return diff.norm(dim=1).mean() / diff.shape[1] ** 0.5
+
+
+def alignment_mse(student_outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Stage 1: mean over layers of the MSE between student and teacher attention outputs."""
+    if len(student_outputs) != len(teacher_outputs) or not student_outputs:
+        raise ValueError(f"alignment needs one teacher output per student layer; got {len(student_outputs)} "
+                         f"student and {len(teacher_outputs)} teacher outputs")
+    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_outputs, teacher_outputs)]).mean()

@@ -1,0 +1,83 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.losses import (
+    IGNORE, alignment_mse, cross_entropy, dense_kd_loss, frobenius_alignment_loss, next_token_targets,
+    sparse_kd_loss, teacher_topk,
+)
+
+
+def logits_pair(V=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 5, V, generator=g, dtype=torch.float64) * 2, torch.randn(2, 5, V, generator=g, dtype=torch.float64) * 2
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.7])
+def test_sparse_kd_with_full_vocabulary_equals_dense_kl(T):
+    s, t = logits_pair()
+    ids, lp = teacher_topk(t, k=11)
+    sparse = sparse_kd_loss(s, ids, lp, T)
+    # textbook formula, written out in float64
+    p = torch.softmax(t / T, -1)
+    q = torch.softmax(s / T, -1)
+    expected = T**2 * (p * (p.log() - q.log())).sum(-1).mean()
+    assert sparse.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert dense_kd_loss(s, t, T).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sparse_kd_hand_computed_bucket():
+    # vocabulary 3, k = 1: teacher p = [0.7, 0.2, 0.1] -> classes [0.7, 0.3]; student [0.5, 0.3, 0.2] -> [0.5, 0.5]
+    t = torch.tensor([[[0.7, 0.2, 0.1]]]).log()
+    s = torch.tensor([[[0.5, 0.3, 0.2]]]).log()
+    ids, lp = teacher_topk(t, k=1)
+    expected = 0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.5)
+    assert sparse_kd_loss(s, ids, lp, 1.0).item() == pytest.approx(expected, rel=1e-5)
+    # at T = 2 both two-class distributions are p^(1/2) renormalised
+    pt = torch.tensor([0.7, 0.3]).sqrt(); pt = pt / pt.sum()
+    ps = torch.tensor([0.5, 0.5])
+    expected2 = 4 * float((pt * (pt / ps).log()).sum())
+    assert sparse_kd_loss(s, ids, lp, 2.0).item() == pytest.approx(expected2, rel=1e-5)
+
+
+def test_kd_is_zero_for_identical_models_and_positive_otherwise():
+    s, t = logits_pair()
+    ids, lp = teacher_topk(t, k=4)
+    assert sparse_kd_loss(t, ids, lp, 2.0).abs().item() < 1e-6
+    assert sparse_kd_loss(s, ids, lp, 2.0).item() > 0
+
+
+def test_everything_masked_gives_zero_not_nan():
+    s, t = logits_pair()
+    s.requires_grad_(True)
+    ids, lp = teacher_topk(t, k=4)
+    targets = torch.full((2, 5), IGNORE)
+    kd = sparse_kd_loss(s, ids, lp, 2.0, mask=targets != IGNORE)
+    ce = cross_entropy(s, targets)
+    assert kd.item() == 0.0 and ce.item() == 0.0
+    (kd + ce).backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_cross_entropy_matches_torch_on_unmasked_positions():
+    s, _ = logits_pair()
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, :2] = IGNORE
+    expected = F.cross_entropy(s.reshape(-1, 11), targets.reshape(-1), ignore_index=IGNORE)
+    assert cross_entropy(s, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_next_token_targets_shift():
+    labels = torch.tensor([[5, 6, 7, IGNORE]])
+    assert next_token_targets(labels).tolist() == [[6, 7, IGNORE, IGNORE]]
+
+
+def test_frobenius_and_alignment_mse_formulas():
+    a, b = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    expected = sum(torch.sqrt(((a[i] - b[i]) ** 2).sum()) for i in range(3)) / 3 / math.sqrt(20)
+    assert frobenius_alignment_loss(a, b).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert alignment_mse([a, b], [b, b]).item() == pytest.approx((((a - b) ** 2).mean() / 2).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="one teacher output per student layer"):
+        alignment_mse([a], [a, b])
