@@ -163,3 +163,17 @@ def convert_to_hybrid(teacher: nn.Module, cfg: HybridConfig | None = None) -> Hy
     student = HybridStudent(lm, copy.deepcopy(cfg))
     student.train(teacher.training)
     return student
+
+
+# Fields that decide whether a student's weights line up with a teacher's.
+_MATCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "intermediate_size", "rope_theta", "tie_word_embeddings")
+
+
+def check_student_matches_teacher(student: HybridStudent, teacher: nn.Module, source: str = "student") -> None:
+    """Refuse a student converted from a different teacher, naming the first differing field."""
+    for field in _MATCH_FIELDS:
+        mine, theirs = getattr(student.config, field, None), getattr(teacher.config, field, None)
+        if mine != theirs:
+            raise ValueError(f"{source} was made from another teacher: config field {field!r} is {mine!r} in the "
+                             f"student but {theirs!r} in the loaded teacher; load the teacher it was converted from")

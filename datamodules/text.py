@@ -1,0 +1,227 @@
+"""TextDataModule: corpora -> tokenised, packed blocks for every stage (DESIGN §2).
+
+- Sources are Hugging Face datasets (hub names, or local json/jsonl/parquet/txt files); plain
+  text or chat (assistant-only loss); several sources form a weighted mixture.
+- Documents are split into train/validation deterministically (seed), tokenised with the
+  teacher's tokenizer, packed into ``seq_len`` blocks with EOS separators, and cached on disk
+  (safetensors, keyed by a fingerprint of sources, tokenizer and options) so a second run does
+  not tokenise again. ``streaming=True`` packs on the fly for corpora larger than memory.
+- With ``topk_cache`` the training blocks (and the teacher's top-k) come from a cache written by
+  ``python -m experiments.topk_cache``; its fingerprint must match this tokenizer.
+Batches are dicts: ``input_ids`` [B, L], ``labels`` [B, L] (IGNORE where no loss applies), and
+with a cache ``topk_ids`` / ``topk_logprobs`` [B, L, k].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from .loader import ResumableDataLoader
+from .sources import DataSource
+from .tokenization import encode_chat, encode_text, pack, tokenizer_fingerprint
+
+
+class BlockDataset(Dataset):
+    """Dict-of-tensors dataset: item i is {name: tensor[i]}."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        sizes = {len(t) for t in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"block tensors disagree on length: { {k: len(t) for k, t in tensors.items()} }")
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i):
+        return {k: t[i] for k, t in self.tensors.items()}
+
+
+def _examples(source: DataSource, records, tokenizer, keep):
+    field = source.text_field if source.format == "text" else source.messages_field
+    for index, record in enumerate(records):
+        if not keep(index):
+            continue
+        value = record[field]
+        if source.format == "text":
+            if value:
+                yield encode_text(tokenizer, value)
+        else:
+            yield encode_chat(tokenizer, value)
+
+
+def _is_validation(seed: int, source: DataSource, index: int, val_fraction: float) -> bool:
+    """Deterministic per-document split: the same document always lands on the same side."""
+    digest = hashlib.sha256(f"{seed}:{source.label}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def _write_atomic(tensors: dict, path: Path, metadata: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    tmp.replace(path)
+
+
+class PackedStream(IterableDataset):
+    """Streaming mixture: each source packed on the fly, sources drawn by weight (seeded)."""
+
+    def __init__(self, sources, tokenizer, seq_len, seed, val_fraction, validation: bool):
+        self.sources, self.tokenizer, self.seq_len = sources, tokenizer, seq_len
+        self.seed, self.val_fraction, self.validation = seed, val_fraction, validation
+
+    def __iter__(self):
+        rng = random.Random(self.seed)
+        streams = []
+        for s in self.sources:
+            keep = (lambda i, s=s: _is_validation(self.seed, s, i, self.val_fraction) == self.validation)
+            streams.append(pack(_examples(s, s.load(streaming=True), self.tokenizer, keep), self.seq_len))
+        weights = [s.weight for s in self.sources]
+        while streams:
+            i = rng.choices(range(len(streams)), weights=weights)[0]
+            try:
+                ids, labels = next(streams[i])
+            except StopIteration:
+                del streams[i], weights[i]
+                continue
+            yield {"input_ids": ids, "labels": labels}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Tokenised, packed text and chat data for the training stages."""
+
+    def __init__(
+        self,
+        tokenizer: str = "smollm2-135m-instruct",
+        sources: list[DataSource] | None = None,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        max_val_blocks: int | None = 64,
+        mixture_blocks: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+        streaming: bool = False,
+        cache_dir: str | None = None,
+        topk_cache: str | None = None,
+    ):
+        """
+        Args:
+            tokenizer: the teacher (hub id, folder, ``smollm2-135m-instruct``) or a student folder.
+            sources: the corpora and their mixture weights.
+            seq_len: tokens per block.
+            batch_size: blocks per batch.
+            val_fraction: share of documents held out for validation (deterministic by seed).
+            max_val_blocks: cap on validation blocks (None: all).
+            mixture_blocks: training blocks per epoch drawn from the weighted mixture (None: every
+                block once, weights ignored); a source whose share exceeds its blocks is repeated.
+            seed: split, mixture and shuffling seed.
+            num_workers: DataLoader workers.
+            streaming: read sources lazily and pack on the fly (no cache, no mixture_blocks).
+            cache_dir: where tokenised blocks are cached (default: $XDISTILL_CACHE/data).
+            topk_cache: folder written by ``experiments.topk_cache``: train on its blocks and top-k.
+        """
+        super().__init__()
+        if seq_len < 2:
+            raise ValueError(f"seq_len={seq_len} is invalid; allowed values: >= 2")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} is invalid; allowed values: 0 <= val_fraction < 1")
+        self.tokenizer_name, self.sources = tokenizer, list(sources or [])
+        self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
+        self.max_val_blocks, self.mixture_blocks, self.seed = max_val_blocks, mixture_blocks, seed
+        self.num_workers, self.streaming, self.topk_cache = num_workers, streaming, topk_cache
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.tokenizer = None
+        self.train_set = self.val_set = None
+
+    # ---- building blocks -------------------------------------------------------------------
+    def _cache_root(self) -> Path:
+        from models.teacher import cache_dir
+
+        return self.cache_dir or (cache_dir() / "data")
+
+    def _source_blocks(self, source: DataSource) -> dict[str, torch.Tensor]:
+        """Train and validation blocks of one source, from the on-disk cache when present."""
+        key = hashlib.sha256(json.dumps([source.fingerprint(), tokenizer_fingerprint(self.tokenizer), self.seq_len,
+                                         self.seed, self.val_fraction]).encode()).hexdigest()[:20]
+        path = self._cache_root() / f"{source.label}-{key}.safetensors"
+        if path.is_file():
+            return load_file(str(path))
+        records = source.load()
+        out = {}
+        for split, want_val in (("train", False), ("val", True)):
+            keep = (lambda i, v=want_val: _is_validation(self.seed, source, i, self.val_fraction) == v)
+            blocks = list(pack(_examples(source, records, self.tokenizer, keep), self.seq_len))
+            empty = torch.empty(0, self.seq_len, dtype=torch.long)
+            out[f"{split}_input_ids"] = torch.stack([b[0] for b in blocks]) if blocks else empty
+            out[f"{split}_labels"] = torch.stack([b[1] for b in blocks]) if blocks else empty
+        _write_atomic(out, path, {"source": source.path, "seq_len": self.seq_len})
+        return out
+
+    def _mixture(self, per_source: list[dict]) -> dict[str, torch.Tensor]:
+        weights = [s.weight for s in self.sources]
+        counts = [len(b["train_input_ids"]) for b in per_source]
+        if self.mixture_blocks is None:
+            picks = [torch.arange(c) for c in counts]
+        else:
+            total_w = sum(w for w, c in zip(weights, counts) if c > 0)
+            g = torch.Generator().manual_seed(self.seed)
+            picks = []
+            for w, c in zip(weights, counts):
+                want = round(self.mixture_blocks * w / total_w) if c > 0 and total_w > 0 else 0
+                reps = -(-want // c) if c else 0
+                order = torch.cat([torch.randperm(c, generator=g) for _ in range(reps)]) if reps else torch.empty(0, dtype=torch.long)
+                picks.append(order[:want])
+        ids = torch.cat([b["train_input_ids"][p] for b, p in zip(per_source, picks)])
+        labels = torch.cat([b["train_labels"][p] for b, p in zip(per_source, picks)])
+        source = torch.cat([torch.full((len(p),), i) for i, p in enumerate(picks)])
+        return {"input_ids": ids, "labels": labels, "source": source}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from models.teacher import load_tokenizer
+
+        if not self.sources and not self.topk_cache:
+            raise ValueError("TextDataModule needs data: set data.sources (a list of DataSource) or data.topk_cache")
+        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        if self.streaming:
+            self.train_set = PackedStream(self.sources, self.tokenizer, self.seq_len, self.seed, self.val_fraction, False)
+            self.val_set = PackedStream(self.sources, self.tokenizer, self.seq_len, self.seed, self.val_fraction, True)
+            return
+        per_source = [self._source_blocks(s) for s in self.sources]
+        if self.topk_cache:
+            from .topk_cache import read_topk_cache
+
+            self.train_set = BlockDataset(read_topk_cache(self.topk_cache, tokenizer=self.tokenizer))
+        else:
+            train = self._mixture(per_source)
+            if len(train["input_ids"]) < self.batch_size:
+                raise ValueError(f"only {len(train['input_ids'])} training blocks of {self.seq_len} tokens, fewer than "
+                                 f"batch_size={self.batch_size}: add data or lower seq_len / batch_size")
+            self.train_set = BlockDataset(train)
+        if per_source:
+            val = {k: torch.cat([b[f"val_{k}"] for b in per_source]) for k in ("input_ids", "labels")}
+            if self.max_val_blocks is not None:
+                val = {k: v[: self.max_val_blocks] for k, v in val.items()}
+            self.val_set = BlockDataset(val)
+
+    # ---- loaders ---------------------------------------------------------------------------
+    def train_dataloader(self):
+        if isinstance(self.train_set, IterableDataset):
+            return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, seed=self.seed,
+                                   num_workers=self.num_workers)
+
+    def val_dataloader(self):
+        if self.val_set is None or (not isinstance(self.val_set, IterableDataset) and len(self.val_set) == 0):
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

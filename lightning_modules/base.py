@@ -1,0 +1,137 @@
+"""What every stage shares: the frozen teacher, the student, trainable-parameter selection, the
+optimizer and learning-rate schedule, and the always-on validation metrics (DESIGN §4)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from models import HybridConfig, HybridStudent, convert_to_hybrid, load_student, load_teacher
+from models.student import check_student_matches_teacher
+
+from .losses import IGNORE, cross_entropy, next_token_targets
+
+TRAINABLE = ("new", "attention", "all")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    frac = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+class DistillationModule(L.LightningModule):
+    """Base of the stages: builds teacher and student in ``configure_model`` (so instantiating a
+    config is cheap and FSDP can shard them), keeps the teacher out of checkpoints."""
+
+    def __init__(self, teacher: str = "smollm2-135m-instruct", student_ckpt: str | None = None,
+                 hybrid: HybridConfig = HybridConfig(), trainable: str = "new", lr: float = 1e-3,
+                 weight_decay: float = 0.0, warmup_steps: int = 10, min_lr_ratio: float = 0.1,
+                 teacher_dtype: str = "float32", trust_remote_code: bool = False):
+        super().__init__()
+        if trainable not in TRAINABLE:
+            raise ValueError(f"trainable={trainable!r} is not supported; allowed values: {', '.join(TRAINABLE)}")
+        if not isinstance(getattr(torch, teacher_dtype, None), torch.dtype):
+            raise ValueError(f"teacher_dtype={teacher_dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        self.save_hyperparameters()
+        # hparams keep plain dicts (for checkpoints and TensorBoard); the module uses the objects
+        self.hybrid_config = hybrid if isinstance(hybrid, HybridConfig) else HybridConfig.from_dict(dict(hybrid))
+        self.teacher = None
+        self.student: HybridStudent | None = None
+        self.strict_loading = False  # checkpoints hold the student only; the teacher reloads from its source
+        self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in (
+            "student_ce", "teacher_ce", "kl_teacher_student", "top1_agreement")})
+
+    # ---- models ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.student is not None:
+            return
+        hp = self.hparams
+        self.teacher = load_teacher(hp.teacher, dtype=getattr(torch, hp.teacher_dtype),
+                                    trust_remote_code=hp.trust_remote_code)
+        if hp.student_ckpt:
+            self.student = load_student(hp.student_ckpt)
+            check_student_matches_teacher(self.student, self.teacher, source=hp.student_ckpt)
+        else:
+            self.student = convert_to_hybrid(self.teacher, self.hybrid_config)
+        self.student.train()
+        self.select_trainable()
+
+    def select_trainable(self) -> None:
+        mode = self.hparams.trainable
+        self.student.requires_grad_(mode == "all")
+        if mode == "attention":
+            for layer in self.student.lm.model.layers:
+                layer.self_attn.requires_grad_(True)
+        for _, p in self.student.new_parameters():
+            p.requires_grad_(True)
+
+    def trainable_parameters(self):
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def export_student(self) -> HybridStudent:
+        """The student as it should be saved (stages with adapters merge them here)."""
+        return self.student
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("no trainable parameters: check model.trainable")
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+
+    def schedule_context(self) -> dict:
+        """Inputs of the KD schedules: the run's total steps and steps per epoch."""
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer else None
+        per_epoch = None
+        if self._trainer and self.trainer.num_training_batches not in (None, float("inf")):
+            per_epoch = max(int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches, 1)
+        return {"total_steps": total, "steps_per_epoch": per_epoch}
+
+    # ---- validation (every stage) ----------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        targets = next_token_targets(batch["labels"])
+        mask = targets != IGNORE
+        n = mask.sum()
+        if n == 0:
+            return
+        with torch.no_grad():
+            s_logits = self.student(ids).logits.float()
+            t_logits = self.teacher(ids).logits.float()
+        log_p = torch.log_softmax(t_logits, -1)
+        log_q = torch.log_softmax(s_logits, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)[mask].mean()
+        agree = (s_logits.argmax(-1) == t_logits.argmax(-1))[mask].float().mean()
+        values = {"student_ce": cross_entropy(s_logits, targets), "teacher_ce": cross_entropy(t_logits, targets),
+                  "kl_teacher_student": kl, "top1_agreement": agree}
+        for name, value in values.items():
+            self.val_metrics[name].update(value, weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        results = {name: metric.compute() for name, metric in self.val_metrics.items() if metric.update_called}
+        for name, value in results.items():
+            self.log(f"val/{name}", value, sync_dist=True)
+        for who in ("student", "teacher"):
+            if f"{who}_ce" in results:
+                self.log(f"val/{who}_ppl", torch.exp(results[f"{who}_ce"]), sync_dist=True)
+        for metric in self.val_metrics.values():
+            metric.reset()

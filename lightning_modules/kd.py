@@ -1,0 +1,137 @@
+"""Stage 2 (sparse KD) and stage 3 (domain experts): end-to-end distillation against the
+teacher's top-k distribution, mixed with cross-entropy, optionally with the Frobenius hidden-state
+term and LoRA adapters (DESIGN §4)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from models import HybridConfig
+
+from .base import DistillationModule
+from .losses import IGNORE, cross_entropy, dense_kd_loss, frobenius_alignment_loss, next_token_targets, sparse_kd_loss, teacher_topk
+from .schedules import Schedule
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold LoRA adapters into their base weights and put the plain modules back (in place)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    return model
+
+
+class SparseKDModule(DistillationModule):
+    """loss = alpha * T^2 * KL_topk(teacher^T || student^T) + (1 - alpha - beta) * CE + beta * Frobenius.
+
+    The teacher's top-k comes from the batch (a top-k cache, ``data.topk_cache``) or from an online
+    teacher forward; ``top_k: null`` uses the dense KL. Temperature, alpha and beta follow schedules
+    that are pure functions of the optimizer step.
+    """
+
+    def __init__(self, teacher: str = "smollm2-135m-instruct", student_ckpt: str | None = None,
+                 hybrid: HybridConfig = HybridConfig(),
+                 trainable: str = "all", lr: float = 1e-4, weight_decay: float = 0.0, warmup_steps: int = 10,
+                 min_lr_ratio: float = 0.1, teacher_dtype: str = "float32", trust_remote_code: bool = False,
+                 top_k: int | None = 64, temperature: Schedule = Schedule("constant", 2.0),
+                 alpha: Schedule = Schedule("constant", 0.5), beta: Schedule = Schedule("constant", 0.0),
+                 lora_rank: int = 0, lora_alpha: float = 16.0,
+                 lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]):
+        """
+        Args:
+            top_k: teacher tokens kept per position (None: dense KL over the vocabulary).
+            temperature: KD temperature T schedule.
+            alpha: weight of the KD term schedule.
+            beta: weight of the Frobenius hidden-state term schedule (0: off).
+            lora_rank: > 0 adds LoRA adapters of this rank on ``lora_targets`` (their base weights
+                freeze); merged into the weights when the student is saved.
+        """
+        super().__init__(teacher, student_ckpt, hybrid, trainable, lr, weight_decay, warmup_steps, min_lr_ratio,
+                         teacher_dtype, trust_remote_code)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} is invalid; allowed values: an integer >= 1, or null for dense KL")
+        self.save_hyperparameters()
+        self.schedules = {name: value if isinstance(value, Schedule) else Schedule(**dict(value))
+                          for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta))}
+
+    def configure_model(self) -> None:
+        if self.student is not None:
+            return
+        super().configure_model()
+        hp = self.hparams
+        if hp.top_k is not None and hp.top_k > self.teacher.config.vocab_size:
+            raise ValueError(f"model.top_k={hp.top_k} is larger than the teacher's vocabulary "
+                             f"({self.teacher.config.vocab_size}); allowed values: 1..{self.teacher.config.vocab_size}")
+        if hp.lora_rank > 0:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            config = LoraConfig(r=hp.lora_rank, lora_alpha=hp.lora_alpha, target_modules=list(hp.lora_targets))
+            inject_adapter_in_model(config, self.student.lm)
+            self.select_trainable()
+            for name, p in self.student.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+
+    def select_trainable(self) -> None:
+        super().select_trainable()
+        if self.hparams.lora_rank > 0:  # adapters train; the weights they wrap stay frozen
+            for name, p in self.student.named_parameters():
+                if ".base_layer." in name:
+                    p.requires_grad_(False)
+
+    def export_student(self):
+        if self.hparams.lora_rank == 0:
+            return self.student
+        return merge_lora(copy.deepcopy(self.student))
+
+    def training_step(self, batch, batch_idx):
+        hp = self.hparams
+        ids = batch["input_ids"]
+        targets = next_token_targets(batch["labels"])
+        mask = targets != IGNORE
+        ctx = self.schedule_context()
+        step = self.global_step
+        T, alpha, beta = (float(self.schedules[n](step, **ctx)) for n in ("temperature", "alpha", "beta"))
+        out = self.student(ids, output_hidden_states=beta > 0)
+        need_teacher = beta > 0 or "topk_ids" not in batch
+        if need_teacher:
+            with torch.no_grad():
+                t_out = self.teacher(ids, output_hidden_states=beta > 0)
+        if "topk_ids" in batch:
+            kd = sparse_kd_loss(out.logits, batch["topk_ids"], batch["topk_logprobs"], T, mask)
+        elif hp.top_k is None:
+            kd = dense_kd_loss(out.logits, t_out.logits, T, mask)
+        else:
+            kd = sparse_kd_loss(out.logits, *teacher_topk(t_out.logits, hp.top_k), T, mask)
+        ce = cross_entropy(out.logits, targets)
+        loss = alpha * kd + (1.0 - alpha - beta) * ce
+        if beta > 0:
+            teacher_mean = torch.stack(t_out.hidden_states[1:]).mean(0)
+            frob = frobenius_alignment_loss(out.hidden_states[-1], teacher_mean)
+            loss = loss + beta * frob
+            self.log("train/frobenius", frob, on_step=True)
+        self.log_dict({"train/kd": kd, "train/ce": ce, "train/loss": loss, "train/kd_temperature": T,
+                       "train/kd_alpha": alpha, "train/kd_beta": beta}, on_step=True)
+        self.log("train/loss_step", loss, prog_bar=True, on_step=True, logger=False)
+        return loss
+
+
+class ExpertFinetuneModule(SparseKDModule):
+    """Stage 3: the stage-2 objective on one domain's data, starting from a stage-2 student."""
+
+    def __init__(self, domain: str, student_ckpt: str, **kwargs):
+        """
+        Args:
+            domain: name of the expert's domain (math, code, stem, chat, ...), for logs and outputs.
+            student_ckpt: the stage-2 student folder this expert starts from.
+        """
+        if not student_ckpt:
+            raise ValueError("ExpertFinetuneModule needs model.student_ckpt: the stage-2 student folder")
+        super().__init__(student_ckpt=student_ckpt, **kwargs)
+        self.save_hyperparameters()
