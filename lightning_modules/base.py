@@ -3,6 +3,7 @@ optimizer and learning-rate schedule, and the always-on validation metrics (DESI
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import lightning as L
@@ -41,11 +42,19 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters()
         # hparams keep plain dicts (for checkpoints and TensorBoard); the module uses the objects
         self.hybrid_config = hybrid if isinstance(hybrid, HybridConfig) else HybridConfig.from_dict(dict(hybrid))
+        self.plain_hparams()
         self.teacher = None
         self.student: HybridStudent | None = None
         self.strict_loading = False  # checkpoints hold the student only; the teacher reloads from its source
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in (
             "student_ce", "teacher_ce", "kl_teacher_student", "top1_agreement")})
+
+    def plain_hparams(self) -> None:
+        """Store config objects in hparams as plain dicts, so checkpoints load with weights_only=True
+        (call after every ``save_hyperparameters``)."""
+        for key, value in list(self.hparams.items()):
+            if dataclasses.is_dataclass(value):
+                self.hparams[key] = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
 
     # ---- models ------------------------------------------------------------------------------
     def configure_model(self) -> None:

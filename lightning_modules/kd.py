@@ -59,6 +59,7 @@ class SparseKDModule(DistillationModule):
         self.save_hyperparameters()
         self.schedules = {name: value if isinstance(value, Schedule) else Schedule(**dict(value))
                           for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta))}
+        self.plain_hparams()
 
     def configure_model(self) -> None:
         if self.student is not None:
@@ -135,3 +136,4 @@ class ExpertFinetuneModule(SparseKDModule):
             raise ValueError("ExpertFinetuneModule needs model.student_ckpt: the stage-2 student folder")
         super().__init__(student_ckpt=student_ckpt, **kwargs)
         self.save_hyperparameters()
+        self.plain_hparams()

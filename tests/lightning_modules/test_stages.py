@@ -1,0 +1,190 @@
+"""Each stage end to end through the CLI on a tiny teacher; alignment learns; resume is exact;
+the top-k cache gives the online loss; bad input is refused with a clear message."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import DataSource, TextDataModule
+from datamodules.topk_cache import read_topk_cache, write_topk_cache
+from experiments.run import main
+from lightning_modules import AlignmentModule, SparseKDModule
+from lightning_modules.losses import IGNORE, next_token_targets, sparse_kd_loss, teacher_topk
+from models import load_student
+from tests.fixtures import write_corpus, write_teacher
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    write_teacher(root / "teacher")
+    write_teacher(root / "other_teacher", seed=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1)
+    corpus = write_corpus(root / "corpus")
+    return root, corpus
+
+
+def cli_args(env, stage, out, steps=3, extra=()):
+    root, corpus = env
+    sources = json.dumps([{"path": str(corpus["text"])}, {"path": str(corpus["chat"]), "format": "chat"}])
+    return ["fit", "--config", f"configs/stages/{stage}.yaml", "--model.init_args.teacher", str(root / "teacher"),
+            "--data.sources", sources, "--data.seq_len", "32", "--data.batch_size", "4",
+            "--data.cache_dir", str(root / "cache"), "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "2",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+            "--trainer.logger.init_args.save_dir", str(out), "--student_export.dirpath", str(out / "student"),
+            *extra]
+
+
+def test_align_kd_expert_chain_through_the_cli(env, tmp_path):
+    main(cli_args(env, "align", tmp_path / "align"))
+    aligned = load_student(tmp_path / "align" / "student")
+    main(cli_args(env, "kd", tmp_path / "kd", extra=["--model.init_args.student_ckpt", str(tmp_path / "align" / "student")]))
+    distilled = load_student(tmp_path / "kd" / "student")
+    main(cli_args(env, "expert", tmp_path / "expert", extra=[
+        "--model.init_args.student_ckpt", str(tmp_path / "kd" / "student"), "--model.init_args.domain", "chat"]))
+    expert = load_student(tmp_path / "expert" / "student")
+    ids = torch.randint(5, 90, (1, 12))
+    with torch.no_grad():
+        logits = [m(ids).logits for m in (aligned, distilled, expert)]
+    assert not torch.equal(logits[0], logits[1]) and not torch.equal(logits[1], logits[2])
+    assert (tmp_path / "kd" / "kd" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    # losses, schedules, learning rate, gradient norm and throughput reach TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "kd").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/kd", "train/ce", "train/loss", "train/kd_temperature", "train/kd_alpha", "train/grad_norm",
+            "train/tokens_per_s", "lr-AdamW", "val/student_ce", "val/teacher_ce", "val/kl_teacher_student",
+            "val/top1_agreement", "val/student_ppl"} <= tags, tags
+
+
+def test_kd_with_lora_saves_a_merged_student(env, tmp_path):
+    main(cli_args(env, "kd", tmp_path, extra=["--model.init_args.lora_rank", "2", "--model.init_args.trainable", "new",
+                                              "--model.init_args.lr", "1e-2"]))
+    student = load_student(tmp_path / "student")
+    assert not any("lora" in n for n, _ in student.named_parameters())
+
+
+def tiny_dm(env, **kw):
+    root, corpus = env
+    return TextDataModule(tokenizer=str(root / "teacher"), sources=[DataSource(str(corpus["text"]))], seq_len=32,
+                          batch_size=4, cache_dir=str(root / "cache"), **kw)
+
+
+def test_alignment_mse_halves_within_30_steps(env):
+    root, _ = env
+    dm = tiny_dm(env)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = AlignmentModule(teacher=str(root / "teacher"), lr=3e-2, warmup_steps=0)
+    module.configure_model()
+    opt = torch.optim.Adam(module.trainable_parameters(), lr=3e-2)
+    losses = []
+    for _ in range(30):
+        loss = _align_loss(module, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _align_loss(module, batch):
+    module.log = lambda *a, **k: None  # training_step outside a Trainer: no logging
+    return module.training_step(batch, 0)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def _fit(env, out, steps, ckpt_path=None):
+    root, _ = env
+    L.seed_everything(0)
+    recorder = LossRecorder()
+    module = SparseKDModule(teacher=str(root / "teacher"), lr=1e-2, top_k=8)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(out), limit_val_batches=0,
+                        callbacks=[recorder, L.pytorch.callbacks.ModelCheckpoint(dirpath=str(out), save_last=True,
+                                                                                 every_n_train_steps=1)])
+    trainer.fit(module, datamodule=tiny_dm(env), ckpt_path=ckpt_path)
+    return recorder.losses
+
+
+def test_resume_continues_with_the_same_losses(env, tmp_path):
+    straight = _fit(env, tmp_path / "a", steps=6)
+    _fit(env, tmp_path / "b", steps=3)
+    resumed = _fit(env, tmp_path / "b", steps=6, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
+
+
+def test_topk_cache_loss_equals_online_loss(env, tmp_path):
+    root, _ = env
+    dm = tiny_dm(env)
+    dm.setup("fit")
+    module = SparseKDModule(teacher=str(root / "teacher"), top_k=8)
+    module.configure_model()
+    blocks = dm.train_set.tensors
+    write_topk_cache(module.teacher, dm.tokenizer, blocks["input_ids"][:8], blocks["labels"][:8], 8, tmp_path / "c",
+                     shard_blocks=3)
+    cached = read_topk_cache(tmp_path / "c", tokenizer=dm.tokenizer, teacher=module.teacher)
+    assert cached["topk_ids"].shape == (8, 32, 8)
+    ids = cached["input_ids"]
+    targets = next_token_targets(cached["labels"])
+    with torch.no_grad():
+        s_logits = module.student(ids).logits
+        online = sparse_kd_loss(s_logits, *teacher_topk(module.teacher(ids).logits, 8), 2.0, targets != IGNORE)
+        from_cache = sparse_kd_loss(s_logits, cached["topk_ids"], cached["topk_logprobs"], 2.0, targets != IGNORE)
+    assert from_cache.item() == pytest.approx(online.item(), rel=1e-6)
+    # the datamodule serves the cache's blocks and top-k
+    dm_cache = tiny_dm(env, topk_cache=str(tmp_path / "c"))
+    dm_cache.setup("fit")
+    assert set(next(iter(dm_cache.train_dataloader()))) >= {"input_ids", "labels", "topk_ids", "topk_logprobs"}
+
+
+def test_cache_for_another_tokenizer_is_refused(env, tmp_path):
+    root, _ = env
+    dm = tiny_dm(env)
+    dm.setup("fit")
+    module = SparseKDModule(teacher=str(root / "teacher"), top_k=4)
+    module.configure_model()
+    blocks = dm.train_set.tensors
+    write_topk_cache(module.teacher, dm.tokenizer, blocks["input_ids"][:2], blocks["labels"][:2], 4, tmp_path / "c")
+    other = dm.tokenizer.__class__.from_pretrained(str(root / "teacher"))
+    other.add_tokens(["brand-new-token"])
+    with pytest.raises(ValueError, match="another tokenizer"):
+        read_topk_cache(tmp_path / "c", tokenizer=other)
+
+
+def test_unknown_config_key_is_named(env, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(cli_args(env, "align", tmp_path, extra=["--model.init_args.windoww", "3"]))
+    assert "windoww" in capsys.readouterr().err
+
+
+def test_missing_dataset_path_is_named(env, tmp_path):
+    args = cli_args(env, "align", tmp_path)
+    args[args.index("--data.sources") + 1] = json.dumps([{"path": str(tmp_path / "missing.jsonl")}])
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        main(args)
+
+
+def test_student_of_another_teacher_is_refused(env, tmp_path):
+    root, _ = env
+    main(cli_args(env, "align", tmp_path / "a", steps=1, extra=["--model.init_args.teacher", str(root / "other_teacher")]))
+    with pytest.raises(ValueError, match="another teacher"):
+        main(cli_args(env, "kd", tmp_path / "b", extra=["--model.init_args.student_ckpt", str(tmp_path / "a" / "student")]))
+
+
+def test_top_k_larger_than_vocabulary_is_refused(env, tmp_path):
+    with pytest.raises(ValueError, match="top_k"):
+        main(cli_args(env, "kd", tmp_path, extra=["--model.init_args.top_k", "1000"]))
