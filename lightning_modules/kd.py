@@ -79,6 +79,17 @@ class SparseKDModule(DistillationModule):
                 if "lora_" in name:
                     p.requires_grad_(True)
 
+    def on_fit_start(self) -> None:
+        cache = getattr(self.trainer.datamodule, "topk_cache", None) if self.trainer.datamodule else None
+        if cache:
+            from datamodules.topk_cache import check_fingerprint
+
+            manifest = check_fingerprint(cache, teacher=self.teacher)
+            k = manifest["fingerprint"]["k"]
+            if self.hparams.top_k is not None and self.hparams.top_k != k:
+                raise ValueError(f"model.top_k={self.hparams.top_k} but the top-k cache {cache} holds k={k}; "
+                                 f"set model.top_k to {k} or rebuild the cache")
+
     def select_trainable(self) -> None:
         super().select_trainable()
         if self.hparams.lora_rank > 0:  # adapters train; the weights they wrap stay frozen

@@ -188,3 +188,35 @@ def test_student_of_another_teacher_is_refused(env, tmp_path):
 def test_top_k_larger_than_vocabulary_is_refused(env, tmp_path):
     with pytest.raises(ValueError, match="top_k"):
         main(cli_args(env, "kd", tmp_path, extra=["--model.init_args.top_k", "1000"]))
+
+
+def test_topk_cache_command_then_kd_trains_from_it(env, tmp_path):
+    from experiments.topk_cache import main as build_cache
+
+    root, corpus = env
+    sources = json.dumps([{"path": str(corpus["text"])}])
+    common = ["--data.sources", sources, "--data.seq_len", "32", "--data.cache_dir", str(root / "cache")]
+    build_cache(["--teacher", str(root / "teacher"), "--k", "8", "--out", str(tmp_path / "cache"), "--shard_blocks", "10",
+                 *common])
+    assert len(list((tmp_path / "cache").glob("shard-*.safetensors"))) > 1
+    args = cli_args(env, "kd", tmp_path / "run", extra=["--data.topk_cache", str(tmp_path / "cache"),
+                                                         "--model.init_args.top_k", "8"])
+    args[args.index("--data.sources") + 1] = sources
+    main(args)
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+
+def test_cache_of_another_teacher_is_refused_at_fit_start(env, tmp_path):
+    from experiments.topk_cache import main as build_cache
+
+    root, corpus = env
+    sources = json.dumps([{"path": str(corpus["text"])}])
+    build_cache(["--teacher", str(root / "teacher"), "--k", "4", "--out", str(tmp_path / "cache"),
+                 "--data.sources", sources, "--data.seq_len", "32", "--data.cache_dir", str(root / "cache")])
+    # same tokenizer, different weights
+    write_teacher(tmp_path / "retrained", seed=7)
+    args = cli_args(env, "kd", tmp_path / "run", extra=["--data.topk_cache", str(tmp_path / "cache"),
+                                                         "--model.init_args.teacher", str(tmp_path / "retrained")])
+    args[args.index("--data.sources") + 1] = sources
+    with pytest.raises(ValueError, match="another teacher"):
+        main(args)
