@@ -26,8 +26,8 @@ class StudentExportCallback(L.Callback):
         return Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "student"
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        student = pl_module.export_student()
-        if trainer.is_global_zero:
+        student = pl_module.export_student()  # every rank: under FSDP this gathers the weights
+        if trainer.is_global_zero and student is not None:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule else None
             self.saved_to = save_student(student, self.target(trainer), tokenizer=tokenizer)
 

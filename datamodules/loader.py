@@ -5,14 +5,17 @@ it would have seen (same seed, same order)."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation that is a pure function of (seed, epoch); can start part-way through."""
+class EpochShuffleSampler(DistributedSampler):
+    """A permutation that is a pure function of (seed, epoch), split across data-parallel ranks
+    (rank r takes every world-th index, all ranks the same count); can start part-way through.
+    It is a DistributedSampler so that Lightning keeps it instead of injecting its own."""
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
+    def __init__(self, size: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.skip = 0
 
@@ -26,19 +29,22 @@ class EpochShuffleSampler(Sampler[int]):
         return torch.randperm(self.size, generator=g).tolist()
 
     def __iter__(self):
-        order, self.skip = self.order()[self.skip:], 0
+        per_rank = self.size // self.num_replicas
+        mine = self.order()[self.rank::self.num_replicas][:per_rank]
+        order, self.skip = mine[self.skip:], 0
         return iter(order)
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.num_replicas
 
 
 class ResumableDataLoader(DataLoader):
     """DataLoader over an ``EpochShuffleSampler`` that reports how many batches of the current
     epoch the training loop has taken."""
 
-    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True, **kwargs):
-        self.block_sampler = EpochShuffleSampler(len(dataset), seed, shuffle)
+    def __init__(self, dataset, batch_size: int, seed: int, shuffle: bool = True, num_replicas: int = 1,
+                 rank: int = 0, **kwargs):
+        self.block_sampler = EpochShuffleSampler(len(dataset), seed, shuffle, num_replicas, rank)
         super().__init__(dataset, batch_size=batch_size, sampler=self.block_sampler, drop_last=True, **kwargs)
         self.batches_taken = 0
 

@@ -219,7 +219,15 @@ class TextDataModule(L.LightningDataModule):
         if isinstance(self.train_set, IterableDataset):
             return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers)
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, seed=self.seed,
-                                   num_workers=self.num_workers)
+                                   num_workers=self.num_workers, **self._replica())
+
+    def _replica(self) -> dict:
+        """This process's share of the data under data parallelism."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return {"num_replicas": 1, "rank": 0}
+        kwargs = trainer.strategy.distributed_sampler_kwargs or {}
+        return {"num_replicas": kwargs.get("num_replicas", trainer.world_size), "rank": kwargs.get("rank", trainer.global_rank)}
 
     def val_dataloader(self):
         if self.val_set is None or (not isinstance(self.val_set, IterableDataset) and len(self.val_set) == 0):

@@ -36,6 +36,12 @@ class AlignmentModule(DistillationModule):
     """Teacher frozen; each student hybrid layer gets the teacher's layer input and is trained to
     match the teacher's attention output. Trainable: ``new`` (default), ``attention`` or ``all``."""
 
+    def fsdp_units(self, model):
+        # training calls the student's attention modules directly, so they are the units
+        if model is self.student:
+            return [layer.self_attn for layer in self.student.lm.model.layers]
+        return super().fsdp_units(model)
+
     def hybrid_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.student.lm.model.layers) if isinstance(layer.self_attn, HybridAttention)]
 

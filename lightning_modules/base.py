@@ -11,7 +11,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from models import HybridConfig, HybridStudent, convert_to_hybrid, load_student, load_teacher
-from models.student import check_student_matches_teacher
+from models.student import check_student_matches_teacher, student_from_config
 
 from .losses import IGNORE, cross_entropy, next_token_targets
 
@@ -33,7 +33,8 @@ class DistillationModule(L.LightningModule):
     def __init__(self, teacher: str = "smollm2-135m-instruct", student_ckpt: str | None = None,
                  hybrid: HybridConfig = HybridConfig(), trainable: str = "new", lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 10, min_lr_ratio: float = 0.1,
-                 teacher_dtype: str = "float32", trust_remote_code: bool = False):
+                 teacher_dtype: str = "float32", trust_remote_code: bool = False,
+                 fsdp_param_dtype: str | None = None):
         super().__init__()
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable={trainable!r} is not supported; allowed values: {', '.join(TRAINABLE)}")
@@ -43,9 +44,10 @@ class DistillationModule(L.LightningModule):
         # hparams keep plain dicts (for checkpoints and TensorBoard); the module uses the objects
         self.hybrid_config = hybrid if isinstance(hybrid, HybridConfig) else HybridConfig.from_dict(dict(hybrid))
         self.plain_hparams()
-        self.teacher = None
+        # The teacher is deliberately not a registered submodule: it is frozen, reloads from its
+        # source, and so stays out of checkpoints, the optimizer and DDP; the module places it.
+        self._teacher: list = []
         self.student: HybridStudent | None = None
-        self.strict_loading = False  # checkpoints hold the student only; the teacher reloads from its source
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in (
             "student_ce", "teacher_ce", "kl_teacher_student", "top1_agreement")})
 
@@ -61,8 +63,9 @@ class DistillationModule(L.LightningModule):
         if self.student is not None:
             return
         hp = self.hparams
-        self.teacher = load_teacher(hp.teacher, dtype=getattr(torch, hp.teacher_dtype),
-                                    trust_remote_code=hp.trust_remote_code)
+        # (nn.Module.__setattr__ would register a module attribute, hence the list)
+        self._teacher[:] = [load_teacher(hp.teacher, dtype=getattr(torch, hp.teacher_dtype),
+                                         trust_remote_code=hp.trust_remote_code)]
         if hp.student_ckpt:
             self.student = load_student(hp.student_ckpt)
             check_student_matches_teacher(self.student, self.teacher, source=hp.student_ckpt)
@@ -70,6 +73,51 @@ class DistillationModule(L.LightningModule):
             self.student = convert_to_hybrid(self.teacher, self.hybrid_config)
         self.student.train()
         self.select_trainable()
+        if self.sharded:
+            self.shard_models()
+
+    @property
+    def teacher(self):
+        return self._teacher[0] if self._teacher else None
+
+
+    def _place_teacher(self) -> None:
+        if self.teacher is not None and not self.sharded:
+            self.teacher.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._place_teacher()
+
+    def on_validation_start(self) -> None:
+        self._place_teacher()
+
+    def on_test_start(self) -> None:
+        self._place_teacher()
+
+    @property
+    def sharded(self) -> bool:
+        """True under Lightning's ModelParallelStrategy (FSDP2: ``fully_shard`` per unit)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy)
+
+    def fsdp_units(self, model) -> list[torch.nn.Module]:
+        """Modules that become FSDP units (before the root): the decoder layers."""
+        base = model.lm.model if isinstance(model, HybridStudent) else model.model
+        return list(base.layers)
+
+    def shard_models(self) -> None:
+        """FSDP2: shard student and teacher over the data-parallel mesh, unit by unit, then the roots
+        (the student's root is the HybridStudent, whose forward is the entry point)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        param_dtype = getattr(torch, self.hparams.fsdp_param_dtype) if self.hparams.fsdp_param_dtype else None
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+        for model in (self.teacher, self.student):
+            for unit in self.fsdp_units(model):
+                fully_shard(unit, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
 
     def select_trainable(self) -> None:
         mode = self.hparams.trainable
@@ -83,12 +131,20 @@ class DistillationModule(L.LightningModule):
     def trainable_parameters(self):
         return [p for p in self.student.parameters() if p.requires_grad]
 
-    def export_student(self) -> HybridStudent:
-        """The student as it should be saved (stages with adapters merge them here)."""
-        return self.student
+    def export_student(self) -> HybridStudent | None:
+        """The student as it should be saved: a plain, unsharded module. Under FSDP every rank must
+        call this (it gathers the full weights); rank 0 gets the student, the others None."""
+        if not self.sharded:
+            return self.student
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        full = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.trainer.is_global_zero:
+            return None
+        plain = student_from_config(self.student.config, self.student.hybrid_config,
+                                    next(iter(full.values())).dtype)
+        plain.load_state_dict(full)
+        return plain.eval()
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -42,7 +42,8 @@ class SparseKDModule(DistillationModule):
                  top_k: int | None = 64, temperature: Schedule = Schedule("constant", 2.0),
                  alpha: Schedule = Schedule("constant", 0.5), beta: Schedule = Schedule("constant", 0.0),
                  lora_rank: int = 0, lora_alpha: float = 16.0,
-                 lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]):
+                 lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],
+                 fsdp_param_dtype: str | None = None):
         """
         Args:
             top_k: teacher tokens kept per position (None: dense KL over the vocabulary).
@@ -51,9 +52,10 @@ class SparseKDModule(DistillationModule):
             beta: weight of the Frobenius hidden-state term schedule (0: off).
             lora_rank: > 0 adds LoRA adapters of this rank on ``lora_targets`` (their base weights
                 freeze); merged into the weights when the student is saved.
+            fsdp_param_dtype: under FSDP, the dtype parameters are gathered in (e.g. bfloat16).
         """
         super().__init__(teacher, student_ckpt, hybrid, trainable, lr, weight_decay, warmup_steps, min_lr_ratio,
-                         teacher_dtype, trust_remote_code)
+                         teacher_dtype, trust_remote_code, fsdp_param_dtype)
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} is invalid; allowed values: an integer >= 1, or null for dense KL")
         self.save_hyperparameters()
@@ -80,6 +82,7 @@ class SparseKDModule(DistillationModule):
                     p.requires_grad_(True)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         cache = getattr(self.trainer.datamodule, "topk_cache", None) if self.trainer.datamodule else None
         if cache:
             from datamodules.topk_cache import check_fingerprint
@@ -99,7 +102,9 @@ class SparseKDModule(DistillationModule):
 
     def export_student(self):
         if self.hparams.lora_rank == 0:
-            return self.student
+            return super().export_student()
+        if self.sharded:
+            raise ValueError("LoRA adapters under FSDP are not supported: use lora_rank 0 or a single device")
         return merge_lora(copy.deepcopy(self.student))
 
     def training_step(self, batch, batch_idx):

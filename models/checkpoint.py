@@ -109,10 +109,10 @@ def _check_shapes(student, weights: Path, cfg_file: Path):
 
 def load_student(path, dtype: torch.dtype | None = None, device=None):
     """Rebuild a student saved by ``save_student`` (no teacher, no remote code needed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from .adapters import get_adapter
-    from .student import convert_to_hybrid
+    from .student import student_from_config
 
     path = Path(path)
     config = _read_config(path)
@@ -128,8 +128,7 @@ def load_student(path, dtype: torch.dtype | None = None, device=None):
     saved_dtype = getattr(torch, config.get("dtype", "float32"), None)
     if not isinstance(saved_dtype, torch.dtype):
         raise ValueError(f"{cfg_file}: field 'dtype'={config.get('dtype')!r} is not a torch dtype")
-    lm = AutoModelForCausalLM.from_config(hf_config, dtype=saved_dtype)
-    student = convert_to_hybrid(lm, hybrid_cfg)
+    student = student_from_config(hf_config, hybrid_cfg, saved_dtype)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the student folder is incomplete")

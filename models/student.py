@@ -138,6 +138,13 @@ class HybridStudent(nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def student_from_config(model_config, hybrid_config: HybridConfig, dtype: torch.dtype = torch.float32) -> HybridStudent:
+    """An untrained student skeleton from a teacher's model config (weights to be loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    return convert_to_hybrid(AutoModelForCausalLM.from_config(model_config, dtype=dtype), hybrid_config)
+
+
 def convert_to_hybrid(teacher: nn.Module, cfg: HybridConfig | None = None) -> HybridStudent:
     """A new hybrid student from ``teacher`` (left untouched): every attention module becomes a
     ``HybridAttention`` on copies of the teacher's q/k/v/o, except ``cfg.full_attention_layers``."""
