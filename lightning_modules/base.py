@@ -34,7 +34,7 @@ class DistillationModule(L.LightningModule):
                  hybrid: HybridConfig = HybridConfig(), trainable: str = "new", lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 10, min_lr_ratio: float = 0.1,
                  teacher_dtype: str = "float32", trust_remote_code: bool = False,
-                 fsdp_param_dtype: str | None = None):
+                 fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False):
         super().__init__()
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable={trainable!r} is not supported; allowed values: {', '.join(TRAINABLE)}")
@@ -73,6 +73,9 @@ class DistillationModule(L.LightningModule):
             self.student = convert_to_hybrid(self.teacher, self.hybrid_config)
         self.student.train()
         self.select_trainable()
+        if hp.activation_checkpointing:
+            # recompute each decoder layer in backward (transformers' GradientCheckpointingLayer)
+            self.student.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.sharded:
             self.shard_models()
 

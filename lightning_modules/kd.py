@@ -43,7 +43,7 @@ class SparseKDModule(DistillationModule):
                  alpha: Schedule = Schedule("constant", 0.5), beta: Schedule = Schedule("constant", 0.0),
                  lora_rank: int = 0, lora_alpha: float = 16.0,
                  lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],
-                 fsdp_param_dtype: str | None = None):
+                 fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False):
         """
         Args:
             top_k: teacher tokens kept per position (None: dense KL over the vocabulary).
@@ -53,9 +53,10 @@ class SparseKDModule(DistillationModule):
             lora_rank: > 0 adds LoRA adapters of this rank on ``lora_targets`` (their base weights
                 freeze); merged into the weights when the student is saved.
             fsdp_param_dtype: under FSDP, the dtype parameters are gathered in (e.g. bfloat16).
+            activation_checkpointing: recompute decoder layers in backward to save memory.
         """
         super().__init__(teacher, student_ckpt, hybrid, trainable, lr, weight_decay, warmup_steps, min_lr_ratio,
-                         teacher_dtype, trust_remote_code, fsdp_param_dtype)
+                         teacher_dtype, trust_remote_code, fsdp_param_dtype, activation_checkpointing)
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} is invalid; allowed values: an integer >= 1, or null for dense KL")
         self.save_hyperparameters()

@@ -24,13 +24,10 @@ def test_config_instantiates(path, tmp_path):
     needs_gpu = "gpu" in path.read_text() and not torch.cuda.is_available()
     if needs_gpu:
         # the Trainer refuses a GPU strategy without CUDA; check every class it names resolves
-        from jsonargparse import Namespace  # noqa: F401
         import importlib
 
         text = yaml.safe_load(path.read_text())
-        strategy = text["trainer"]["strategy"]
-        names = [strategy["class_path"], *strategy["init_args"].get("auto_wrap_policy", [])]
-        for name in names:
+        for name in [text["trainer"]["strategy"]["class_path"]]:
             module, _, attr = name.rpartition(".")
             assert hasattr(importlib.import_module(module), attr), name
         return

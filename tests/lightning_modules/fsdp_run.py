@@ -35,7 +35,8 @@ def main():
     L.seed_everything(0)
     data = TextDataModule(tokenizer=str(root / "teacher"), sources=[DataSource(str(root / "corpus" / "general.jsonl"))],
                           seq_len=32, batch_size=2, cache_dir=str(root / "cache"))
-    module = SparseKDModule(teacher=str(root / "teacher"), lr=1e-2, top_k=8)
+    # activation checkpointing on, as configs/trainer/fsdp.yaml runs it on GPUs
+    module = SparseKDModule(teacher=str(root / "teacher"), lr=1e-2, top_k=8, activation_checkpointing=True)
     recorder = Recorder()
     trainer = L.Trainer(
         accelerator="cpu", devices=2, max_steps=steps, logger=False, enable_progress_bar=False,
