@@ -233,3 +233,7 @@ class TextDataModule(L.LightningDataModule):
         if self.val_set is None or (not isinstance(self.val_set, IterableDataset) and len(self.val_set) == 0):
             return []
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        """The held-out split (the same documents as validation)."""
+        return self.val_dataloader()

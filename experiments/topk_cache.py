@@ -44,10 +44,9 @@ def main(args=None):
     parser.add_argument("--batch_size", type=int, default=8, help="blocks per teacher forward")
     parser.add_argument("--shard_blocks", type=int, default=256, help="blocks per shard file")
     parser.add_argument("--dtype", type=str, default="float32", help="teacher dtype")
+    parser.link_arguments("teacher", "data.tokenizer")  # the blocks are tokenised by the teacher, as in training
     cfg = parser.parse_args(args)
     init = parser.instantiate_classes(cfg)
-    if cfg.data.tokenizer == "smollm2-135m-instruct" and cfg.teacher != cfg.data.tokenizer:
-        init.data.tokenizer_name = cfg.teacher  # tokenise with the teacher unless data.tokenizer says otherwise
     return build(init.data, cfg.teacher, cfg.k, cfg.out, cfg.batch_size, cfg.shard_blocks, cfg.dtype)
 
 

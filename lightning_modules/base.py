@@ -174,8 +174,21 @@ class DistillationModule(L.LightningModule):
             per_epoch = max(int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches, 1)
         return {"total_steps": total, "steps_per_epoch": per_epoch}
 
-    # ---- validation (every stage) ----------------------------------------------------------
+    # ---- validation and test (every stage) ---------------------------------------------------
     def validation_step(self, batch, batch_idx):
+        self._score(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._score(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test")
+
+    def _score(self, batch):
+        """Student vs teacher on held-out text: CE of both, KL(teacher || student), top-1 agreement."""
         ids = batch["input_ids"]
         targets = next_token_targets(batch["labels"])
         mask = targets != IGNORE
@@ -194,12 +207,12 @@ class DistillationModule(L.LightningModule):
         for name, value in values.items():
             self.val_metrics[name].update(value, weight=n)
 
-    def on_validation_epoch_end(self) -> None:
+    def _log_scores(self, prefix: str) -> None:
         results = {name: metric.compute() for name, metric in self.val_metrics.items() if metric.update_called}
         for name, value in results.items():
-            self.log(f"val/{name}", value, sync_dist=True)
+            self.log(f"{prefix}/{name}", value, sync_dist=True)
         for who in ("student", "teacher"):
             if f"{who}_ce" in results:
-                self.log(f"val/{who}_ppl", torch.exp(results[f"{who}_ce"]), sync_dist=True)
+                self.log(f"{prefix}/{who}_ppl", torch.exp(results[f"{who}_ce"]), sync_dist=True)
         for metric in self.val_metrics.values():
             metric.reset()

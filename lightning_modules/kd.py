@@ -11,7 +11,9 @@ import torch
 from models import HybridConfig
 
 from .base import DistillationModule
-from .losses import IGNORE, cross_entropy, dense_kd_loss, frobenius_alignment_loss, next_token_targets, sparse_kd_loss, teacher_topk
+from .losses import (
+    IGNORE, cross_entropy, dense_kd_loss, frobenius_alignment_loss, next_token_targets, sparse_kd_loss, teacher_topk,
+)
 from .schedules import Schedule
 
 
@@ -78,9 +80,6 @@ class SparseKDModule(DistillationModule):
             config = LoraConfig(r=hp.lora_rank, lora_alpha=hp.lora_alpha, target_modules=list(hp.lora_targets))
             inject_adapter_in_model(config, self.student.lm)
             self.select_trainable()
-            for name, p in self.student.named_parameters():
-                if "lora_" in name:
-                    p.requires_grad_(True)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -98,7 +97,9 @@ class SparseKDModule(DistillationModule):
         super().select_trainable()
         if self.hparams.lora_rank > 0:  # adapters train; the weights they wrap stay frozen
             for name, p in self.student.named_parameters():
-                if ".base_layer." in name:
+                if "lora_" in name:
+                    p.requires_grad_(True)
+                elif ".base_layer." in name:
                     p.requires_grad_(False)
 
     def export_student(self):

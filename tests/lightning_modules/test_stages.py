@@ -220,3 +220,15 @@ def test_cache_of_another_teacher_is_refused_at_fit_start(env, tmp_path):
     args[args.index("--data.sources") + 1] = sources
     with pytest.raises(ValueError, match="another teacher"):
         main(args)
+
+
+def test_validate_and_test_subcommands_score_a_saved_student(env, tmp_path):
+    main(cli_args(env, "align", tmp_path / "a", steps=1))
+    for sub in ("validate", "test"):
+        args = cli_args(env, "kd", tmp_path / sub, extra=["--model.init_args.student_ckpt", str(tmp_path / "a" / "student")])
+        args[0] = sub
+        drop = {"--trainer.max_steps", "--trainer.val_check_interval", "--student_export.dirpath"}
+        args = [a for i, a in enumerate(args) if a not in drop and (i == 0 or args[i - 1] not in drop)]
+        cli = main(args)
+        metrics = cli.trainer.callback_metrics
+        assert {f"{sub if sub == 'test' else 'val'}/student_ce", f"{sub if sub == 'test' else 'val'}/top1_agreement"} <= set(metrics)
