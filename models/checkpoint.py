@@ -107,9 +107,9 @@ def _check_shapes(student, weights: Path, cfg_file: Path):
             )
 
 
-def load_student(path, dtype: torch.dtype | None = None, device=None):
-    """Rebuild a student saved by ``save_student`` (no teacher, no remote code needed)."""
-    from transformers import AutoConfig, AutoTokenizer
+def skeleton_from_folder(path) -> tuple:
+    """An untrained student built from ``path/config.json`` (checked field by field), and that config."""
+    from transformers import AutoConfig
 
     from .adapters import get_adapter
     from .student import student_from_config
@@ -128,18 +128,26 @@ def load_student(path, dtype: torch.dtype | None = None, device=None):
     saved_dtype = getattr(torch, config.get("dtype", "float32"), None)
     if not isinstance(saved_dtype, torch.dtype):
         raise ValueError(f"{cfg_file}: field 'dtype'={config.get('dtype')!r} is not a torch dtype")
-    student = student_from_config(hf_config, hybrid_cfg, saved_dtype)
+    return student_from_config(hf_config, hybrid_cfg, saved_dtype), config
+
+
+def load_student(path, dtype: torch.dtype | None = None, device=None):
+    """Rebuild a student saved by ``save_student`` (no teacher, no remote code needed)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    student, _ = skeleton_from_folder(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the student folder is incomplete")
-    _check_shapes(student, weights, cfg_file)
+    _check_shapes(student, weights, path / CONFIG_NAME)
     try:
         missing, unexpected = load_model(student, str(weights), strict=False, device="cpu")
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(f"{weights} cannot be read ({err}); the file is truncated or corrupt") from err
     if missing or unexpected:
         raise ValueError(
-            f"{weights} does not match {cfg_file}: missing tensors {sorted(missing)[:5]}, "
+            f"{weights} does not match {path / CONFIG_NAME}: missing tensors {sorted(missing)[:5]}, "
             f"unexpected tensors {sorted(unexpected)[:5]}"
         )
     student.eval()

@@ -1,0 +1,237 @@
+"""Scoring students against their teachers with the lm-evaluation-harness, and Win-and-Tie.
+
+``evaluate_model`` runs ``lm_eval.simple_evaluate`` through ``HarnessLM`` and returns each task's
+primary metric on a 0-1 scale (higher is better): the first metric of the task's ``metric_list``;
+lower-is-better metrics are converted, perplexity p -> 1 / p and bits per byte b -> 2^-b.
+``EvalCallback`` scores the student every N validations, at fit end, or in ``validate`` runs,
+scores the teacher once (cached on disk), and writes scores.json, win_tie.csv and win_tie.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+
+from .harness import HarnessLM
+from .win_tie import critical_tolerance, plot_curves, win_and_tie, write_curve_csv
+
+LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
+EMBEDDED_SUITE = "xdistill-suite"
+
+
+def to_unit_scale(metric: str, value: float, higher_is_better: bool) -> float:
+    """A task score on the 0-1, higher-is-better scale that Win-and-Tie compares."""
+    if higher_is_better:
+        if not -1e-9 <= value <= 1 + 1e-9:
+            raise ValueError(f"metric {metric!r} = {value} is not on a 0-1 scale; give a task whose primary "
+                             "metric is a rate (accuracy, exact match) or convert it in the task")
+        return float(value)
+    if "perplexity" in metric:
+        return 1.0 / float(value)
+    if metric in ("bits_per_byte", "bpb"):
+        return 2.0 ** -float(value)
+    raise ValueError(f"metric {metric!r} is lower-is-better and has no documented 0-1 conversion "
+                     "(known: *perplexity -> 1/p, bits_per_byte -> 2^-b)")
+
+
+def primary_scores(results: dict) -> dict[str, float]:
+    """Each task's primary metric (the first of its metric_list) from ``simple_evaluate`` results."""
+    scores = {}
+    for task, metrics in results["results"].items():
+        config = results.get("configs", {}).get(task)
+        if not config or not config.get("metric_list"):
+            continue  # a group's aggregate row
+        metric = config["metric_list"][0]["metric"]
+        keys = [k for k in metrics if k.split(",")[0] == metric and "_stderr" not in k]
+        if not keys:
+            raise ValueError(f"task {task!r}: metric {metric!r} missing from the results ({sorted(metrics)})")
+        higher = results.get("higher_is_better", {}).get(task, {}).get(metric, True)
+        scores[task] = to_unit_scale(metric, metrics[keys[0]], higher)
+    return scores
+
+
+def resolve_tasks(tasks: list[str], include_path: list[str] | None, cache_dir: Path | None = None):
+    """Expand ``xdistill-suite`` into the embedded offline suite (its tasks can also be named one by
+    one) and check, when offline, that no task needs the network; returns (tasks, include_path)."""
+    from datamodules.eval_suite import TASKS, build_suite
+
+    from models.teacher import cache_dir as default_cache
+
+    include = [str(p) for p in (include_path or [])]
+    resolved = []
+    for task in tasks:
+        resolved.extend(TASKS if task == EMBEDDED_SUITE else [task])
+    if any(t in TASKS for t in resolved):  # the embedded suite's tasks, alone or all together
+        include.append(str(build_suite((cache_dir or default_cache()) / "eval_suite")))
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline:
+        from lm_eval.tasks import TaskManager
+
+        index = TaskManager(include_path=include or None).task_index
+        for task in resolved:
+            entry = index.get(task)
+            if entry is None:
+                raise ValueError(f"unknown lm-eval task {task!r}; give a task name or a local task YAML folder "
+                                 "in include_path")
+            path = (entry.cfg or {}).get("dataset_path")
+            if path is not None and path not in LOCAL_BUILDERS and not Path(str(path)).exists():
+                raise ValueError(f"task {task!r} needs the Hugging Face dataset {path!r}, but this run is offline "
+                                 "(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE); use a local task YAML instead")
+    return resolved, include
+
+
+def evaluate_model(model, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
+                   limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
+                   cache_dir: Path | None = None) -> tuple[dict[str, float], dict]:
+    """Score one model; returns (primary score per task, the harness's results dict)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks, include = resolve_tasks(tasks, include_path, cache_dir)
+    lm = HarnessLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=TaskManager(include_path=include or None), log_samples=False,
+                                      bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                      fewshot_random_seed=0)
+    return primary_scores(results), results
+
+
+def _write_json(path: Path, payload) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def write_report(out_dir, student_scores: dict, teacher_scores: dict, alphas: list[float], target: float = 1.0,
+                 relative: bool = False, label: str = "student", others: dict[str, dict] | None = None) -> dict:
+    """scores.json, win_tie.csv and win_tie.png for one student (plus other runs' scores overlaid)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = {label: student_scores, **(others or {})}
+    curves = {name: win_and_tie(s, teacher_scores, alphas, relative) for name, s in runs.items()}
+    stars = {name: critical_tolerance(s, teacher_scores, target, relative) for name, s in runs.items()}
+    summary = {"student": student_scores, "teacher": teacher_scores, "alpha_star": stars[label], "target": target,
+               "relative": relative, "win_tie": dict(zip((f"{a:.4g}" for a in alphas), curves[label]))}
+    _write_json(out_dir / "scores.json", summary)
+    write_curve_csv(out_dir / "win_tie.csv", alphas, curves)
+    summary["figure"] = plot_curves(out_dir / "win_tie.png", alphas, curves, stars, target, relative)
+    return summary
+
+
+class EvalCallback(L.Callback):
+    """Scores student and teacher on the same lm-eval tasks and draws the Win-and-Tie curve."""
+
+    def __init__(self, tasks: list[str] = [EMBEDDED_SUITE], include_path: list[str] | None = None,
+                 num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 8,
+                 max_length: int = 2048, every_n_validations: int = 0, at_fit_end: bool = True,
+                 alphas: list[float] | None = None, target: float = 1.0, relative: bool = False,
+                 out_dir: str | None = None, offline: bool = True, compare: dict[str, str] | None = None,
+                 cache_dir: str | None = None):
+        """
+        Args:
+            tasks: lm-eval task names; ``xdistill-suite`` is the embedded offline suite.
+            include_path: folders of local task YAMLs.
+            num_fewshot: few-shot examples (None: each task's default).
+            limit: items per task (None: all).
+            batch_size: requests per forward.
+            max_length: longest context scored (tokens).
+            every_n_validations: also score after every N-th validation (0: never).
+            at_fit_end: score when fit ends.
+            alphas: tolerance grid (default 0, 0.005, ..., 0.5).
+            target: C_alpha that defines alpha*.
+            relative: compare s_S >= (1 - alpha) s_T instead of s_S >= s_T - alpha.
+            out_dir: report folder (default <log_dir>/eval).
+            offline: set HF_DATASETS_OFFLINE/HF_HUB_OFFLINE, so hub tasks fail at once with a clear error.
+            compare: other runs to overlay on the curve: {label: path to their scores.json}.
+            cache_dir: where teacher scores and the built suite are cached (default $XDISTILL_CACHE).
+        """
+        self.tasks, self.include_path, self.num_fewshot, self.limit = list(tasks), include_path, num_fewshot, limit
+        self.batch_size, self.max_length = batch_size, max_length
+        self.every_n, self.at_fit_end = every_n_validations, at_fit_end
+        self.alphas = alphas or [round(0.005 * i, 4) for i in range(101)]
+        self.target, self.relative, self.out_dir, self.offline = target, relative, out_dir, offline
+        self.compare, self.cache_dir = compare or {}, cache_dir
+        self.validations = 0
+        self.last_report: dict | None = None
+
+    def _cache_root(self) -> Path:
+        from models.teacher import cache_dir
+
+        return Path(self.cache_dir) if self.cache_dir else cache_dir()
+
+    def _teacher_key(self, pl_module) -> str:
+        from datamodules.topk_cache import teacher_fingerprint
+
+        payload = [teacher_fingerprint(pl_module.teacher), self.tasks, self.include_path, self.num_fewshot,
+                   self.limit, self.max_length]
+        return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
+
+    def teacher_scores(self, pl_module, tokenizer) -> dict[str, float]:
+        path = self._cache_root() / "eval" / f"teacher-{self._teacher_key(pl_module)}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["scores"]
+        started = time.perf_counter()
+        scores, _ = evaluate_model(pl_module.teacher, tokenizer, self.tasks, self.include_path, self.num_fewshot,
+                                   self.limit, self.batch_size, self.max_length, self._cache_root())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, {"scores": scores, "seconds": time.perf_counter() - started})
+        return scores
+
+    def run(self, trainer, pl_module) -> dict | None:
+        if self.offline:
+            os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+        student = pl_module.export_student()  # every rank (gathers under FSDP)
+        if not trainer.is_global_zero or student is None:
+            return None
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule else None
+        if tokenizer is None:
+            from models import load_tokenizer
+
+            tokenizer = load_tokenizer(pl_module.hparams.teacher)
+        was_training = student.training
+        teacher = self.teacher_scores(pl_module, tokenizer)
+        started = time.perf_counter()
+        student_scores, _ = evaluate_model(student, tokenizer, self.tasks, self.include_path, self.num_fewshot,
+                                           self.limit, self.batch_size, self.max_length, self._cache_root())
+        student.train(was_training)
+        others = {label: json.loads(Path(p).read_text())["student"] for label, p in self.compare.items()}
+        out = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+        report = write_report(out, student_scores, teacher, self.alphas, self.target, self.relative, others=others)
+        report["student_seconds"] = time.perf_counter() - started
+        self._log(trainer, report)
+        self.last_report = report
+        return report
+
+    def _log(self, trainer, report) -> None:
+        step = trainer.global_step
+        scalars = {"eval/alpha_star": report["alpha_star"]}
+        for a in (0.0, 0.01, 0.05, 0.1):
+            scalars[f"eval/win_tie@{a:g}"] = win_and_tie(report["student"], report["teacher"], [a], self.relative)[0]
+        for task, value in report["student"].items():
+            scalars[f"eval/student/{task}"] = value
+            scalars[f"eval/teacher/{task}"] = report["teacher"][task]
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                experiment.add_figure("eval/win_tie", report["figure"], global_step=step)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        fn = trainer.state.fn
+        if fn == "validate":
+            self.run(trainer, pl_module)
+            return
+        self.validations += 1
+        if self.every_n and self.validations % self.every_n == 0:
+            self.run(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.at_fit_end:
+            self.run(trainer, pl_module)

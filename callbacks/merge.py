@@ -1,0 +1,185 @@
+"""Merging domain experts into one student (DESIGN §4): model soup, task arithmetic, TIES.
+
+``merge_students`` does the work tensor by tensor in float32, reading each expert's safetensors
+lazily, so memory stays near one student's size; the merged folder is written atomically.
+``ModelMergeCallback`` runs it inside a Trainer run (before the model is built, so a ``validate``
+run can score the merged student it points ``student_ckpt`` at).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models import load_student
+from models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _read_config, atomic_directory_write, skeleton_from_folder
+
+METHODS = ("mean", "task_arithmetic", "ties")
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def _tokenizer_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            h.update(name.encode() + (folder / name).read_bytes())
+    return h.hexdigest()
+
+
+def _describe(folder: Path) -> dict:
+    config = _read_config(folder)
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return {"config": config, "shapes": shapes, "tokenizer": _tokenizer_digest(folder)}
+
+
+def check_compatible(paths: list[Path]) -> None:
+    """Refuse students that cannot be merged, naming the first difference."""
+    ref_path, ref = paths[0], _describe(paths[0])
+    for path in paths[1:]:
+        other = _describe(path)
+        for section in ("hybrid_config", "teacher_config"):
+            a, b = ref["config"][section], other["config"][section]
+            for key in sorted(set(a) | set(b)):
+                if key in ("_name_or_path", "transformers_version", "architectures"):
+                    continue
+                if a.get(key) != b.get(key):
+                    raise ValueError(f"cannot merge {path} with {ref_path}: {section}.{key} differs "
+                                     f"({b.get(key)!r} vs {a.get(key)!r})")
+        if other["tokenizer"] != ref["tokenizer"]:
+            raise ValueError(f"cannot merge {path} with {ref_path}: their tokenizers differ")
+        keys_a, keys_b = set(ref["shapes"]), set(other["shapes"])
+        if keys_a != keys_b:
+            diff = sorted(keys_a ^ keys_b)[0]
+            raise ValueError(f"cannot merge {path} with {ref_path}: tensor {diff!r} is in only one of them")
+        for key in sorted(keys_a):
+            if ref["shapes"][key] != other["shapes"][key]:
+                raise ValueError(f"cannot merge {path} with {ref_path}: tensor {key!r} has shape "
+                                 f"{list(other['shapes'][key])} vs {list(ref['shapes'][key])}")
+
+
+def _ties(task_vectors: torch.Tensor, weights: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES-merging of [E, ...] task vectors: keep each expert's top-``density`` magnitudes, elect
+    the sign with the larger total mass, average the entries that agree with it."""
+    flat = task_vectors.flatten(1)
+    keep = max(1, int(round(density * flat.shape[1])))
+    if keep < flat.shape[1]:
+        threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
+        flat = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))
+    weighted = flat * weights[:, None]
+    sign = torch.sign(weighted.sum(0))
+    agree = (torch.sign(flat) == sign) & (flat != 0)
+    total = (weighted * agree).sum(0)
+    count = (weights[:, None] * agree).sum(0)
+    return torch.where(count > 0, total / count.clamp_min(1e-12), torch.zeros_like(total)).view_as(task_vectors[0])
+
+
+def merge_students(paths, method: str = "mean", weights=None, base=None, out=None, *, scale: float = 1.0,
+                   density: float = 0.2):
+    """Merge expert students saved by ``models.save_student``.
+
+    Args:
+        paths: the expert folders.
+        method: ``mean`` (uniform or weighted model soup), ``task_arithmetic``
+            (base + scale * sum_i w_i (expert_i - base)) or ``ties`` (trim to ``density``, elect sign,
+            disjoint mean of the task vectors; base + scale * merged).
+        weights: one weight per expert (default all 1; ``mean`` normalises them).
+        base: the stage-2 student the experts started from (task_arithmetic and ties).
+        out: folder for the merged student (written atomically); None keeps it in memory only.
+        scale: lambda of task arithmetic / TIES.
+        density: share of each task vector TIES keeps.
+    Returns:
+        the merged student (a HybridStudent).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; allowed values: {', '.join(METHODS)}")
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("merge_students needs at least one expert folder")
+    if method != "mean" and base is None:
+        raise ValueError(f"method={method!r} needs base: the stage-2 student the experts were fine-tuned from")
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise ValueError(f"{len(weights)} weights for {len(paths)} experts; give one weight per expert")
+    if method == "mean" and sum(weights) <= 0:
+        raise ValueError(f"weights={weights} must sum to a positive number for method='mean'")
+    if not 0 < density <= 1:
+        raise ValueError(f"density={density} is invalid; allowed values: 0 < density <= 1")
+    folders = paths + ([Path(base)] if base is not None else [])
+    check_compatible(folders)
+    w = torch.tensor(weights, dtype=torch.float32)
+    merged: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(p / WEIGHTS_NAME), framework="pt")) for p in folders]
+        experts, base_file = files[: len(paths)], (files[-1] if base is not None else None)
+        for key in experts[0].keys():
+            dtype = experts[0].get_slice(key).get_dtype()
+            stacked = torch.stack([f.get_tensor(key).float() for f in experts])
+            if method == "mean":
+                value = (stacked * w.view(-1, *[1] * (stacked.dim() - 1))).sum(0) / w.sum()
+            else:
+                origin = base_file.get_tensor(key).float()
+                vectors = stacked - origin
+                if method == "task_arithmetic":
+                    delta = (vectors * w.view(-1, *[1] * (vectors.dim() - 1))).sum(0)
+                else:
+                    delta = _ties(vectors, w, density)
+                value = origin + scale * delta
+            merged[key] = value.to(SAFETENSORS_DTYPES.get(dtype, torch.float32))
+    if out is None:
+        student, _ = skeleton_from_folder(paths[0])
+        student.load_state_dict(merged, strict=False)  # tied weights are stored once
+        return student.eval()
+
+    provenance = {"method": method, "experts": [str(p) for p in paths], "weights": weights,
+                  "base": str(base) if base is not None else None, "scale": scale, "density": density}
+
+    def write(tmp: Path):
+        save_file(merged, str(tmp / WEIGHTS_NAME), metadata={"format": "xdistill-hybrid-student"})
+        shutil.copy(paths[0] / CONFIG_NAME, tmp / CONFIG_NAME)
+        for name in TOKENIZER_FILES:
+            if (paths[0] / name).is_file():
+                shutil.copy(paths[0] / name, tmp / name)
+        (tmp / "merge.json").write_text(json.dumps(provenance, indent=2))
+
+    atomic_directory_write(Path(out), write)
+    return load_student(out)
+
+
+class ModelMergeCallback(L.Callback):
+    """Merges expert students at the start of a Trainer run (``setup``, before the model is built),
+    so ``python -m experiments.run validate --config configs/stages/merge.yaml`` merges and then
+    scores the merged student that ``model.student_ckpt`` points at."""
+
+    def __init__(self, experts: list[str], out: str, method: str = "mean", weights: list[float] | None = None,
+                 base: str | None = None, scale: float = 1.0, density: float = 0.2):
+        """
+        Args:
+            experts: expert student folders.
+            out: merged student folder.
+            method: mean | task_arithmetic | ties.
+            weights: one weight per expert.
+            base: the stage-2 student (task_arithmetic, ties).
+            scale: lambda of task arithmetic / TIES.
+            density: share of each task vector TIES keeps.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not supported; allowed values: {', '.join(METHODS)}")
+        self.experts, self.out, self.method = experts, out, method
+        self.weights, self.base, self.scale, self.density = weights, base, scale, density
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:
+            merge_students(self.experts, self.method, self.weights, self.base, self.out, scale=self.scale,
+                           density=self.density)
+        trainer.strategy.barrier("model-merge")
