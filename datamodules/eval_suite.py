@@ -164,7 +164,7 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
 
 def passkey_mc(rng):
     key = rng.randint(10000, 99999)
-    before, after = rng.randint(2, 18), rng.randint(2, 18)
+    before, after = rng.randint(6, 24), rng.randint(6, 24)
     text = FILLER * before + f"The pass key is {key}. Remember it. {key} is the pass key. " + FILLER * after
     options = {key}
     while len(options) < 4:

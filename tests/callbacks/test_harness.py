@@ -1,0 +1,109 @@
+"""HarnessLM against hand computations, and lm-eval end to end offline on a tiny model."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from callbacks import HarnessLM, evaluate_model, primary_scores
+from callbacks.eval import resolve_tasks, to_unit_scale
+from models import HybridConfig, convert_to_hybrid, generate
+from tests.conftest import make_teacher
+from tests.fixtures import make_tokenizer
+
+
+class Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture(scope="module")
+def student():
+    return convert_to_hybrid(make_teacher("llama"), HybridConfig(window=4, sink_tokens=1)).eval()
+
+
+@pytest.mark.parametrize("model_kind", ["student", "teacher"])
+def test_loglikelihood_equals_hand_computation(student, model_kind):
+    model = student if model_kind == "student" else make_teacher("llama")
+    tok = make_tokenizer()
+    lm = HarnessLM(model, tok, batch_size=2)
+    reqs = [Req("w1 w2 w3", " w4 w5"), Req("w7", " w8"), Req("w9 w10 w11 w12 w13", " w14")]
+    got = lm.loglikelihood(reqs)
+    for (context, cont), (total, greedy) in zip([r.args for r in reqs], got):
+        ctx = tok(context, add_special_tokens=False)["input_ids"]
+        full = tok(context + cont, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
+        expected = sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
+        assert total == pytest.approx(expected, abs=1e-4)
+        assert greedy == all(logp[i - 1].argmax().item() == full[i] for i in range(len(ctx), len(full)))
+
+
+def test_loglikelihood_rolling_sums_every_token(student):
+    tok = make_tokenizer()
+    text = " ".join(f"w{i}" for i in range(3, 20))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    seq = torch.tensor([[tok.eos_token_id] + ids])
+    with torch.no_grad():
+        logp = F.log_softmax(student(seq).logits[0].float(), -1)
+    # one window: every token conditioned on EOS + all previous tokens, from a single forward
+    expected = sum(logp[i, ids[i]].item() for i in range(len(ids)))
+    assert HarnessLM(student, tok, max_length=64).loglikelihood_rolling([Req(text)])[0] == pytest.approx(expected, abs=1e-4)
+    # several windows of at most 6 tokens: each window is scored from its own forward
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    expected = 0.0
+    for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(ids, tok.eos_token_id, 6, 1)):
+        window = torch.tensor([(ctx + cont)[:-1]])
+        with torch.no_grad():
+            lp = F.log_softmax(student(window).logits[0].float(), -1)
+        n = window.shape[1]
+        expected += sum(lp[n - len(cont) + j, cont[j]].item() for j in range(len(cont)))
+    got = HarnessLM(student, tok, max_length=6).loglikelihood_rolling([Req(text)])[0]
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_generate_until_matches_greedy_generation_and_stops(student):
+    tok = make_tokenizer()
+    lm = HarnessLM(student, tok, batch_size=3)
+    prompts = ["w1 w2", "w3 w4 w5 w6", "w7"]
+    out = lm.generate_until([Req(p, {"until": [], "max_gen_toks": 5}) for p in prompts])
+    for p, text in zip(prompts, out):
+        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+        expected = tok.decode(generate(student, ids, 5, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:],
+                              skip_special_tokens=True)
+        assert text == expected
+    first_word = out[0].split()[0] if out[0].split() else None
+    if first_word:
+        stopped = lm.generate_until([Req(prompts[0], {"until": [first_word], "max_gen_toks": 5})])[0]
+        assert first_word not in stopped
+
+
+def test_simple_evaluate_offline_on_a_local_task(student, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scores, results = evaluate_model(student, make_tokenizer(), ["xd_arith_mc", "xd_instruct_gen"], limit=8,
+                                     cache_dir=tmp_path)
+    assert set(scores) == {"xd_arith_mc", "xd_instruct_gen"}
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    assert results["results"]["xd_arith_mc"]["acc,none"] == scores["xd_arith_mc"]
+
+
+def test_offline_hub_task_fails_fast_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match="hellaswag") as err:
+        resolve_tasks(["hellaswag"], None, tmp_path)
+    assert "offline" in str(err.value)
+    with pytest.raises(ValueError, match="no_such_task"):
+        resolve_tasks(["no_such_task"], None, tmp_path)
+
+
+def test_primary_metric_extraction_and_conversions():
+    results = {"results": {"t1": {"alias": "t1", "acc,none": 0.25, "acc_stderr,none": 0.1, "acc_norm,none": 0.5},
+                           "t2": {"word_perplexity,none": 4.0, "bits_per_byte,none": 1.0}},
+               "configs": {"t1": {"metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
+                           "t2": {"metric_list": [{"metric": "word_perplexity"}]}},
+               "higher_is_better": {"t1": {"acc": True}, "t2": {"word_perplexity": False}}}
+    assert primary_scores(results) == {"t1": 0.25, "t2": 0.25}
+    assert to_unit_scale("bits_per_byte", 1.0, False) == 0.5
+    with pytest.raises(ValueError, match="0-1 scale"):
+        to_unit_scale("acc", 37.0, True)

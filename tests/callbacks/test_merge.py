@@ -1,0 +1,101 @@
+import os
+
+import pytest
+import torch
+
+from callbacks import merge_students
+from callbacks.merge import _ties
+from models import HybridConfig, convert_to_hybrid, save_student
+from tests.conftest import make_teacher
+from tests.models.test_checkpoint import tiny_tokenizer
+
+
+def perturbed(base, seed):
+    student = convert_to_hybrid(base, HybridConfig(window=8))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return student
+
+
+@pytest.fixture
+def experts(tmp_path):
+    teacher = make_teacher("llama")
+    base = convert_to_hybrid(teacher, HybridConfig(window=8))
+    paths = {"base": save_student(base, tmp_path / "base", tokenizer=tiny_tokenizer())}
+    for i, name in enumerate(("math", "code")):
+        paths[name] = save_student(perturbed(teacher, i + 1), tmp_path / name, tokenizer=tiny_tokenizer())
+    return paths
+
+
+def sd(path):
+    from models import load_student
+
+    return load_student(path).state_dict()
+
+
+def test_mean_is_the_elementwise_mean(experts, tmp_path):
+    merged = merge_students([experts["math"], experts["code"]], "mean", out=tmp_path / "m").state_dict()
+    a, b = sd(experts["math"]), sd(experts["code"])
+    for key in a:
+        assert torch.allclose(merged[key], (a[key] + b[key]) / 2, atol=1e-7), key
+    assert (tmp_path / "m" / "merge.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def test_weighted_mean_with_one_zero_weight_returns_the_first(experts):
+    merged = merge_students([experts["math"], experts["code"]], "mean", weights=[1, 0]).state_dict()
+    for key, value in sd(experts["math"]).items():
+        assert torch.equal(merged[key], value), key
+
+
+def test_task_arithmetic_with_one_expert_and_lambda_one_returns_it(experts):
+    merged = merge_students([experts["math"]], "task_arithmetic", base=experts["base"], scale=1.0).state_dict()
+    for key, value in sd(experts["math"]).items():
+        assert torch.allclose(merged[key], value, atol=1e-6), key
+
+
+def test_ties_on_a_hand_made_example():
+    vectors = torch.tensor([[0.5, -0.1, 0.3, 0.0], [0.4, 0.2, -0.6, 0.1], [-0.2, 0.3, -0.1, 0.05]])
+    # density 1: no trimming; elected signs (+, +, -, +); disjoint means of the agreeing entries
+    merged = _ties(vectors, torch.ones(3), density=1.0)
+    assert torch.allclose(merged, torch.tensor([0.45, 0.25, -0.35, 0.075]))
+    # density 0.5 keeps each expert's two largest magnitudes
+    trimmed = _ties(vectors, torch.ones(3), density=0.5)
+    assert torch.allclose(trimmed, torch.tensor([0.45, 0.3, -0.6, 0.0]))
+
+
+def test_ties_merge_runs_and_stays_between_base_and_experts(experts):
+    merged = merge_students([experts["math"], experts["code"]], "ties", base=experts["base"], density=0.5)
+    assert all(torch.isfinite(v).all() for v in merged.state_dict().values())
+
+
+def test_mismatched_experts_are_refused_naming_the_difference(experts, tmp_path):
+    other = convert_to_hybrid(make_teacher("llama"), HybridConfig(window=16))
+    save_student(other, tmp_path / "other", tokenizer=tiny_tokenizer())
+    with pytest.raises(ValueError, match="hybrid_config.window"):
+        merge_students([experts["math"], tmp_path / "other"])
+    wide = convert_to_hybrid(make_teacher("llama", intermediate_size=96), HybridConfig(window=8))
+    save_student(wide, tmp_path / "wide", tokenizer=tiny_tokenizer())
+    with pytest.raises(ValueError, match="teacher_config.intermediate_size"):
+        merge_students([experts["math"], tmp_path / "wide"])
+    save_student(perturbed(make_teacher("llama"), 5), tmp_path / "notok")
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        merge_students([experts["math"], tmp_path / "notok"])
+    with pytest.raises(ValueError, match="needs base"):
+        merge_students([experts["math"]], "ties")
+
+
+def test_interrupted_merge_leaves_no_merged_folder(experts, tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("merged"):
+            raise KeyboardInterrupt("killed before the rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        merge_students([experts["math"], experts["code"]], out=tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
