@@ -14,7 +14,8 @@ Tasks (100 items each unless ``items`` says otherwise):
     xd_instruct_gen    chat      generation       follow a checkable instruction (uppercase, repeat, first letter)
     xd_cloze_mc        general   multiple choice  the true next word of held-out documentation text
     xd_kv_retrieval    long ctx  generation       the value of one key among 48 key/value lines (~500 tokens)
-    xd_passkey_mc      long ctx  multiple choice  a pass key planted in ~600 tokens of filler text
+    xd_passkey         long ctx  generation       a pass key planted in 360-1180 tokens of filler text
+(The long-context tasks are generative: one long prefill per item instead of one per choice.)
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ import random
 import re
 from pathlib import Path
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2
 TASKS = ("xd_arith_mc", "xd_arith_gen", "xd_code_mc", "xd_stem_mc", "xd_instruct_gen", "xd_cloze_mc",
-         "xd_kv_retrieval", "xd_passkey_mc")
+         "xd_kv_retrieval", "xd_passkey")
 DOMAINS = {"xd_arith_mc": "math", "xd_arith_gen": "math", "xd_code_mc": "code", "xd_stem_mc": "stem",
            "xd_instruct_gen": "chat", "xd_cloze_mc": "general", "xd_kv_retrieval": "long-context",
-           "xd_passkey_mc": "long-context"}
+           "xd_passkey": "long-context"}
 SEED = 20261123
 
 
@@ -162,16 +163,12 @@ def kv_retrieval(rng):
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
 
-def passkey_mc(rng):
+def passkey(rng):
     key = rng.randint(10000, 99999)
     before, after = rng.randint(6, 24), rng.randint(6, 24)
     text = FILLER * before + f"The pass key is {key}. Remember it. {key} is the pass key. " + FILLER * after
-    options = {key}
-    while len(options) < 4:
-        options.add(rng.randint(10000, 99999))
-    options = sorted(options, key=lambda _: rng.random())
     return {"question": f"There is important information hidden in this text. Find it.\n{text}\nQuestion: What is the pass key?\nAnswer:",
-            "choices": [f" {o}" for o in options], "label": options.index(key)}
+            "answer": str(key)}
 
 
 def _mc_yaml(task, path):
@@ -204,7 +201,7 @@ def build_suite(out_dir, items: int = 100) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     makers = {"xd_arith_mc": arith_mc, "xd_arith_gen": arith_gen, "xd_code_mc": code_mc, "xd_stem_mc": stem_mc,
-              "xd_instruct_gen": instruct_gen, "xd_kv_retrieval": kv_retrieval, "xd_passkey_mc": passkey_mc}
+              "xd_instruct_gen": instruct_gen, "xd_kv_retrieval": kv_retrieval, "xd_passkey": passkey}
     for index, task in enumerate(TASKS):
         rng = random.Random(SEED * 100 + index)
         rows = _cloze_items(rng, items) if task == "xd_cloze_mc" else [makers[task](rng) for _ in range(items)]

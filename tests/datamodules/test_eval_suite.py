@@ -95,7 +95,7 @@ def test_long_context_answers_and_lengths(suite):
         pairs = dict(re.findall(r"key (\d+): (\d+)", item["question"]))
         asked = re.search(r"value of key (\d+)\?", item["question"]).group(1)
         assert pairs[asked] == item["answer"] and len(pairs) == 48
-    for item in items["xd_passkey_mc"]:
+    for item in items["xd_passkey"]:
         key = re.search(r"The pass key is (\d+)\.", item["question"]).group(1)
         assert answer_of(item) == key
 
@@ -106,6 +106,6 @@ def test_long_contexts_are_several_windows_long_in_real_tokens(suite):
 
     tokenizer = load_tokenizer(EMBEDDED_TEACHER)
     items, _ = suite
-    for task in ("xd_kv_retrieval", "xd_passkey_mc"):
+    for task in ("xd_kv_retrieval", "xd_passkey"):
         shortest = min(len(tokenizer(item["question"])["input_ids"]) for item in items[task])
         assert shortest >= 5 * 64, (task, shortest)  # >= 5 default 64-token windows
