@@ -13,7 +13,7 @@ Tasks (100 items each unless ``items`` says otherwise):
     xd_stem_mc         STEM      multiple choice  unit conversions, speed/distance/time, atom counts
     xd_instruct_gen    chat      generation       follow a checkable instruction (uppercase, repeat, first letter)
     xd_cloze_mc        general   multiple choice  the true next word of held-out documentation text
-    xd_kv_retrieval    long ctx  generation       the value of one key among 48 key/value lines (~500 tokens)
+    xd_kv_retrieval    long ctx  generation       the value of one key among 48 key/value lines (~600 tokens)
     xd_passkey         long ctx  generation       a pass key planted in 360-1180 tokens of filler text
 (The long-context tasks are generative: one long prefill per item instead of one per choice.)
 """
@@ -28,7 +28,7 @@ import random
 import re
 from pathlib import Path
 
-SUITE_VERSION = 2
+SUITE_VERSION = 4
 TASKS = ("xd_arith_mc", "xd_arith_gen", "xd_code_mc", "xd_stem_mc", "xd_instruct_gen", "xd_cloze_mc",
          "xd_kv_retrieval", "xd_passkey")
 DOMAINS = {"xd_arith_mc": "math", "xd_arith_gen": "math", "xd_code_mc": "code", "xd_stem_mc": "stem",
@@ -156,7 +156,8 @@ def kv_retrieval(rng):
     values = [rng.randint(100, 999) for _ in keys]
     lines = "\n".join(f"key {k}: {v}" for k, v in zip(keys, values))
     i = rng.randrange(len(keys))
-    return {"question": f"Here is a list of keys and their values.\n{lines}\n\nQuestion: What is the value of key {keys[i]}?\nAnswer:",
+    return {"question": f"Here is a list of keys and their values.\n{lines}\n\nQuestion: What is the value of key {keys[i]}?\n"
+                        f"Answer: The value of key {keys[i]} is",
             "answer": str(values[i])}
 
 
@@ -167,7 +168,8 @@ def passkey(rng):
     key = rng.randint(10000, 99999)
     before, after = rng.randint(6, 24), rng.randint(6, 24)
     text = FILLER * before + f"The pass key is {key}. Remember it. {key} is the pass key. " + FILLER * after
-    return {"question": f"There is important information hidden in this text. Find it.\n{text}\nQuestion: What is the pass key?\nAnswer:",
+    return {"question": f"There is important information hidden in this text. Find it.\n{text}\nQuestion: What is the pass key?\n"
+                        "Answer: The pass key is",
             "answer": str(key)}
 
 
@@ -179,13 +181,17 @@ def _mc_yaml(task, path):
             "metadata": {"version": SUITE_VERSION, "domain": DOMAINS[task]}}
 
 
-def _gen_yaml(task, path, max_gen_toks):
-    return {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}},
+NUMBER_FILTER = [{"function": "regex", "regex_pattern": r"(-?\d+)"}, {"function": "take_first"}]
+STRIP_FILTER = [{"function": "regex", "regex_pattern": r"^\s*(.*?)\s*$"}, {"function": "take_first"}]
+
+
+def _gen_yaml(task, path, max_gen_toks, num_fewshot=0, numeric=False):
+    return {"task": task, "num_fewshot": num_fewshot, "fewshot_delimiter": "\n\n", "target_delimiter": " ", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}},
             "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
             "doc_to_target": "{{answer}}",
             "generation_kwargs": {"until": ["\n"], "max_gen_toks": max_gen_toks, "do_sample": False},
-            "filter_list": [{"name": "strip", "filter": [{"function": "regex", "regex_pattern": r"^\s*(.*?)\s*$"},
-                                                           {"function": "take_first"}]}],
+            # numeric answers: the first number generated (as GSM8K-style tasks grade); text: stripped
+            "filter_list": [{"name": "number" if numeric else "strip", "filter": NUMBER_FILTER if numeric else STRIP_FILTER}],
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                              "ignore_case": False, "ignore_punctuation": False}],
             "metadata": {"version": SUITE_VERSION, "domain": DOMAINS[task]}}
@@ -207,8 +213,12 @@ def build_suite(out_dir, items: int = 100) -> Path:
         rows = _cloze_items(rng, items) if task == "xd_cloze_mc" else [makers[task](rng) for _ in range(items)]
         data = out / f"{task}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # the short generative tasks show three solved items first, so the answer format is clear;
+        # the long-context prompts end in a sentence the answer completes instead
         spec = (_mc_yaml(task, data) if "choices" in rows[0]
-                else _gen_yaml(task, data, 24 if task == "xd_instruct_gen" else 8))
+                else _gen_yaml(task, data, 24 if task == "xd_instruct_gen" else 8,
+                               num_fewshot=3 if task in ("xd_arith_gen", "xd_instruct_gen") else 0,
+                               numeric=task != "xd_instruct_gen"))
         (out / f"{task}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (out / "complete").write_text("ok")
     return out

@@ -97,6 +97,7 @@ def test_long_context_answers_and_lengths(suite):
         assert pairs[asked] == item["answer"] and len(pairs) == 48
     for item in items["xd_passkey"]:
         key = re.search(r"The pass key is (\d+)\.", item["question"]).group(1)
+        assert item["question"].endswith("The pass key is")
         assert answer_of(item) == key
 
 

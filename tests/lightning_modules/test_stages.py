@@ -127,15 +127,21 @@ def test_resume_continues_with_the_same_losses(env, tmp_path):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
 
 
-def test_topk_cache_loss_equals_online_loss(env, tmp_path):
+def cached_blocks(env, folder, k, blocks, **kwargs):
+    """A KD module, its datamodule, and a top-k cache of the first ``blocks`` training blocks."""
     root, _ = env
     dm = tiny_dm(env)
     dm.setup("fit")
-    module = SparseKDModule(teacher=str(root / "teacher"), top_k=8)
+    module = SparseKDModule(teacher=str(root / "teacher"), top_k=k)
     module.configure_model()
-    blocks = dm.train_set.tensors
-    write_topk_cache(module.teacher, dm.tokenizer, blocks["input_ids"][:8], blocks["labels"][:8], 8, tmp_path / "c",
-                     shard_blocks=3)
+    train = dm.train_set.tensors
+    write_topk_cache(module.teacher, dm.tokenizer, train["input_ids"][:blocks], train["labels"][:blocks], k, folder,
+                     **kwargs)
+    return dm, module
+
+
+def test_topk_cache_loss_equals_online_loss(env, tmp_path):
+    dm, module = cached_blocks(env, tmp_path / "c", k=8, blocks=8, shard_blocks=3)
     cached = read_topk_cache(tmp_path / "c", tokenizer=dm.tokenizer, teacher=module.teacher)
     assert cached["topk_ids"].shape == (8, 32, 8)
     ids = cached["input_ids"]
@@ -153,12 +159,7 @@ def test_topk_cache_loss_equals_online_loss(env, tmp_path):
 
 def test_cache_for_another_tokenizer_is_refused(env, tmp_path):
     root, _ = env
-    dm = tiny_dm(env)
-    dm.setup("fit")
-    module = SparseKDModule(teacher=str(root / "teacher"), top_k=4)
-    module.configure_model()
-    blocks = dm.train_set.tensors
-    write_topk_cache(module.teacher, dm.tokenizer, blocks["input_ids"][:2], blocks["labels"][:2], 4, tmp_path / "c")
+    dm, _ = cached_blocks(env, tmp_path / "c", k=4, blocks=2)
     other = dm.tokenizer.__class__.from_pretrained(str(root / "teacher"))
     other.add_tokens(["brand-new-token"])
     with pytest.raises(ValueError, match="another tokenizer"):
