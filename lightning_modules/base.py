@@ -83,7 +83,6 @@ class DistillationModule(L.LightningModule):
     def teacher(self):
         return self._teacher[0] if self._teacher else None
 
-
     def _place_teacher(self) -> None:
         if self.teacher is not None and not self.sharded:
             self.teacher.to(self.device)
