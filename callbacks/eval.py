@@ -17,6 +17,8 @@ from pathlib import Path
 
 import lightning as L
 
+from models.checkpoint import atomic_file_write
+
 from .harness import HarnessLM
 from .win_tie import critical_tolerance, plot_curves, win_and_tie, write_curve_csv
 
@@ -102,9 +104,7 @@ def evaluate_model(model, tokenizer, tasks: list[str], include_path=None, num_fe
 
 
 def _write_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
+    atomic_file_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True)))
 
 
 def write_report(out_dir, student_scores: dict, teacher_scores: dict, alphas: list[float], target: float = 1.0,

@@ -12,6 +12,8 @@ import csv
 import math
 from pathlib import Path
 
+from models.checkpoint import atomic_file_write
+
 # Scores that differ only by float rounding (0.1 + 0.2 vs 0.3) count as equal.
 TIE_EPS = 1e-12
 
@@ -53,14 +55,14 @@ def critical_tolerance(student_scores: dict, teacher_scores: dict, target: float
 
 def write_curve_csv(path, alphas, curves: dict[str, list[float]]) -> None:
     """alpha, then one C_alpha column per run."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["alpha", *curves])
-        for i, a in enumerate(alphas):
-            writer.writerow([f"{a:.6g}", *(f"{c[i]:.6g}" for c in curves.values())])
-    tmp.replace(path)
+    def write(tmp: Path):
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["alpha", *curves])
+            for i, a in enumerate(alphas):
+                writer.writerow([f"{a:.6g}", *(f"{c[i]:.6g}" for c in curves.values())])
+
+    atomic_file_write(path, write)
 
 
 def plot_curves(path, alphas, curves: dict[str, list[float]], alpha_stars: dict[str, float], target: float = 1.0,
@@ -82,8 +84,5 @@ def plot_curves(path, alphas, curves: dict[str, list[float]], alpha_stars: dict[
     ax.set_title("Student vs teacher: share of tasks won or tied")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    atomic_file_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     return fig

@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from models.checkpoint import atomic_file_write
+
 from .loader import ResumableDataLoader
 from .sources import DataSource
 from .tokenization import encode_chat, encode_text, pack, tokenizer_fingerprint
@@ -62,13 +64,6 @@ def _is_validation(seed: int, source: DataSource, index: int, val_fraction: floa
     """Deterministic per-document split: the same document always lands on the same side."""
     digest = hashlib.sha256(f"{seed}:{source.label}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-
-
-def _write_atomic(tensors: dict, path: Path, metadata: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{random.getrandbits(32)}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
-    tmp.replace(path)
 
 
 class PackedStream(IterableDataset):
@@ -163,7 +158,8 @@ class TextDataModule(L.LightningDataModule):
             empty = torch.empty(0, self.seq_len, dtype=torch.long)
             out[f"{split}_input_ids"] = torch.stack([b[0] for b in blocks]) if blocks else empty
             out[f"{split}_labels"] = torch.stack([b[1] for b in blocks]) if blocks else empty
-        _write_atomic(out, path, {"source": source.path, "seq_len": self.seq_len})
+        metadata = {"source": str(source.path), "seq_len": str(self.seq_len)}
+        atomic_file_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, str(tmp), metadata=metadata))
         return out
 
     def _mixture(self, per_source: list[dict]) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from models.checkpoint import atomic_file_write
+
 from .tokenization import tokenizer_fingerprint
 
 MANIFEST = "manifest.json"
@@ -76,14 +78,10 @@ def write_topk_cache(teacher, tokenizer, input_ids: torch.Tensor, labels: torch.
             lp_list.append(lp.cpu())
         tensors = {"input_ids": input_ids[lo:hi].contiguous(), "labels": labels[lo:hi].contiguous(),
                    "topk_ids": torch.cat(ids_list), "topk_logprobs": torch.cat(lp_list)}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        tmp.replace(path)
+        atomic_file_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     manifest = {"format": FORMAT, "fingerprint": fingerprint, "shards": [_shard_name(s) for s in range(n_shards)],
                 "blocks": int(len(input_ids))}
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(manifest_path)
+    atomic_file_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from jsonargparse import CLI
 
 from models import HybridConfig, convert_to_hybrid, load_teacher, prefill
+from models.checkpoint import atomic_file_write
 
 
 def _kv_cache_bytes(cache) -> int:
@@ -102,10 +103,7 @@ def measure(
               f"{r['decode_speedup']:>7.2f}x {r['teacher_kv_cache_bytes'] / 2**20:>14.1f} "
               f"{r['student_state_bytes'] / 2**20:>17.2f} {r['teacher_prefill_s']:>18.2f} {r['student_prefill_s']:>18.2f}")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(out)
+        atomic_file_write(out, lambda tmp: tmp.write_text(json.dumps(rows, indent=2)))
     return rows
 
 

@@ -47,6 +47,22 @@ def atomic_directory_write(path: Path, write) -> Path:
     return path
 
 
+def atomic_file_write(path, write) -> Path:
+    """Call ``write(tmp_file)`` then rename it to ``path``: readers see the old complete file or the
+    new complete file, never half of one. The temporary name keeps the suffix (formats that infer
+    the type from it, like matplotlib, still work) and is removed if ``write`` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def save_student(student, path, tokenizer=None) -> Path:
     """Write ``student`` (a HybridStudent) to the folder ``path``; the tokenizer (argument, or
     ``student.tokenizer``) is saved beside it when there is one."""

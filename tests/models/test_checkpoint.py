@@ -96,3 +96,19 @@ def test_truncated_weights_are_refused(saved):
     (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_student(saved)
+
+
+def test_atomic_file_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from models.checkpoint import atomic_file_write
+
+    target = tmp_path / "scores.json"
+    atomic_file_write(target, lambda tmp: tmp.write_text("old"))
+
+    def half_then_crash(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_file_write(target, half_then_crash)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]  # no temporary left behind
