@@ -9,6 +9,7 @@ scores the teacher once (cached on disk), and writes scores.json, win_tie.csv an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,6 +58,24 @@ def primary_scores(results: dict) -> dict[str, float]:
     return scores
 
 
+@functools.lru_cache(maxsize=8)
+def _task_manager(include: tuple[str, ...], include_defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None, include_defaults=include_defaults)
+
+
+def task_manager(tasks: list[str], include: list[str]):
+    """An lm-eval TaskManager that knows ``tasks``. Indexing lm-eval's ~15k built-in task YAMLs
+    takes seconds, so when every task is in the local ``include`` folders only those are indexed;
+    managers are reused across calls of one process."""
+    if include:
+        local = _task_manager(tuple(include), False)
+        if all(task in local.task_index for task in tasks):
+            return local
+    return _task_manager(tuple(include), True)
+
+
 def resolve_tasks(tasks: list[str], include_path: list[str] | None, cache_dir: Path | None = None):
     """Expand ``xdistill-suite`` into the embedded offline suite (its tasks can also be named one by
     one) and check, when offline, that no task needs the network; returns (tasks, include_path)."""
@@ -72,9 +91,7 @@ def resolve_tasks(tasks: list[str], include_path: list[str] | None, cache_dir: P
         include.append(str(build_suite((cache_dir or default_cache()) / "eval_suite")))
     offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
     if offline:
-        from lm_eval.tasks import TaskManager
-
-        index = TaskManager(include_path=include or None).task_index
+        index = task_manager(resolved, include).task_index
         for task in resolved:
             entry = index.get(task)
             if entry is None:
@@ -92,15 +109,34 @@ def evaluate_model(model, tokenizer, tasks: list[str], include_path=None, num_fe
                    cache_dir: Path | None = None) -> tuple[dict[str, float], dict]:
     """Score one model; returns (primary score per task, the harness's results dict)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     tasks, include = resolve_tasks(tasks, include_path, cache_dir)
     lm = HarnessLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=TaskManager(include_path=include or None), log_samples=False,
+                                      task_manager=task_manager(tasks, include), log_samples=False,
                                       bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                       fewshot_random_seed=0)
     return primary_scores(results), results
+
+
+def cached_teacher_scores(teacher, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
+                          limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
+                          cache_dir: Path | None = None) -> dict[str, float]:
+    """The teacher's scores, computed once per (teacher weights, tasks, few-shot, limit, context
+    length) and kept under <cache>/eval: every student of that teacher is compared with them."""
+    from datamodules.topk_cache import teacher_fingerprint
+    from models.teacher import cache_dir as default_cache
+
+    payload = [teacher_fingerprint(teacher), list(tasks), include_path, num_fewshot, limit, max_length]
+    key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
+    path = Path(cache_dir or default_cache()) / "eval" / f"teacher-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["scores"]
+    started = time.perf_counter()
+    scores, _ = evaluate_model(teacher, tokenizer, tasks, include_path, num_fewshot, limit, batch_size, max_length,
+                               cache_dir)
+    _write_json(path, {"scores": scores, "seconds": time.perf_counter() - started})
+    return scores
 
 
 def _write_json(path: Path, payload) -> None:
@@ -164,23 +200,9 @@ class EvalCallback(L.Callback):
 
         return Path(self.cache_dir) if self.cache_dir else cache_dir()
 
-    def _teacher_key(self, pl_module) -> str:
-        from datamodules.topk_cache import teacher_fingerprint
-
-        payload = [teacher_fingerprint(pl_module.teacher), self.tasks, self.include_path, self.num_fewshot,
-                   self.limit, self.max_length]
-        return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
-
     def teacher_scores(self, pl_module, tokenizer) -> dict[str, float]:
-        path = self._cache_root() / "eval" / f"teacher-{self._teacher_key(pl_module)}.json"
-        if path.is_file():
-            return json.loads(path.read_text())["scores"]
-        started = time.perf_counter()
-        scores, _ = evaluate_model(pl_module.teacher, tokenizer, self.tasks, self.include_path, self.num_fewshot,
-                                   self.limit, self.batch_size, self.max_length, self._cache_root())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(path, {"scores": scores, "seconds": time.perf_counter() - started})
-        return scores
+        return cached_teacher_scores(pl_module.teacher, tokenizer, self.tasks, self.include_path, self.num_fewshot,
+                                     self.limit, self.batch_size, self.max_length, self._cache_root())
 
     def run(self, trainer, pl_module) -> dict | None:
         if self.offline:

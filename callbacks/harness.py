@@ -100,6 +100,8 @@ class HarnessLM(LM):
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             do_sample = bool(kwargs.get("do_sample", False))
             temperature = float(kwargs.get("temperature", 1.0) or 1.0)
+            # longest prompts first, so each batch holds prompts of similar length (little padding)
+            indices.sort(key=lambda i: -len(requests[i].args[0]))
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
                 prompts = [self._encode(requests[i].args[0])[-(self.max_length - max_new):] for i in chunk]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from jsonargparse import CLI
 
-from models import HybridConfig, convert_to_hybrid, load_teacher, prefill
+from models import HybridConfig, convert_to_hybrid, load_student, load_teacher, prefill
 from models.checkpoint import atomic_file_write
 
 
@@ -61,6 +61,7 @@ def _time_student(student, ids, new_tokens, warmup):
 
 def measure(
     teacher: str = "smollm2-135m-instruct",
+    student: str | None = None,
     hybrid: HybridConfig = HybridConfig(),
     prompt_lengths: list[int] = [256, 4096],
     batch_size: int = 1,
@@ -72,8 +73,9 @@ def measure(
     """Print a table of decode ms/token and decode state bytes, student vs teacher.
 
     Args:
-        teacher: teacher to convert (hub id, folder, or the embedded default).
-        hybrid: student configuration.
+        teacher: the teacher (hub id, folder, or the embedded default).
+        student: a saved student folder; None converts the teacher with ``hybrid``.
+        hybrid: student configuration when no student is given.
         prompt_lengths: prompt lengths in tokens.
         batch_size: sequences decoded together.
         new_tokens: timed decoding steps per measurement (the median is reported).
@@ -83,7 +85,8 @@ def measure(
     """
     torch.set_num_threads(threads)
     model = load_teacher(teacher, attn_implementation="sdpa")
-    student = convert_to_hybrid(model, hybrid).eval()
+    student = load_student(student).eval() if student else convert_to_hybrid(model, hybrid).eval()
+    hybrid = student.hybrid_config
     gen = torch.Generator().manual_seed(0)
     rows = []
     for T in prompt_lengths:

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from models import HybridConfig, HybridStudent, convert_to_hybrid, load_student, load_teacher
 from models.student import check_student_matches_teacher, student_from_config
 
-from .losses import IGNORE, cross_entropy, next_token_targets
+from .losses import IGNORE, heldout_metrics, next_token_targets
 
 TRAINABLE = ("new", "attention", "all")
 
@@ -190,19 +190,9 @@ class DistillationModule(L.LightningModule):
         """Student vs teacher on held-out text: CE of both, KL(teacher || student), top-1 agreement."""
         ids = batch["input_ids"]
         targets = next_token_targets(batch["labels"])
-        mask = targets != IGNORE
-        n = mask.sum()
-        if n == 0:
-            return
         with torch.no_grad():
-            s_logits = self.student(ids).logits.float()
-            t_logits = self.teacher(ids).logits.float()
-        log_p = torch.log_softmax(t_logits, -1)
-        log_q = torch.log_softmax(s_logits, -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)[mask].mean()
-        agree = (s_logits.argmax(-1) == t_logits.argmax(-1))[mask].float().mean()
-        values = {"student_ce": cross_entropy(s_logits, targets), "teacher_ce": cross_entropy(t_logits, targets),
-                  "kl_teacher_student": kl, "top1_agreement": agree}
+            values = heldout_metrics(self.student(ids).logits, self.teacher(ids).logits, targets)
+        n = (targets != IGNORE).sum()
         for name, value in values.items():
             self.val_metrics[name].update(value, weight=n)
 

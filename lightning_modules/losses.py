@@ -108,3 +108,19 @@ def alignment_mse(student_outputs: list[torch.Tensor], teacher_outputs: list[tor
         raise ValueError(f"alignment needs one teacher output per student layer; got {len(student_outputs)} "
                          f"student and {len(teacher_outputs)} teacher outputs")
     return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_outputs, teacher_outputs)]).mean()
+
+
+def heldout_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Validation signals of a student against its teacher on held-out text, as means over the
+    positions with a target: both cross-entropies, KL(teacher || student) and top-1 agreement (how
+    often the student's most likely next token is the teacher's). Empty when nothing is scored."""
+    mask = targets != IGNORE
+    if not bool(mask.any()):
+        return {}
+    s_logits, t_logits = student_logits.float(), teacher_logits.float()
+    log_p = torch.log_softmax(t_logits, -1)
+    log_q = torch.log_softmax(s_logits, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)[mask].mean()
+    agree = (s_logits.argmax(-1) == t_logits.argmax(-1))[mask].float().mean()
+    return {"student_ce": cross_entropy(s_logits, targets), "teacher_ce": cross_entropy(t_logits, targets),
+            "kl_teacher_student": kl, "top1_agreement": agree}

@@ -34,7 +34,7 @@ def prefill(model: HybridStudent, input_ids: torch.Tensor, attention_mask: torch
     B, T = input_ids.shape
     if attention_mask is None or bool(attention_mask.bool().all()):
         state = model.new_decode_state()
-        out = model(input_ids, decode_state=state)
+        out = model(input_ids, decode_state=state, logits_to_keep=1)
         return out.logits[:, -1], state
     mask = attention_mask.bool()
     lengths = mask.sum(1)
@@ -47,7 +47,7 @@ def prefill(model: HybridStudent, input_ids: torch.Tensor, attention_mask: torch
     for n, rows in rows_by_len.items():
         ids = torch.stack([input_ids[r][mask[r]] for r in rows])
         state = model.new_decode_state()
-        out = model(ids, decode_state=state)
+        out = model(ids, decode_state=state, logits_to_keep=1)
         logits.append(out.logits[:, -1])
         states.append(state)
         order.extend(rows)

@@ -93,13 +93,19 @@ class HybridStudent(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, decode_state: DecodeState | None = None,
                 labels=None, output_hidden_states: bool = False, use_cache: bool | None = None,
-                return_dict: bool | None = None):
+                return_dict: bool | None = None, logits_to_keep: int = 0):
         # use_cache / return_dict are accepted so Hugging Face-style callers work unchanged: the
         # output is always a ModelOutput, and decoding state travels in ``decode_state``.
+        # logits_to_keep (as in Hugging Face): 0 computes logits at every position, n > 0 only at
+        # the last n; a prefill needs one row of the vocabulary-sized head, not T.
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep and labels cannot be combined: the loss needs every position's logits")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             if decode_state is not None:
                 raise ValueError("decode_state with a padded attention_mask is not supported; use models.generate")
             gather, scatter, _ = _left_align(attention_mask)
+            if logits_to_keep:
+                raise ValueError("logits_to_keep needs an unpadded batch; use models.generate for padded prompts")
             out = self.forward(input_ids.gather(1, gather), None, None, None, None, output_hidden_states)
             index = scatter.unsqueeze(-1)
             logits = out.logits.gather(1, index.expand(-1, -1, out.logits.shape[-1]))
@@ -125,7 +131,7 @@ class HybridStudent(nn.Module):
         hidden_states = base.norm(hidden_states)
         if output_hidden_states:
             all_hidden[-1] = hidden_states  # as Hugging Face: the last entry is after the final norm
-        logits = self.lm.lm_head(hidden_states)
+        logits = self.lm.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
         loss = self._loss(logits, labels, attention_mask) if labels is not None else None
         return HybridCausalLMOutput(loss=loss, logits=logits, decode_state=decode_state,
                                     hidden_states=tuple(all_hidden) if output_hidden_states else None)

@@ -1,0 +1,473 @@
+"""The product's main job, one command: corpus -> conversion -> alignment -> sparse KD -> one expert
+per domain -> merge -> held-out cross-entropy -> Win-and-Tie evaluation -> decode speed -> report.
+
+    python -m experiments.pipeline --config configs/experiments/quickstart.yaml
+    python -m experiments.pipeline --config configs/experiments/quickstart.yaml --out runs/other --kd.steps 40
+    python -m experiments.pipeline --help          # every option
+
+Every stage writes into its own folder under ``out`` and finishes by writing ``stage.json`` (its
+settings, result and time) atomically. A stage whose ``stage.json`` exists is skipped, so a run
+that was interrupted resumes at the first unfinished stage (a training stage that left a
+``last.ckpt`` resumes from it); a stage whose recorded settings differ from the current ones is
+refused, naming the stage and the setting, rather than silently mixing two configurations.
+
+Outputs: ``report.md`` and ``win_tie.png`` (merged, stage-2 and converted students against the
+teacher), ``scores.json``, ``heldout.json``, ``decode.json``, each stage's student under
+``<stage>/student``, and TensorBoard logs under ``tensorboard/`` (``tensorboard --logdir <out>``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from datamodules.corpus import CorpusConfig, build_corpus, read_manifest
+from models import HybridConfig
+from models.checkpoint import atomic_file_write
+
+PROJECT = Path(__file__).resolve().parents[1]
+DOMAINS = ("math", "code", "stem", "chat")
+REPORT_ALPHAS = (0.0, 0.01, 0.02, 0.05)
+
+
+@dataclass
+class TrainSettings:
+    """One training stage: its length and the LightningCLI keys it overrides."""
+
+    steps: int = 20
+    """Optimizer steps."""
+    batch_size: int = 4
+    """Blocks per step."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    trainable: str | None = None
+    """``new`` | ``attention`` | ``all`` (None: the stage config's default)."""
+    val_batches: int = 1
+    """Validation batches when the stage ends (0: none; the pipeline's held-out stage scores every student)."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: none, a killed stage restarts); the stage's
+    checkpoints are deleted once its student is saved."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Further LightningCLI keys of the stage, e.g. {"model.init_args.top_k": 32}."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps={self.steps} and batch_size={self.batch_size} must be >= 1")
+        if self.val_batches < 0 or self.checkpoint_every < 0:
+            raise ValueError(f"val_batches={self.val_batches} and checkpoint_every={self.checkpoint_every} must be >= 0")
+
+
+@dataclass
+class MergeSettings:
+    """How the domain experts become one student (callbacks.merge_students)."""
+
+    method: str = "mean"
+    """``mean`` | ``task_arithmetic`` | ``ties`` (the last two against the stage-2 student)."""
+    weights: list[float] | None = None
+    """One weight per domain (None: equal)."""
+    scale: float = 1.0
+    """Task-arithmetic / TIES lambda."""
+    density: float = 0.2
+    """Share of each task vector TIES keeps."""
+
+
+@dataclass
+class EvalSettings:
+    """Scoring on held-out text and on lm-eval tasks."""
+
+    tasks: list[str] = field(default_factory=lambda: ["xdistill-suite"])
+    """lm-eval task names (``xdistill-suite``: the embedded offline suite)."""
+    include_path: list[str] | None = None
+    """Folders of local task YAMLs."""
+    limit: int | None = 30
+    """Items per task (None: all)."""
+    num_fewshot: int | None = None
+    """Few-shot examples (None: each task's default)."""
+    batch_size: int = 8
+    """Requests per forward."""
+    heldout_blocks: int = 16
+    """Held-out blocks (of ``seq_len`` tokens, all domains) for cross-entropy, KL and top-1 agreement."""
+    target: float = 1.0
+    """C_alpha that defines alpha*."""
+
+
+@dataclass
+class DecodeSettings:
+    """Decode speed and state memory of the merged student against the teacher at a long prompt."""
+
+    prompt_length: int = 2048
+    """Prompt tokens before decoding (0 skips the measurement)."""
+    new_tokens: int = 16
+    """Timed decoding steps (the median is reported)."""
+    warmup: int = 2
+    """Untimed steps first."""
+
+
+# ---- stages: skip when done, refuse when the settings changed -------------------------------------
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def _write_json(path: Path, payload) -> None:
+    atomic_file_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str)))
+
+
+class StageRunner:
+    """Runs named stages in order inside ``out``; each records ``<out>/<stage>/stage.json`` when done."""
+
+    def __init__(self, out: Path, total: int):
+        self.out, self.total, self.index = out, total, 0
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str, settings: dict, fn):
+        self.index += 1
+        folder = self.out / name
+        marker = folder / "stage.json"
+        settings = _plain(settings)
+        if marker.is_file():
+            record = json.loads(marker.read_text())
+            if record["settings"] != settings:
+                changed = sorted(k for k in set(settings) | set(record["settings"])
+                                 if settings.get(k) != record["settings"].get(k))
+                raise ValueError(f"stage {name!r} in {self.out} was finished with other settings (changed: "
+                                 f"{', '.join(changed)}); use another --out, or delete {folder} to redo it")
+            print(f"[{self.index}/{self.total}] {name}: finished earlier ({record['seconds']:.0f} s), skipped", flush=True)
+            self.timings[name] = record["seconds"]
+            return record["result"]
+        print(f"[{self.index}/{self.total}] {name} ...", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        result = _plain(fn(folder))
+        seconds = time.perf_counter() - started
+        _write_json(marker, {"settings": settings, "result": result, "seconds": seconds})
+        self.timings[name] = seconds
+        print(f"[{self.index}/{self.total}] {name}: done in {seconds:.0f} s", flush=True)
+        return result
+
+
+# ---- the stages ---------------------------------------------------------------------------------
+
+def data_sources(corpus: Path, domains: tuple[str, ...]) -> list[dict]:
+    """DataSource dicts for the corpus files of ``domains`` (equal weights)."""
+    manifest = read_manifest(corpus)
+    return [{"path": str(corpus / manifest["domains"][d]["file"]), "name": d,
+             "format": manifest["domains"][d]["format"]} for d in domains]
+
+
+def _project_path(path: str) -> str:
+    """Config paths are relative to the project (the pipeline runs from any folder)."""
+    return str(path if Path(path).is_absolute() else PROJECT / path)
+
+
+def train_stage(stage: str, folder: Path, *, teacher: str, sources: list[dict], seq_len: int, val_fraction: float, seed: int,
+                settings: TrainSettings, tensorboard: Path, trainer: list[str], student_ckpt: str | None = None,
+                extra: tuple[str, ...] = ()) -> dict:
+    """One LightningCLI fit of ``configs/stages/<stage>.yaml`` with the ``trainer`` configs; resumes
+    from the stage's last.ckpt if one was saved."""
+    import shutil
+
+    from experiments.run import main
+
+    checkpoints = folder / "checkpoints"
+    args = ["fit", "--config", _project_path(f"configs/stages/{stage}.yaml")]
+    for path in trainer:
+        args += ["--config", _project_path(path)]
+    args += ["--seed_everything", str(seed), "--model.init_args.teacher", teacher, "--model.init_args.lr", str(settings.lr),
+             "--data.sources", json.dumps(sources), "--data.seq_len", str(seq_len),
+             "--data.batch_size", str(settings.batch_size), "--data.seed", str(seed),
+             "--data.val_fraction", str(val_fraction),
+             "--trainer.max_steps", str(settings.steps), "--trainer.val_check_interval", str(settings.steps),
+             "--trainer.limit_val_batches", str(settings.val_batches), "--trainer.num_sanity_val_steps", "0",
+             "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(tensorboard),
+             "--trainer.logger.init_args.name", folder.name, "--trainer.logger.init_args.version", "0",
+             "--checkpoint.dirpath", str(checkpoints), "--checkpoint.save_top_k", "0",
+             "--checkpoint.save_last", str(settings.checkpoint_every > 0).lower(),
+             "--student_export.dirpath", str(folder / "student"), *extra]
+    if settings.checkpoint_every:
+        args += ["--checkpoint.every_n_train_steps", str(settings.checkpoint_every)]
+    if student_ckpt:
+        args += ["--model.init_args.student_ckpt", student_ckpt]
+    if settings.trainable:
+        args += ["--model.init_args.trainable", settings.trainable]
+    for key, value in settings.overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    if (checkpoints / "last.ckpt").is_file():
+        args += ["--ckpt_path", str(checkpoints / "last.ckpt")]
+    cli = main(args)
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the saved student is the stage's output
+    return {"student": str(folder / "student"), "metrics": metrics}
+
+
+def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig) -> dict:
+    from models import convert_to_hybrid, load_teacher, load_tokenizer, save_student
+
+    student = convert_to_hybrid(load_teacher(teacher), hybrid).eval()
+    save_student(student, folder / "student", tokenizer=load_tokenizer(teacher))
+    return {"student": str(folder / "student"), "new_parameters": sum(p.numel() for _, p in student.new_parameters())}
+
+
+@torch.no_grad()
+def heldout_stage(folder: Path, teacher: str, students: dict[str, str], sources: list[dict], seq_len: int,
+                  val_fraction: float, seed: int, blocks: int, batch_size: int) -> dict:
+    """Cross-entropy of the teacher and each student on the same held-out blocks of every domain,
+    with KL(teacher || student) and top-1 agreement (the training stages' validation metrics)."""
+    from datamodules import DataSource, TextDataModule
+    from lightning_modules.losses import IGNORE, heldout_metrics, next_token_targets
+    from models import load_student, load_teacher
+
+    data = TextDataModule(tokenizer=teacher, sources=[DataSource(**s) for s in sources], seq_len=seq_len,
+                          batch_size=batch_size, seed=seed, val_fraction=val_fraction, max_val_blocks=blocks)
+    data.setup("validate")
+    teacher_model = load_teacher(teacher)
+    models = {name: load_student(path).eval() for name, path in students.items()}
+    sums = {name: {} for name in models}
+    tokens = 0
+    for batch in data.val_dataloader():
+        targets = next_token_targets(batch["labels"])
+        n = int((targets != IGNORE).sum())
+        t_logits = teacher_model(batch["input_ids"]).logits
+        for name, model in models.items():
+            for metric, value in heldout_metrics(model(batch["input_ids"]).logits, t_logits, targets).items():
+                sums[name][metric] = sums[name].get(metric, 0.0) + float(value) * n
+        tokens += n
+    if not tokens:
+        raise ValueError("no held-out tokens to score: raise eval.heldout_blocks or the corpus size")
+    result = {name: {metric: total / tokens for metric, total in s.items()} for name, s in sums.items()}
+    result["tokens"] = tokens
+    _write_json(folder / "heldout.json", result)
+    return result
+
+
+def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: EvalSettings) -> dict:
+    """One model's scores on the task list (``model_path`` None: the teacher, cached across runs)."""
+    from callbacks.eval import cached_teacher_scores, evaluate_model
+    from models import load_student, load_teacher, load_tokenizer
+
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    tokenizer = load_tokenizer(teacher)
+    args = (settings.tasks, settings.include_path, settings.num_fewshot, settings.limit, settings.batch_size)
+    if model_path is None:
+        scores = cached_teacher_scores(load_teacher(teacher), tokenizer, *args)
+    else:
+        scores, _ = evaluate_model(load_student(model_path).eval(), tokenizer, *args)
+    _write_json(folder / "scores.json", scores)
+    return scores
+
+
+def decode_stage(folder: Path, teacher: str, student: str, settings: DecodeSettings) -> dict:
+    from experiments.measure_decode import measure
+
+    rows = measure(teacher=teacher, student=student, prompt_lengths=[settings.prompt_length],
+                   new_tokens=settings.new_tokens, warmup=settings.warmup, threads=torch.get_num_threads(),
+                   out=str(folder / "decode.json"))
+    return rows[0]
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+def _fmt_alpha(value: float) -> str:
+    return f"{value:.3f}" if value == value else "n/a"
+
+
+def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, decode: dict | None,
+                          timings: dict[str, float], target: float, settings: dict) -> str:
+    """report.md, win_tie.png, win_tie.csv, scores.json and TensorBoard scalars and figure; returns the
+    Markdown table (also printed)."""
+    from callbacks.eval import write_report
+    from callbacks.win_tie import critical_tolerance, win_and_tie
+
+    teacher = scores["teacher"]
+    students = {"merged": scores["merged"], "stage-2": scores["kd"], "converted": scores["converted"]}
+    alphas = [round(0.005 * i, 4) for i in range(101)]
+    report = write_report(out, students["merged"], teacher, alphas, target, label="merged",
+                          others={k: v for k, v in students.items() if k != "merged"})
+    lines = ["| task | teacher | merged student | stage-2 student | converted student |", "|---|---:|---:|---:|---:|"]
+    for task in sorted(teacher):
+        lines.append(f"| {task} | {teacher[task]:.3f} | " + " | ".join(f"{s[task]:.3f}" for s in students.values()) + " |")
+    mean = {name: sum(s.values()) / len(s) for name, s in {"teacher": teacher, **students}.items()}
+    lines.append("| **mean** | " + " | ".join(f"**{mean[n]:.3f}**" for n in ("teacher", *students)) + " |")
+    lines += ["", "| student | " + " | ".join(f"C_{a:g}" for a in REPORT_ALPHAS) + " | alpha* | held-out CE | "
+              "KL(teacher‖student) | top-1 agreement |", "|---|" + "---:|" * (len(REPORT_ALPHAS) + 4)]
+    for name, key in (("merged", "merged"), ("stage-2", "kd"), ("converted", "converted")):
+        c = win_and_tie(students[name], teacher, REPORT_ALPHAS)
+        star = critical_tolerance(students[name], teacher, target)
+        h = heldout[key]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in c) + f" | {_fmt_alpha(star)} | "
+                     f"{h['student_ce']:.3f} | {h['kl_teacher_student']:.3f} | {h['top1_agreement']:.3f} |")
+    lines.append(f"| teacher | | | | | | {heldout['kd']['teacher_ce']:.3f} | | |")
+    table = "\n".join(lines)
+    decode_md = ""
+    if decode:
+        decode_md = ("| prompt | teacher ms/token | student ms/token | speed-up | teacher KV cache | student state | "
+                     "teacher prefill | student prefill |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+                     f"| {decode['prompt']} | {decode['teacher_ms_per_token']:.1f} | {decode['student_ms_per_token']:.1f} | "
+                     f"{decode['decode_speedup']:.2f}x | {decode['teacher_kv_cache_bytes'] / 2**20:.1f} MB | "
+                     f"{decode['student_state_bytes'] / 2**20:.1f} MB | {decode['teacher_prefill_s']:.2f} s | "
+                     f"{decode['student_prefill_s']:.2f} s |")
+    total = sum(timings.values())
+    stage_times = " · ".join(f"{name} {sec:.0f} s" for name, sec in timings.items())
+    md = (f"# xdistill pipeline report\n\nRun folder `{out}`; teacher `{settings['teacher']}`; student "
+          f"{settings['hybrid']['mode']}/{settings['hybrid']['combine']}, window {settings['hybrid']['window']}, "
+          f"{settings['hybrid']['sink_tokens']} sinks; machine {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}.\n\n## Tasks\n\n{table}\n\n"
+          f"C_alpha: share of tasks where student >= teacher - alpha; alpha*: smallest alpha with C_alpha >= {target:g}. "
+          f"Held-out CE on {heldout['tokens']} tokens of every domain.\n\n![Win-and-Tie](win_tie.png)\n\n"
+          + (f"## Decoding at a long prompt\n\n{decode_md}\n\n" if decode else "")
+          + f"## Time\n\n{total:.0f} s in all: {stage_times}\n")
+    atomic_file_write(out / "report.md", lambda tmp: tmp.write_text(md))
+    _tensorboard(out / "tensorboard" / "report", students, teacher, heldout, report["figure"])
+    return md
+
+
+def _tensorboard(folder: Path, students: dict, teacher: dict, heldout: dict, figure) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from callbacks.win_tie import critical_tolerance, win_and_tie
+
+    writer = SummaryWriter(str(folder))
+    try:
+        for name, scores in students.items():
+            key = {"stage-2": "kd"}.get(name, name)
+            for a in REPORT_ALPHAS:
+                writer.add_scalar(f"pipeline/{name}/win_tie@{a:g}", win_and_tie(scores, teacher, [a])[0])
+            writer.add_scalar(f"pipeline/{name}/alpha_star", critical_tolerance(scores, teacher))
+            writer.add_scalar(f"pipeline/{name}/heldout_ce", heldout[key]["student_ce"])
+            for task, value in scores.items():
+                writer.add_scalar(f"pipeline/{name}/{task}", value)
+        for task, value in teacher.items():
+            writer.add_scalar(f"pipeline/teacher/{task}", value)
+        writer.add_figure("pipeline/win_tie", figure)
+    finally:
+        writer.close()
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-instruct",
+                 hybrid: HybridConfig = HybridConfig(), corpus: CorpusConfig = CorpusConfig(),
+                 corpus_dir: str | None = None, seq_len: int = 512, val_fraction: float = 0.05, seed: int = 0,
+                 align: TrainSettings = TrainSettings(steps=20, lr=1e-3, trainable="new"),
+                 kd: TrainSettings = TrainSettings(steps=10, lr=1e-4),
+                 expert: TrainSettings = TrainSettings(steps=3, lr=5e-5),
+                 domains: list[str] = list(DOMAINS), merge: MergeSettings = MergeSettings(),
+                 eval: EvalSettings = EvalSettings(), decode: DecodeSettings = DecodeSettings(),
+                 trainer: list[str] = ["configs/trainer/cpu.yaml"], threads: int | None = None) -> dict:
+    """Run (or resume) the whole pipeline in ``out``; returns the report's numbers.
+
+    Args:
+        out: run folder (stages inside it are skipped once finished).
+        teacher: hub id, local folder, or the embedded ``smollm2-135m-instruct``.
+        hybrid: how attention layers become hybrid layers.
+        corpus: the offline corpus (built once, cached under $XDISTILL_CACHE/corpus).
+        corpus_dir: where to build the corpus instead of the cache.
+        seq_len: tokens per training block.
+        val_fraction: share of each domain's documents held out (never trained on; scored by ``heldout``).
+        seed: seed of data order, splits and initialisation.
+        align: stage 1 settings (all domains).
+        kd: stage 2 settings (all domains).
+        expert: stage 3 settings (one run per domain, on that domain's data).
+        domains: expert domains (from math, code, stem, chat).
+        merge: how experts are merged.
+        eval: held-out and lm-eval settings.
+        decode: decode measurement settings.
+        trainer: trainer YAMLs of the training stages (configs/trainer/gpu.yaml on one GPU).
+        threads: torch CPU threads (None: torch's default).
+    """
+    unknown = sorted(set(domains) - set(DOMAINS))
+    if unknown or not domains:
+        raise ValueError(f"domains={domains} is invalid; allowed values: a non-empty list from {', '.join(DOMAINS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"teacher": teacher, "hybrid": hybrid.to_dict(), "corpus": asdict(corpus), "seq_len": seq_len,
+                "val_fraction": val_fraction, "seed": seed,
+                "trainer": trainer}
+    _write_json(run_dir / "pipeline.json", {**settings, "align": asdict(align), "kd": asdict(kd), "expert": asdict(expert),
+                                            "domains": domains, "merge": asdict(merge), "eval": asdict(eval),
+                                            "decode": asdict(decode)})
+    stages = 4 + len(domains) + 1 + 1 + 4 + (1 if decode.prompt_length else 0)
+    stage = StageRunner(run_dir, stages)
+    tensorboard = run_dir / "tensorboard"
+    started = time.perf_counter()
+
+    def do_corpus(folder):
+        path = build_corpus(teacher, corpus, corpus_dir)
+        return {"path": str(path), "domains": read_manifest(path)["domains"]}
+
+    corpus_path = Path(stage("corpus", {"teacher": teacher, "corpus": asdict(corpus), "dir": corpus_dir}, do_corpus)["path"])
+    everything = data_sources(corpus_path, ("general", *DOMAINS))
+    common = dict(teacher=teacher, seq_len=seq_len, val_fraction=val_fraction, seed=seed, tensorboard=tensorboard,
+                  trainer=trainer)
+
+    converted = stage("convert", {"teacher": teacher, "hybrid": hybrid.to_dict()},
+                      lambda f: convert_stage(f, teacher, hybrid))["student"]
+    aligned = stage("align", {**settings, "train": asdict(align)},
+                    lambda f: train_stage("align", f, sources=everything, settings=align, student_ckpt=converted,
+                                          **common))["student"]
+    distilled = stage("kd", {**settings, "train": asdict(kd)},
+                      lambda f: train_stage("kd", f, sources=everything, settings=kd, student_ckpt=aligned,
+                                            **common))["student"]
+    experts = []
+    for domain in domains:
+        experts.append(stage(f"expert_{domain}", {**settings, "train": asdict(expert), "domain": domain},
+                             lambda f, d=domain: train_stage(
+                                 "expert", f, sources=data_sources(corpus_path, (d,)), settings=expert,
+                                 student_ckpt=distilled, extra=("--model.init_args.domain", d), **common))["student"])
+
+    def do_merge(folder):
+        from callbacks import merge_students
+
+        merge_students(experts, merge.method, merge.weights, base=distilled, out=folder / "student",
+                       scale=merge.scale, density=merge.density)
+        return {"student": str(folder / "student"), "experts": experts}
+
+    merged = stage("merge", {**settings, "merge": asdict(merge), "domains": domains}, do_merge)["student"]
+    students = {"converted": converted, "kd": distilled, "merged": merged}
+    heldout = stage("heldout", {**settings, "blocks": eval.heldout_blocks, "students": students},
+                    lambda f: heldout_stage(f, teacher, students, everything, seq_len, val_fraction, seed, eval.heldout_blocks,
+                                            eval.batch_size // 2 or 1))
+    scores = {}
+    eval_settings = {"teacher": teacher, "eval": asdict(eval)}
+    scores["teacher"] = stage("eval_teacher", eval_settings, lambda f: eval_stage(f, None, teacher, eval))
+    for name, path in students.items():
+        scores[name] = stage(f"eval_{name}", {**eval_settings, "student": path, "run": settings},
+                             lambda f, p=path: eval_stage(f, p, teacher, eval))
+    decoded = None
+    if decode.prompt_length:
+        decoded = stage("decode", {"teacher": teacher, "student": merged, "decode": asdict(decode), "run": settings},
+                        lambda f: decode_stage(f, teacher, merged, decode))
+    md = write_pipeline_report(run_dir, scores, heldout, decoded, stage.timings, eval.target, settings)
+    print("\n" + md)
+    print(f"report: {run_dir / 'report.md'}; curve: {run_dir / 'win_tie.png'}; "
+          f"TensorBoard: tensorboard --logdir {tensorboard}; this invocation took {time.perf_counter() - started:.0f} s")
+    return {"scores": scores, "heldout": heldout, "decode": decoded, "timings": stage.timings}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0], parser_mode="omegaconf")
+    parser.add_argument("--config", action=ActionConfigFile, help="a pipeline YAML (configs/experiments/)")
+    parser.add_function_arguments(run_pipeline)
+    return parser
+
+
+def main(args: list[str] | None = None) -> dict:
+    parser = build_parser()
+    cfg = parser.parse_args(args)
+    init = parser.instantiate_classes(cfg)
+    kwargs = {k: v for k, v in init.items() if k != "config"}
+    return run_pipeline(**kwargs)
+
+
+if __name__ == "__main__":
+    main()
