@@ -464,7 +464,7 @@ def build_parser() -> ArgumentParser:
 def main(args: list[str] | None = None) -> dict:
     parser = build_parser()
     cfg = parser.parse_args(args)
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     kwargs = {k: v for k, v in init.items() if k != "config"}
     return run_pipeline(**kwargs)
 

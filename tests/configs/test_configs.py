@@ -51,7 +51,7 @@ def test_pipeline_config_parses_and_names_existing_trainer_configs(path):
     from experiments.pipeline import TrainSettings, build_parser
 
     parser = build_parser()
-    init = parser.instantiate_classes(parser.parse_args(["--config", str(path)]))
+    init = parser.instantiate(parser.parse_args(["--config", str(path)]))
     assert isinstance(init.kd, TrainSettings) and init.kd.steps >= 1
     for trainer in init.trainer:
         assert Path(trainer).is_file(), trainer

@@ -124,3 +124,17 @@ def test_teacher_goes_through_its_own_generate():
         for _ in range(5):
             seq = torch.cat([seq, teacher(seq).logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(out, seq)
+
+
+def test_logits_to_keep_gives_the_last_rows_of_the_full_forward():
+    student = make_student(**VARIANTS[0])
+    ids = torch.randint(5, 90, (2, 21))
+    with torch.no_grad():
+        full = student(ids).logits
+        last = student(ids, logits_to_keep=3).logits
+    assert last.shape == (2, 3, full.shape[-1])
+    assert rel_err(last, full[:, -3:]) < 1e-6
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        student(ids, logits_to_keep=1, labels=ids)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        student(ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0), logits_to_keep=1)

@@ -1,0 +1,113 @@
+"""The one-command pipeline: stages skip once done, refuse changed settings, and a run killed
+midway resumes and completes (end to end on a tiny random teacher: `slow`)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments.pipeline import StageRunner, main
+from tests.fixtures import write_teacher
+
+STAGES = ["corpus", "convert", "align", "kd", "expert_math", "expert_code", "expert_stem", "expert_chat", "merge",
+          "heldout", "eval_teacher", "eval_converted", "eval_kd", "eval_merged", "decode"]
+
+
+def test_stage_runner_skips_finished_stages_and_refuses_changed_settings(tmp_path, capsys):
+    calls = []
+    runner = StageRunner(tmp_path, total=2)
+    assert runner("a", {"x": 1}, lambda folder: calls.append(folder) or {"value": 7}) == {"value": 7}
+    record = json.loads((tmp_path / "a" / "stage.json").read_text())
+    assert record["settings"] == {"x": 1} and record["result"] == {"value": 7} and record["seconds"] >= 0
+    again = StageRunner(tmp_path, total=2)
+    assert again("a", {"x": 1}, lambda folder: calls.append(folder)) == {"value": 7}
+    assert len(calls) == 1 and "skipped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"stage 'a' .*changed: x.*delete"):
+        StageRunner(tmp_path, total=1)("a", {"x": 2}, lambda folder: {})
+    # a stage that fails leaves no marker: the next run does it again
+    with pytest.raises(RuntimeError):
+        StageRunner(tmp_path, total=1)("b", {}, lambda folder: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert not (tmp_path / "b" / "stage.json").exists()
+
+
+def test_unknown_domain_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="domains.*math, code, stem, chat"):
+        main(["--out", str(tmp_path / "run"), "--domains", '["math", "poetry"]'])
+    assert not (tmp_path / "run").exists()
+
+
+def tiny_config(root: Path) -> Path:
+    teacher = write_teacher(root / "teacher")
+    config = {
+        "out": str(root / "run"), "teacher": str(teacher), "corpus_dir": str(root / "corpus"),
+        "hybrid": {"window": 8, "sink_tokens": 2, "chunk_size": 16}, "seq_len": 24, "val_fraction": 0.2,
+        "corpus": {"code_files": 3, "code_max_chars": 1500, "general_max_topics": 6, "math_problems": 60,
+                   "stem_prompts": 12, "chat_prompts": 12, "answer_tokens": 8, "generation_batch_size": 6},
+        "align": {"steps": 2, "batch_size": 2, "lr": 1.0e-3, "trainable": "new"},
+        "kd": {"steps": 2, "batch_size": 2, "val_batches": 1, "checkpoint_every": 1},
+        "expert": {"steps": 1, "batch_size": 2},
+        "merge": {"method": "task_arithmetic", "scale": 0.5},
+        "eval": {"tasks": ["xd_arith_mc", "xd_instruct_gen"], "limit": 3, "batch_size": 2, "heldout_blocks": 4},
+        "decode": {"prompt_length": 16, "new_tokens": 2, "warmup": 1},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDISTILL_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "XDISTILL_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    # first run, in a process killed (SIGKILL) once the KD stage has finished
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.pipeline", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2])
+    deadline = time.time() + 600
+    while not (run / "kd" / "stage.json").is_file():
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "the KD stage did not finish in 10 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "report.md").exists()
+    done_before = {s for s in STAGES if (run / s / "stage.json").is_file()}
+    assert {"corpus", "convert", "align", "kd"} <= done_before
+
+    # the second run finishes only what was left
+    result = main(["--config", str(config)])
+    out = capsys.readouterr().out
+    for stage in done_before:
+        assert f"{stage}: finished earlier" in out, stage
+    for stage in STAGES:
+        assert (run / stage / "stage.json").is_file(), stage
+    for stage in ("align", "kd", "expert_math", "expert_code", "expert_stem", "expert_chat", "merge", "convert"):
+        assert (run / stage / "student" / "model.safetensors").is_file(), stage
+        assert not (run / stage / "checkpoints").exists(), stage  # removed once the student is saved
+    for name in ("report.md", "win_tie.png", "win_tie.csv", "scores.json"):
+        assert (run / name).is_file(), name
+    report = (run / "report.md").read_text()
+    assert "| xd_arith_mc |" in report and "alpha*" in report and "ms/token" in report
+    assert set(result["scores"]) == {"teacher", "converted", "kd", "merged"}
+    assert set(result["heldout"]) >= {"converted", "kd", "merged", "tokens"}
+    assert list(run.glob("tensorboard/*/version_0/events.out.tfevents*")) and list(run.glob("tensorboard/report/events*"))
+    merge = json.loads((run / "merge" / "student" / "merge.json").read_text())
+    assert merge["method"] == "task_arithmetic"
+
+    # a third run skips every stage and changes no student
+    stamp = (run / "merge" / "student" / "model.safetensors").stat().st_mtime_ns
+    main(["--config", str(config)])
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == len(STAGES)
+    assert (run / "merge" / "student" / "model.safetensors").stat().st_mtime_ns == stamp
+    # changed settings on a finished run are refused, naming the stage
+    with pytest.raises(ValueError, match="stage 'kd'.*train"):
+        main(["--config", str(config), "--kd.steps", "3"])
