@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 
 from models import generate
 
@@ -47,11 +48,11 @@ class HarnessLM(LM):
         return ctx, whole[len(ctx):]
 
     @torch.no_grad()
-    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str = "log-likelihoods") -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), continuation is the greedy one) per token pair."""
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         results: list = [None] * len(pairs)
-        for start in range(0, len(order), self.batch_size):
+        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", disable=len(order) <= self.batch_size):
             chunk = order[start:start + self.batch_size]
             rows, conts = [], []
             for i in chunk:
@@ -93,6 +94,7 @@ class HarnessLM(LM):
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        progress = tqdm(total=len(requests), desc="generations", unit="request", disable=len(requests) <= self.batch_size)
         for indices in groups.values():
             kwargs = dict(requests[indices[0]].args[1])
             until = kwargs.get("until") or []
@@ -120,4 +122,6 @@ class HarnessLM(LM):
                         if stop and stop in text:
                             text = text[: text.index(stop)]
                     results[i] = text
+                progress.update(len(chunk))
+        progress.close()
         return results

@@ -270,6 +270,8 @@ def teacher_answers(teacher, tokenizer, prompts: list[str], cfg: CorpusConfig, d
             ids[r, width - len(e):] = torch.tensor(e)
             mask[r, width - len(e):] = 1
         torch.manual_seed(cfg.seed * 7919 + start)  # the teacher's own generate samples from the global RNG
+        device = next(teacher.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         out = generate(teacher, ids, cfg.answer_tokens, do_sample=cfg.temperature > 0, temperature=cfg.temperature or 1.0,
                        top_p=cfg.top_p, eos_token_id=eos, attention_mask=mask, pad_token_id=pad)
         for r, prompt in enumerate(batch):
@@ -352,9 +354,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_file_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
-def build_corpus(teacher: str, cfg: CorpusConfig | None = None, out_dir: str | Path | None = None) -> Path:
+def build_corpus(teacher: str, cfg: CorpusConfig | None = None, out_dir: str | Path | None = None,
+                 dtype: str = "float32") -> Path:
     """Build (or find) the corpus for ``teacher`` and return its folder, which holds one
-    ``<domain>.jsonl`` per domain and ``manifest.json`` (sources, licences, sizes, seconds)."""
+    ``<domain>.jsonl`` per domain and ``manifest.json`` (sources, licences, sizes, seconds). The
+    teacher answers on the first GPU when there is one, in ``dtype``."""
+    import torch
+
     from models import load_teacher, load_tokenizer
     from models.teacher import cache_dir
 
@@ -364,7 +370,7 @@ def build_corpus(teacher: str, cfg: CorpusConfig | None = None, out_dir: str | P
     tokenizer = load_tokenizer(teacher)
     model = None
     if cfg.stem_prompts or cfg.chat_prompts:
-        model = load_teacher(teacher)
+        model = load_teacher(teacher, dtype=getattr(torch, dtype), device="cuda" if torch.cuda.is_available() else None)
         teacher_id = teacher_fingerprint(model)
     else:
         teacher_id = "no-teacher-answers"

@@ -97,6 +97,8 @@ class EvalSettings:
     """Held-out blocks (of ``seq_len`` tokens, all domains) for cross-entropy, KL and top-1 agreement."""
     target: float = 1.0
     """C_alpha that defines alpha*."""
+    offline: bool = True
+    """Refuse tasks that need the Hugging Face hub at once (false: lm-eval downloads them)."""
 
 
 @dataclass
@@ -156,6 +158,11 @@ class StageRunner:
 
 # ---- the stages ---------------------------------------------------------------------------------
 
+def _device() -> torch.device:
+    """Where scoring runs: the first GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def data_sources(corpus: Path, domains: tuple[str, ...]) -> list[dict]:
     """DataSource dicts for the corpus files of ``domains`` (equal weights)."""
     manifest = read_manifest(corpus)
@@ -168,20 +175,22 @@ def _project_path(path: str) -> str:
     return str(path if Path(path).is_absolute() else PROJECT / path)
 
 
-def train_stage(stage: str, folder: Path, *, teacher: str, sources: list[dict], seq_len: int, val_fraction: float, seed: int,
-                settings: TrainSettings, tensorboard: Path, trainer: list[str], student_ckpt: str | None = None,
-                extra: tuple[str, ...] = ()) -> dict:
-    """One LightningCLI fit of ``configs/stages/<stage>.yaml`` with the ``trainer`` configs; resumes
-    from the stage's last.ckpt if one was saved."""
+def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, sources: list[dict], seq_len: int, val_fraction: float, seed: int,
+                settings: TrainSettings, tensorboard: Path, trainer: list[str], stage_process: bool,
+                student_ckpt: str | None = None, extra: tuple[str, ...] = ()) -> dict:
+    """One LightningCLI fit of ``configs/stages/<stage>.yaml`` with the ``trainer`` configs, in this
+    process or (``stage_process``) as its own ``python -m experiments.run`` process; resumes from the
+    stage's last.ckpt if one was saved."""
     import shutil
-
-    from experiments.run import main
+    import subprocess
+    import sys
 
     checkpoints = folder / "checkpoints"
     args = ["fit", "--config", _project_path(f"configs/stages/{stage}.yaml")]
     for path in trainer:
         args += ["--config", _project_path(path)]
-    args += ["--seed_everything", str(seed), "--model.init_args.teacher", teacher, "--model.init_args.lr", str(settings.lr),
+    args += ["--seed_everything", str(seed), "--model.init_args.teacher", teacher,
+             "--model.init_args.teacher_dtype", teacher_dtype, "--model.init_args.lr", str(settings.lr),
              "--data.sources", json.dumps(sources), "--data.seq_len", str(seq_len),
              "--data.batch_size", str(settings.batch_size), "--data.seed", str(seed),
              "--data.val_fraction", str(val_fraction),
@@ -202,22 +211,31 @@ def train_stage(stage: str, folder: Path, *, teacher: str, sources: list[dict], 
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     if (checkpoints / "last.ckpt").is_file():
         args += ["--ckpt_path", str(checkpoints / "last.ckpt")]
-    cli = main(args)
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    if stage_process:
+        # a multi-process strategy's launcher re-runs the command it finds: let that be this stage
+        subprocess.run([sys.executable, "-m", "experiments.run", *args], check=True)
+        metrics = {}
+    else:
+        from experiments.run import main
+
+        cli = main(args)
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    if not (folder / "student" / "model.safetensors").is_file():
+        raise RuntimeError(f"stage {folder.name} ended without saving its student to {folder / 'student'}")
     shutil.rmtree(checkpoints, ignore_errors=True)  # the saved student is the stage's output
     return {"student": str(folder / "student"), "metrics": metrics}
 
 
-def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig) -> dict:
+def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig, dtype: str) -> dict:
     from models import convert_to_hybrid, load_teacher, load_tokenizer, save_student
 
-    student = convert_to_hybrid(load_teacher(teacher), hybrid).eval()
+    student = convert_to_hybrid(load_teacher(teacher, dtype=getattr(torch, dtype)), hybrid).eval()
     save_student(student, folder / "student", tokenizer=load_tokenizer(teacher))
     return {"student": str(folder / "student"), "new_parameters": sum(p.numel() for _, p in student.new_parameters())}
 
 
 @torch.no_grad()
-def heldout_stage(folder: Path, teacher: str, students: dict[str, str], sources: list[dict], seq_len: int,
+def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, str], sources: list[dict], seq_len: int,
                   val_fraction: float, seed: int, blocks: int, batch_size: int) -> dict:
     """Cross-entropy of the teacher and each student on the same held-out blocks of every domain,
     with KL(teacher || student) and top-1 agreement (the training stages' validation metrics)."""
@@ -228,16 +246,19 @@ def heldout_stage(folder: Path, teacher: str, students: dict[str, str], sources:
     data = TextDataModule(tokenizer=teacher, sources=[DataSource(**s) for s in sources], seq_len=seq_len,
                           batch_size=batch_size, seed=seed, val_fraction=val_fraction, max_val_blocks=blocks)
     data.setup("validate")
-    teacher_model = load_teacher(teacher)
-    models = {name: load_student(path).eval() for name, path in students.items()}
+    device = _device()
+    teacher_model = load_teacher(teacher, dtype=getattr(torch, dtype), device=device)
+    models = {name: load_student(path).eval().to(device) for name, path in students.items()}
     sums = {name: {} for name in models}
     tokens = 0
-    for batch in data.val_dataloader():
-        targets = next_token_targets(batch["labels"])
+    from tqdm import tqdm
+
+    for batch in tqdm(data.val_dataloader(), desc="held-out blocks", unit="batch"):
+        ids, targets = batch["input_ids"].to(device), next_token_targets(batch["labels"]).to(device)
         n = int((targets != IGNORE).sum())
-        t_logits = teacher_model(batch["input_ids"]).logits
+        t_logits = teacher_model(ids).logits
         for name, model in models.items():
-            for metric, value in heldout_metrics(model(batch["input_ids"]).logits, t_logits, targets).items():
+            for metric, value in heldout_metrics(model(ids).logits, t_logits, targets).items():
                 sums[name][metric] = sums[name].get(metric, 0.0) + float(value) * n
         tokens += n
     if not tokens:
@@ -248,18 +269,19 @@ def heldout_stage(folder: Path, teacher: str, students: dict[str, str], sources:
     return result
 
 
-def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: EvalSettings) -> dict:
+def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: EvalSettings, dtype: str) -> dict:
     """One model's scores on the task list (``model_path`` None: the teacher, cached across runs)."""
     from callbacks.eval import cached_teacher_scores, evaluate_model
     from models import load_student, load_teacher, load_tokenizer
 
-    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    if settings.offline:
+        os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
     tokenizer = load_tokenizer(teacher)
     args = (settings.tasks, settings.include_path, settings.num_fewshot, settings.limit, settings.batch_size)
     if model_path is None:
-        scores = cached_teacher_scores(load_teacher(teacher), tokenizer, *args)
+        scores = cached_teacher_scores(load_teacher(teacher, dtype=getattr(torch, dtype), device=_device()), tokenizer, *args)
     else:
-        scores, _ = evaluate_model(load_student(model_path).eval(), tokenizer, *args)
+        scores, _ = evaluate_model(load_student(model_path).eval().to(_device()), tokenizer, *args)
     _write_json(folder / "scores.json", scores)
     return scores
 
@@ -306,6 +328,16 @@ def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, dec
                      f"{h['student_ce']:.3f} | {h['kl_teacher_student']:.3f} | {h['top1_agreement']:.3f} |")
     lines.append(f"| teacher | | | | | | {heldout['kd']['teacher_ce']:.3f} | | |")
     table = "\n".join(lines)
+    items = settings.get("limit")
+    merged_mean, converted_mean = mean["merged"], mean["converted"]
+    merged_ce, converted_ce = heldout["merged"]["student_ce"], heldout["converted"]["student_ce"]
+    verdict = (f"Distillation {'helped' if merged_mean > converted_mean else 'did not help'} on the suite "
+               f"(mean score {merged_mean:.3f} merged vs {converted_mean:.3f} converted) and "
+               f"{'helped' if merged_ce < converted_ce else 'did not help'} on held-out text (cross-entropy "
+               f"{merged_ce:.3f} vs {converted_ce:.3f}; teacher {heldout['merged']['teacher_ce']:.3f}).")
+    if items:
+        verdict += (f" Each task has {items} items, so one item moves a score by {1 / items:.3f} and a score near 0.5 "
+                    f"has a standard error of about {0.5 / items ** 0.5:.2f}: differences below that are noise.")
     decode_md = ""
     if decode:
         decode_md = ("| prompt | teacher ms/token | student ms/token | speed-up | teacher KV cache | student state | "
@@ -321,7 +353,7 @@ def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, dec
           f"{settings['hybrid']['sink_tokens']} sinks; machine {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}.\n\n## Tasks\n\n{table}\n\n"
           f"C_alpha: share of tasks where student >= teacher - alpha; alpha*: smallest alpha with C_alpha >= {target:g}. "
-          f"Held-out CE on {heldout['tokens']} tokens of every domain.\n\n![Win-and-Tie](win_tie.png)\n\n"
+          f"Held-out CE on {heldout['tokens']} tokens of every domain.\n\n{verdict}\n\n![Win-and-Tie](win_tie.png)\n\n"
           + (f"## Decoding at a long prompt\n\n{decode_md}\n\n" if decode else "")
           + f"## Time\n\n{total:.0f} s in all: {stage_times}\n")
     atomic_file_write(out / "report.md", lambda tmp: tmp.write_text(md))
@@ -353,23 +385,29 @@ def _tensorboard(folder: Path, students: dict, teacher: dict, heldout: dict, fig
 
 # ---- the command --------------------------------------------------------------------------------
 
-def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-instruct",
+def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-instruct", teacher_dtype: str = "float32",
                  hybrid: HybridConfig = HybridConfig(), corpus: CorpusConfig = CorpusConfig(),
-                 corpus_dir: str | None = None, seq_len: int = 512, val_fraction: float = 0.05, seed: int = 0,
+                 corpus_dir: str | None = None, extra_sources: list[dict] | None = None,
+                 expert_sources: dict[str, list[dict]] | None = None, seq_len: int = 512, val_fraction: float = 0.05, seed: int = 0,
                  align: TrainSettings = TrainSettings(steps=20, lr=1e-3, trainable="new"),
                  kd: TrainSettings = TrainSettings(steps=10, lr=1e-4),
                  expert: TrainSettings = TrainSettings(steps=3, lr=5e-5),
                  domains: list[str] = list(DOMAINS), merge: MergeSettings = MergeSettings(),
                  eval: EvalSettings = EvalSettings(), decode: DecodeSettings = DecodeSettings(),
-                 trainer: list[str] = ["configs/trainer/cpu.yaml"], threads: int | None = None) -> dict:
+                 trainer: list[str] = ["configs/trainer/cpu.yaml"], stage_process: bool = False,
+                 threads: int | None = None) -> dict:
     """Run (or resume) the whole pipeline in ``out``; returns the report's numbers.
 
     Args:
         out: run folder (stages inside it are skipped once finished).
         teacher: hub id, local folder, or the embedded ``smollm2-135m-instruct``.
+        teacher_dtype: dtype the teacher runs in everywhere (float32, bfloat16, float16).
         hybrid: how attention layers become hybrid layers.
         corpus: the offline corpus (built once, cached under $XDISTILL_CACHE/corpus).
         corpus_dir: where to build the corpus instead of the cache.
+        extra_sources: your own corpora (DataSource fields: path, format, weight, ...) added to the
+            alignment and KD mixture.
+        expert_sources: your own corpora per domain, added to that expert's data.
         seq_len: tokens per training block.
         val_fraction: share of each domain's documents held out (never trained on; scored by ``heldout``).
         seed: seed of data order, splits and initialisation.
@@ -381,8 +419,16 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         eval: held-out and lm-eval settings.
         decode: decode measurement settings.
         trainer: trainer YAMLs of the training stages (configs/trainer/gpu.yaml on one GPU).
+        stage_process: run each training stage as its own process (needed by multi-GPU strategies,
+            whose launcher starts one process per device with the stage's command).
         threads: torch CPU threads (None: torch's default).
     """
+    if not isinstance(getattr(torch, teacher_dtype, None), torch.dtype):
+        raise ValueError(f"teacher_dtype={teacher_dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    from datamodules import DataSource
+
+    for source in [*(extra_sources or []), *(s for group in (expert_sources or {}).values() for s in group)]:
+        DataSource(**source)  # a bad source fails here, before any work, with DataSource's message
     unknown = sorted(set(domains) - set(DOMAINS))
     if unknown or not domains:
         raise ValueError(f"domains={domains} is invalid; allowed values: a non-empty list from {', '.join(DOMAINS)}")
@@ -390,8 +436,8 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         torch.set_num_threads(threads)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"teacher": teacher, "hybrid": hybrid.to_dict(), "corpus": asdict(corpus), "seq_len": seq_len,
-                "val_fraction": val_fraction, "seed": seed,
+    settings = {"teacher": teacher, "teacher_dtype": teacher_dtype, "hybrid": hybrid.to_dict(), "corpus": asdict(corpus),
+                "extra_sources": extra_sources, "seq_len": seq_len, "val_fraction": val_fraction, "seed": seed,
                 "trainer": trainer}
     _write_json(run_dir / "pipeline.json", {**settings, "align": asdict(align), "kd": asdict(kd), "expert": asdict(expert),
                                             "domains": domains, "merge": asdict(merge), "eval": asdict(eval),
@@ -402,16 +448,20 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     started = time.perf_counter()
 
     def do_corpus(folder):
-        path = build_corpus(teacher, corpus, corpus_dir)
+        path = build_corpus(teacher, corpus, corpus_dir, teacher_dtype)
         return {"path": str(path), "domains": read_manifest(path)["domains"]}
 
-    corpus_path = Path(stage("corpus", {"teacher": teacher, "corpus": asdict(corpus), "dir": corpus_dir}, do_corpus)["path"])
-    everything = data_sources(corpus_path, ("general", *DOMAINS))
-    common = dict(teacher=teacher, seq_len=seq_len, val_fraction=val_fraction, seed=seed, tensorboard=tensorboard,
-                  trainer=trainer)
+    corpus_path = Path(stage("corpus", {"teacher": teacher, "corpus": asdict(corpus), "dir": corpus_dir, "dtype": teacher_dtype},
+                             do_corpus)["path"])
+    everything = data_sources(corpus_path, ("general", *DOMAINS)) + list(extra_sources or [])
+    unknown = sorted(set(expert_sources or {}) - set(domains))
+    if unknown:
+        raise ValueError(f"expert_sources has domains {unknown} that are not in domains={domains}")
+    common = dict(teacher=teacher, teacher_dtype=teacher_dtype, seq_len=seq_len, val_fraction=val_fraction, seed=seed, tensorboard=tensorboard,
+                  trainer=trainer, stage_process=stage_process)
 
-    converted = stage("convert", {"teacher": teacher, "hybrid": hybrid.to_dict()},
-                      lambda f: convert_stage(f, teacher, hybrid))["student"]
+    converted = stage("convert", {"teacher": teacher, "hybrid": hybrid.to_dict(), "dtype": teacher_dtype},
+                      lambda f: convert_stage(f, teacher, hybrid, teacher_dtype))["student"]
     aligned = stage("align", {**settings, "train": asdict(align)},
                     lambda f: train_stage("align", f, sources=everything, settings=align, student_ckpt=converted,
                                           **common))["student"]
@@ -420,9 +470,11 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                                             **common))["student"]
     experts = []
     for domain in domains:
-        experts.append(stage(f"expert_{domain}", {**settings, "train": asdict(expert), "domain": domain},
+        experts.append(stage(f"expert_{domain}", {**settings, "train": asdict(expert), "domain": domain,
+                                                  "sources": (expert_sources or {}).get(domain, [])},
                              lambda f, d=domain: train_stage(
-                                 "expert", f, sources=data_sources(corpus_path, (d,)), settings=expert,
+                                 "expert", f, sources=data_sources(corpus_path, (d,)) + (expert_sources or {}).get(d, []),
+                                 settings=expert,
                                  student_ckpt=distilled, extra=("--model.init_args.domain", d), **common))["student"])
 
     def do_merge(folder):
@@ -435,19 +487,20 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     merged = stage("merge", {**settings, "merge": asdict(merge), "domains": domains}, do_merge)["student"]
     students = {"converted": converted, "kd": distilled, "merged": merged}
     heldout = stage("heldout", {**settings, "blocks": eval.heldout_blocks, "students": students},
-                    lambda f: heldout_stage(f, teacher, students, everything, seq_len, val_fraction, seed, eval.heldout_blocks,
+                    lambda f: heldout_stage(f, teacher, teacher_dtype, students, everything, seq_len, val_fraction, seed, eval.heldout_blocks,
                                             eval.batch_size // 2 or 1))
     scores = {}
-    eval_settings = {"teacher": teacher, "eval": asdict(eval)}
-    scores["teacher"] = stage("eval_teacher", eval_settings, lambda f: eval_stage(f, None, teacher, eval))
+    eval_settings = {"teacher": teacher, "dtype": teacher_dtype, "eval": asdict(eval)}
+    scores["teacher"] = stage("eval_teacher", eval_settings, lambda f: eval_stage(f, None, teacher, eval, teacher_dtype))
     for name, path in students.items():
         scores[name] = stage(f"eval_{name}", {**eval_settings, "student": path, "run": settings},
-                             lambda f, p=path: eval_stage(f, p, teacher, eval))
+                             lambda f, p=path: eval_stage(f, p, teacher, eval, teacher_dtype))
     decoded = None
     if decode.prompt_length:
         decoded = stage("decode", {"teacher": teacher, "student": merged, "decode": asdict(decode), "run": settings},
                         lambda f: decode_stage(f, teacher, merged, decode))
-    md = write_pipeline_report(run_dir, scores, heldout, decoded, stage.timings, eval.target, settings)
+    md = write_pipeline_report(run_dir, scores, heldout, decoded, stage.timings, eval.target,
+                               {**settings, "limit": eval.limit})
     print("\n" + md)
     print(f"report: {run_dir / 'report.md'}; curve: {run_dir / 'win_tie.png'}; "
           f"TensorBoard: tensorboard --logdir {tensorboard}; this invocation took {time.perf_counter() - started:.0f} s")

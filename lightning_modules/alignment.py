@@ -25,7 +25,7 @@ def capture_teacher_attention(teacher, input_ids: torch.Tensor, layers: list[int
         handles.append(attn.register_forward_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
-            teacher(input_ids)
+            teacher(input_ids, logits_to_keep=1)  # the hooks need the layers, not the vocabulary-sized head
     finally:
         for h in handles:
             h.remove()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from experiments.pipeline import StageRunner, main
-from tests.fixtures import write_teacher
+from tests.fixtures import write_corpus, write_teacher
 
 STAGES = ["corpus", "convert", "align", "kd", "expert_math", "expert_code", "expert_stem", "expert_chat", "merge",
           "heldout", "eval_teacher", "eval_converted", "eval_kd", "eval_merged", "decode"]
@@ -36,15 +36,22 @@ def test_stage_runner_skips_finished_stages_and_refuses_changed_settings(tmp_pat
     assert not (tmp_path / "b" / "stage.json").exists()
 
 
-def test_unknown_domain_is_refused_before_any_work(tmp_path):
+def test_bad_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="domains.*math, code, stem, chat"):
         main(["--out", str(tmp_path / "run"), "--domains", '["math", "poetry"]'])
+    with pytest.raises(ValueError, match="DataSource.format"):
+        main(["--out", str(tmp_path / "run"), "--extra_sources", '[{"path": "x.jsonl", "format": "poem"}]'])
+    with pytest.raises(ValueError, match="teacher_dtype"):
+        main(["--out", str(tmp_path / "run"), "--teacher_dtype", "float13"])
     assert not (tmp_path / "run").exists()
 
 
 def tiny_config(root: Path) -> Path:
     teacher = write_teacher(root / "teacher")
+    own = write_corpus(root / "own")
     config = {
+        "extra_sources": [{"path": str(own["text"]), "name": "own_text"}],
+        "expert_sources": {"chat": [{"path": str(own["chat"]), "format": "chat", "name": "own_chat"}]},
         "out": str(root / "run"), "teacher": str(teacher), "corpus_dir": str(root / "corpus"),
         "hybrid": {"window": 8, "sink_tokens": 2, "chunk_size": 16}, "seq_len": 24, "val_fraction": 0.2,
         "corpus": {"code_files": 3, "code_max_chars": 1500, "general_max_topics": 6, "math_problems": 60,
@@ -99,6 +106,8 @@ def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, 
     assert set(result["scores"]) == {"teacher", "converted", "kd", "merged"}
     assert set(result["heldout"]) >= {"converted", "kd", "merged", "tokens"}
     assert list(run.glob("tensorboard/*/version_0/events.out.tfevents*")) and list(run.glob("tensorboard/report/events*"))
+    chat_args = json.loads((run / "expert_chat" / "stage.json").read_text())["settings"]["sources"]
+    assert chat_args[0]["name"] == "own_chat"
     merge = json.loads((run / "merge" / "student" / "merge.json").read_text())
     assert merge["method"] == "task_arithmetic"
 
