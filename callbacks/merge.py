@@ -8,7 +8,6 @@ run can score the merged student it points ``student_ckpt`` at).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from contextlib import ExitStack
@@ -29,11 +28,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def _tokenizer_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            h.update(name.encode() + (folder / name).read_bytes())
-    return h.hexdigest()
+    """What decides whether two students read tokens alike: vocabulary, special tokens and chat
+    template (not the files' bytes: transformers also saves load options such as local_files_only)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return "no tokenizer"
+    from transformers import AutoTokenizer
+
+    from datamodules.tokenization import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(folder)))
 
 
 def _describe(folder: Path) -> dict:

@@ -167,7 +167,7 @@ def data_sources(corpus: Path, domains: tuple[str, ...]) -> list[dict]:
     """DataSource dicts for the corpus files of ``domains`` (equal weights)."""
     manifest = read_manifest(corpus)
     return [{"path": str(corpus / manifest["domains"][d]["file"]), "name": d,
-             "format": manifest["domains"][d]["format"]} for d in domains]
+             "format": manifest["domains"][d]["format"], "weight": 1.0} for d in domains]
 
 
 def _project_path(path: str) -> str:
@@ -177,7 +177,7 @@ def _project_path(path: str) -> str:
 
 def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, sources: list[dict], seq_len: int, val_fraction: float, seed: int,
                 settings: TrainSettings, tensorboard: Path, trainer: list[str], stage_process: bool,
-                student_ckpt: str | None = None, extra: tuple[str, ...] = ()) -> dict:
+                mixture_blocks: int | None = None, student_ckpt: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     """One LightningCLI fit of ``configs/stages/<stage>.yaml`` with the ``trainer`` configs, in this
     process or (``stage_process``) as its own ``python -m experiments.run`` process; resumes from the
     stage's last.ckpt if one was saved."""
@@ -201,6 +201,8 @@ def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, s
              "--checkpoint.dirpath", str(checkpoints), "--checkpoint.save_top_k", "0",
              "--checkpoint.save_last", str(settings.checkpoint_every > 0).lower(),
              "--student_export.dirpath", str(folder / "student"), *extra]
+    if mixture_blocks:
+        args += ["--data.mixture_blocks", str(mixture_blocks)]
     if settings.checkpoint_every:
         args += ["--checkpoint.every_n_train_steps", str(settings.checkpoint_every)]
     if student_ckpt:
@@ -388,7 +390,8 @@ def _tensorboard(folder: Path, students: dict, teacher: dict, heldout: dict, fig
 def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-instruct", teacher_dtype: str = "float32",
                  hybrid: HybridConfig = HybridConfig(), corpus: CorpusConfig = CorpusConfig(),
                  corpus_dir: str | None = None, extra_sources: list[dict] | None = None,
-                 expert_sources: dict[str, list[dict]] | None = None, seq_len: int = 512, val_fraction: float = 0.05, seed: int = 0,
+                 expert_sources: dict[str, list[dict]] | None = None, mixture_blocks: int | None = None,
+                 seq_len: int = 512, val_fraction: float = 0.05, seed: int = 0,
                  align: TrainSettings = TrainSettings(steps=20, lr=1e-3, trainable="new"),
                  kd: TrainSettings = TrainSettings(steps=10, lr=1e-4),
                  expert: TrainSettings = TrainSettings(steps=3, lr=5e-5),
@@ -408,6 +411,9 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         extra_sources: your own corpora (DataSource fields: path, format, weight, ...) added to the
             alignment and KD mixture.
         expert_sources: your own corpora per domain, added to that expert's data.
+        mixture_blocks: training blocks per epoch of alignment and KD, drawn from the sources by
+            weight (equal per domain; short domains repeat); None: every block once, so the domains
+            weigh by their size.
         seq_len: tokens per training block.
         val_fraction: share of each domain's documents held out (never trained on; scored by ``heldout``).
         seed: seed of data order, splits and initialisation.
@@ -437,7 +443,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"teacher": teacher, "teacher_dtype": teacher_dtype, "hybrid": hybrid.to_dict(), "corpus": asdict(corpus),
-                "extra_sources": extra_sources, "seq_len": seq_len, "val_fraction": val_fraction, "seed": seed,
+                "extra_sources": extra_sources, "mixture_blocks": mixture_blocks, "seq_len": seq_len, "val_fraction": val_fraction, "seed": seed,
                 "trainer": trainer}
     _write_json(run_dir / "pipeline.json", {**settings, "align": asdict(align), "kd": asdict(kd), "expert": asdict(expert),
                                             "domains": domains, "merge": asdict(merge), "eval": asdict(eval),
@@ -464,10 +470,10 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                       lambda f: convert_stage(f, teacher, hybrid, teacher_dtype))["student"]
     aligned = stage("align", {**settings, "train": asdict(align)},
                     lambda f: train_stage("align", f, sources=everything, settings=align, student_ckpt=converted,
-                                          **common))["student"]
+                                          mixture_blocks=mixture_blocks, **common))["student"]
     distilled = stage("kd", {**settings, "train": asdict(kd)},
                       lambda f: train_stage("kd", f, sources=everything, settings=kd, student_ckpt=aligned,
-                                            **common))["student"]
+                                            mixture_blocks=mixture_blocks, **common))["student"]
     experts = []
     for domain in domains:
         experts.append(stage(f"expert_{domain}", {**settings, "train": asdict(expert), "domain": domain,

@@ -99,3 +99,24 @@ def test_interrupted_merge_leaves_no_merged_folder(experts, tmp_path, monkeypatc
         merge_students([experts["math"], experts["code"]], out=tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
+
+
+def test_tokenizers_saved_with_other_load_options_still_merge_but_another_vocabulary_does_not(experts, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "code_copy"
+    shutil.copytree(experts["code"], copy)
+    config_path = copy / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["local_files_only"] = not config.get("local_files_only", False)  # what an offline load saves
+    config_path.write_text(json.dumps(config))
+    merge_students([experts["math"], copy])
+    vocab_path = copy / "tokenizer.json"
+    tok = json.loads(vocab_path.read_text())
+    vocab = tok["model"]["vocab"]
+    first = next(iter(vocab))
+    vocab[first + "_renamed"] = vocab.pop(first)
+    vocab_path.write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        merge_students([experts["math"], copy])

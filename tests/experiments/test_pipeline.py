@@ -53,7 +53,7 @@ def tiny_config(root: Path) -> Path:
         "extra_sources": [{"path": str(own["text"]), "name": "own_text"}],
         "expert_sources": {"chat": [{"path": str(own["chat"]), "format": "chat", "name": "own_chat"}]},
         "out": str(root / "run"), "teacher": str(teacher), "corpus_dir": str(root / "corpus"),
-        "hybrid": {"window": 8, "sink_tokens": 2, "chunk_size": 16}, "seq_len": 24, "val_fraction": 0.2,
+        "hybrid": {"window": 8, "sink_tokens": 2, "chunk_size": 16}, "seq_len": 24, "val_fraction": 0.2, "mixture_blocks": 40,
         "corpus": {"code_files": 3, "code_max_chars": 1500, "general_max_topics": 6, "math_problems": 60,
                    "stem_prompts": 12, "chat_prompts": 12, "answer_tokens": 8, "generation_batch_size": 6},
         "align": {"steps": 2, "batch_size": 2, "lr": 1.0e-3, "trainable": "new"},
@@ -104,6 +104,13 @@ def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, 
     report = (run / "report.md").read_text()
     assert "| xd_arith_mc |" in report and "alpha*" in report and "ms/token" in report
     assert set(result["scores"]) == {"teacher", "converted", "kd", "merged"}
+    # the report's numbers are those of the eval stages' own score files
+    from callbacks import critical_tolerance
+
+    stage_scores = {n: json.loads((run / f"eval_{n}" / "scores.json").read_text()) for n in result["scores"]}
+    summary = json.loads((run / "scores.json").read_text())
+    assert summary["student"] == stage_scores["merged"] and summary["teacher"] == stage_scores["teacher"]
+    assert summary["alpha_star"] == critical_tolerance(stage_scores["merged"], stage_scores["teacher"])
     assert set(result["heldout"]) >= {"converted", "kd", "merged", "tokens"}
     assert list(run.glob("tensorboard/*/version_0/events.out.tfevents*")) and list(run.glob("tensorboard/report/events*"))
     chat_args = json.loads((run / "expert_chat" / "stage.json").read_text())["settings"]["sources"]

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.losses import (
-    IGNORE, alignment_mse, cross_entropy, dense_kd_loss, frobenius_alignment_loss, next_token_targets,
-    sparse_kd_loss, teacher_topk,
+    IGNORE, alignment_mse, cross_entropy, dense_kd_loss, frobenius_alignment_loss, heldout_metrics,
+    next_token_targets, sparse_kd_loss, teacher_topk,
 )
 
 
@@ -81,3 +81,23 @@ def test_frobenius_and_alignment_mse_formulas():
     assert alignment_mse([a, b], [b, b]).item() == pytest.approx((((a - b) ** 2).mean() / 2).item(), rel=1e-6)
     with pytest.raises(ValueError, match="one teacher output per student layer"):
         alignment_mse([a], [a, b])
+
+
+def test_heldout_metrics_against_per_position_hand_computation():
+    s, t = logits_pair(V=7, seed=3)
+    targets = torch.tensor([[1, 2, IGNORE, 4, 0], [IGNORE, IGNORE, 6, 5, 3]])
+    m = heldout_metrics(s, t, targets)
+    kept = [(b, i) for b in range(2) for i in range(5) if targets[b, i] != IGNORE]
+    s_ce = [-math.log(math.exp(s[b, i, targets[b, i]]) / sum(math.exp(x) for x in s[b, i].tolist())) for b, i in kept]
+    t_ce = [-math.log(math.exp(t[b, i, targets[b, i]]) / sum(math.exp(x) for x in t[b, i].tolist())) for b, i in kept]
+    kls, agree = [], []
+    for b, i in kept:
+        p = [math.exp(x) for x in t[b, i].tolist()]
+        q = [math.exp(x) for x in s[b, i].tolist()]
+        p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
+        kls.append(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)))
+        agree.append(float(max(range(7), key=lambda v: p[v]) == max(range(7), key=lambda v: q[v])))
+    for name, expected in (("student_ce", s_ce), ("teacher_ce", t_ce), ("kl_teacher_student", kls),
+                           ("top1_agreement", agree)):
+        assert float(m[name]) == pytest.approx(sum(expected) / len(expected), rel=1e-5), name
+    assert heldout_metrics(s, t, torch.full_like(targets, IGNORE)) == {}
