@@ -157,17 +157,20 @@ def math_problem(rng: random.Random, excluded: set[tuple[int, str, int]]) -> dic
         name, (thing, box) = rng.choice(NAMES), rng.choice(ITEMS)
         have, n, per = rng.randint(2, 40), rng.randint(2, 9), rng.randint(2, 12)
         q = f"{name} has {have} {thing} and buys {n} {box} with {per} {thing} each. How many {thing} does {name} have now?"
-        work, ans = f"The {box} hold {n} * {per} = {n * per} {thing}. Then {have} + {n * per} = {have + n * per}.", have + n * per
+        ans = have + n * per
+        work = f"The {box} hold {n} * {per} = {n * per} {thing}. Then {have} + {n * per} = {ans}."
     elif kind == "change":
         price, count, paid = rng.randint(2, 15), rng.randint(2, 6), rng.choice([50, 100])
         total = price * count
         q = f"A notebook costs {price} dollars. How much change do you get from {paid} dollars for {count} notebooks?"
-        work, ans = f"{count} notebooks cost {count} * {price} = {total} dollars. The change is {paid} - {total} = {paid - total} dollars.", paid - total
+        ans = paid - total
+        work = f"{count} notebooks cost {count} * {price} = {total} dollars. The change is {paid} - {total} = {ans} dollars."
     elif kind == "share":
         people, each = rng.randint(2, 9), rng.randint(3, 15)
         left = rng.randint(0, people - 1)
         total = people * each + left
-        q = f"{total} sweets are shared equally among {people} children. How many does each child get, and how many are left over?"
+        q = (f"{total} sweets are shared equally among {people} children. "
+             "How many does each child get, and how many are left over?")
         work = f"{total} = {people} * {each} + {left}, so each child gets {each} and {left} are left over."
         ans = each
     elif kind == "percent":

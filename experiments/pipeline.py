@@ -175,7 +175,8 @@ def _project_path(path: str) -> str:
     return str(path if Path(path).is_absolute() else PROJECT / path)
 
 
-def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, sources: list[dict], seq_len: int, val_fraction: float, seed: int,
+def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, sources: list[dict], seq_len: int,
+                val_fraction: float, seed: int,
                 settings: TrainSettings, tensorboard: Path, trainer: list[str], stage_process: bool,
                 mixture_blocks: int | None = None, student_ckpt: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     """One LightningCLI fit of ``configs/stages/<stage>.yaml`` with the ``trainer`` configs, in this
@@ -238,15 +239,16 @@ def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig, dtype: str) 
 
 @torch.no_grad()
 def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, str], sources: list[dict], seq_len: int,
-                  val_fraction: float, seed: int, blocks: int, batch_size: int) -> dict:
+                  val_fraction: float, seed: int, blocks: int) -> dict:
     """Cross-entropy of the teacher and each student on the same held-out blocks of every domain,
     with KL(teacher || student) and top-1 agreement (the training stages' validation metrics)."""
     from datamodules import DataSource, TextDataModule
     from lightning_modules.losses import IGNORE, heldout_metrics, next_token_targets
     from models import load_student, load_teacher
 
-    data = TextDataModule(tokenizer=teacher, sources=[DataSource(**s) for s in sources], seq_len=seq_len,
-                          batch_size=batch_size, seed=seed, val_fraction=val_fraction, max_val_blocks=blocks)
+    # two blocks per batch: each batch holds vocabulary-sized logits of the teacher and a student
+    data = TextDataModule(tokenizer=teacher, sources=[DataSource(**s) for s in sources], seq_len=seq_len, batch_size=2,
+                          seed=seed, val_fraction=val_fraction, max_val_blocks=blocks)
     data.setup("validate")
     device = _device()
     teacher_model = load_teacher(teacher, dtype=getattr(torch, dtype), device=device)
@@ -438,13 +440,16 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     unknown = sorted(set(domains) - set(DOMAINS))
     if unknown or not domains:
         raise ValueError(f"domains={domains} is invalid; allowed values: a non-empty list from {', '.join(DOMAINS)}")
+    unknown = sorted(set(expert_sources or {}) - set(domains))
+    if unknown:
+        raise ValueError(f"expert_sources has domains {unknown} that are not in domains={domains}")
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"teacher": teacher, "teacher_dtype": teacher_dtype, "hybrid": hybrid.to_dict(), "corpus": asdict(corpus),
-                "extra_sources": extra_sources, "mixture_blocks": mixture_blocks, "seq_len": seq_len, "val_fraction": val_fraction, "seed": seed,
-                "trainer": trainer}
+                "extra_sources": extra_sources, "mixture_blocks": mixture_blocks, "seq_len": seq_len,
+                "val_fraction": val_fraction, "seed": seed, "trainer": trainer}
     _write_json(run_dir / "pipeline.json", {**settings, "align": asdict(align), "kd": asdict(kd), "expert": asdict(expert),
                                             "domains": domains, "merge": asdict(merge), "eval": asdict(eval),
                                             "decode": asdict(decode)})
@@ -457,14 +462,11 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         path = build_corpus(teacher, corpus, corpus_dir, teacher_dtype)
         return {"path": str(path), "domains": read_manifest(path)["domains"]}
 
-    corpus_path = Path(stage("corpus", {"teacher": teacher, "corpus": asdict(corpus), "dir": corpus_dir, "dtype": teacher_dtype},
-                             do_corpus)["path"])
+    corpus_settings = {"teacher": teacher, "corpus": asdict(corpus), "dir": corpus_dir, "dtype": teacher_dtype}
+    corpus_path = Path(stage("corpus", corpus_settings, do_corpus)["path"])
     everything = data_sources(corpus_path, ("general", *DOMAINS)) + list(extra_sources or [])
-    unknown = sorted(set(expert_sources or {}) - set(domains))
-    if unknown:
-        raise ValueError(f"expert_sources has domains {unknown} that are not in domains={domains}")
-    common = dict(teacher=teacher, teacher_dtype=teacher_dtype, seq_len=seq_len, val_fraction=val_fraction, seed=seed, tensorboard=tensorboard,
-                  trainer=trainer, stage_process=stage_process)
+    common = dict(teacher=teacher, teacher_dtype=teacher_dtype, seq_len=seq_len, val_fraction=val_fraction, seed=seed,
+                  tensorboard=tensorboard, trainer=trainer, stage_process=stage_process)
 
     converted = stage("convert", {"teacher": teacher, "hybrid": hybrid.to_dict(), "dtype": teacher_dtype},
                       lambda f: convert_stage(f, teacher, hybrid, teacher_dtype))["student"]
@@ -476,11 +478,10 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                                             mixture_blocks=mixture_blocks, **common))["student"]
     experts = []
     for domain in domains:
-        experts.append(stage(f"expert_{domain}", {**settings, "train": asdict(expert), "domain": domain,
-                                                  "sources": (expert_sources or {}).get(domain, [])},
-                             lambda f, d=domain: train_stage(
-                                 "expert", f, sources=data_sources(corpus_path, (d,)) + (expert_sources or {}).get(d, []),
-                                 settings=expert,
+        own = (expert_sources or {}).get(domain, [])
+        experts.append(stage(f"expert_{domain}", {**settings, "train": asdict(expert), "domain": domain, "sources": own},
+                             lambda f, d=domain, own=own: train_stage(
+                                 "expert", f, sources=data_sources(corpus_path, (d,)) + own, settings=expert,
                                  student_ckpt=distilled, extra=("--model.init_args.domain", d), **common))["student"])
 
     def do_merge(folder):
@@ -493,8 +494,8 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     merged = stage("merge", {**settings, "merge": asdict(merge), "domains": domains}, do_merge)["student"]
     students = {"converted": converted, "kd": distilled, "merged": merged}
     heldout = stage("heldout", {**settings, "blocks": eval.heldout_blocks, "students": students},
-                    lambda f: heldout_stage(f, teacher, teacher_dtype, students, everything, seq_len, val_fraction, seed, eval.heldout_blocks,
-                                            eval.batch_size // 2 or 1))
+                    lambda f: heldout_stage(f, teacher, teacher_dtype, students, everything, seq_len, val_fraction, seed,
+                                            eval.heldout_blocks))
     scores = {}
     eval_settings = {"teacher": teacher, "dtype": teacher_dtype, "eval": asdict(eval)}
     scores["teacher"] = stage("eval_teacher", eval_settings, lambda f: eval_stage(f, None, teacher, eval, teacher_dtype))
