@@ -124,10 +124,12 @@ def cached_teacher_scores(teacher, tokenizer, tasks: list[str], include_path=Non
                           cache_dir: Path | None = None) -> dict[str, float]:
     """The teacher's scores, computed once per (teacher weights, tasks, few-shot, limit, context
     length) and kept under <cache>/eval: every student of that teacher is compared with them."""
+    from datamodules.eval_suite import SUITE_VERSION
     from datamodules.topk_cache import teacher_fingerprint
     from models.teacher import cache_dir as default_cache
 
-    payload = [teacher_fingerprint(teacher), list(tasks), include_path, num_fewshot, limit, max_length]
+    # the suite's version too: a rebuilt suite (new items) must not reuse old scores
+    payload = [teacher_fingerprint(teacher), list(tasks), include_path, num_fewshot, limit, max_length, SUITE_VERSION]
     key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir or default_cache()) / "eval" / f"teacher-{key}.json"
     if path.is_file():
