@@ -127,3 +127,20 @@ def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, 
     # changed settings on a finished run are refused, naming the stage
     with pytest.raises(ValueError, match="stage 'kd'.*train"):
         main(["--config", str(config), "--kd.steps", "3"])
+
+
+@pytest.mark.slow
+def test_a_training_stage_runs_as_its_own_process(tmp_path, monkeypatch):
+    """stage_process: the stage is `python -m experiments.run fit ...`, as multi-GPU launchers need."""
+    from experiments.pipeline import TrainSettings, train_stage
+
+    monkeypatch.setenv("XDISTILL_CACHE", str(tmp_path / "cache"))
+    teacher = write_teacher(tmp_path / "teacher")
+    own = write_corpus(tmp_path / "own")
+    result = train_stage("align", tmp_path / "align", teacher=str(teacher), teacher_dtype="float32",
+                         sources=[{"path": str(own["text"])}], seq_len=16, val_fraction=0.1, seed=0,
+                         settings=TrainSettings(steps=2, batch_size=2, lr=1e-3), tensorboard=tmp_path / "tb",
+                         trainer=["configs/trainer/cpu.yaml"], stage_process=True)
+    assert result["student"] == str(tmp_path / "align" / "student")
+    assert (tmp_path / "align" / "student" / "model.safetensors").is_file()
+    assert list((tmp_path / "tb" / "align" / "version_0").glob("events.out.tfevents*"))
