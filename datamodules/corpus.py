@@ -317,12 +317,11 @@ def _document_text(doc: dict) -> str:
 def eval_overlaps(documents: list[dict], signatures: list[tuple[str, str]] | None = None) -> list[tuple[int, str]]:
     """(document index, eval task) for every training document that contains an eval item."""
     signatures = _suite_signatures() if signatures is None else signatures
+    normalised = [(task, re.sub(r"\s+", " ", sig)) for task, sig in signatures]
     found = []
     for i, doc in enumerate(documents):
         text = re.sub(r"\s+", " ", _document_text(doc))
-        for task, sig in signatures:
-            if re.sub(r"\s+", " ", sig) in text:
-                found.append((i, task))
+        found.extend((i, task) for task, sig in normalised if sig in text)
     return found
 
 
@@ -379,6 +378,10 @@ def build_corpus(teacher: str, cfg: CorpusConfig | None = None, out_dir: str | P
         teacher_id = "no-teacher-answers"
     root = Path(out_dir) if out_dir else cache_dir() / "corpus" / f"v{CORPUS_VERSION}-{corpus_fingerprint(cfg, teacher_id)}"
     if (root / MANIFEST).is_file():
+        built = read_manifest(root)
+        if built["config"] != asdict(cfg) or built["teacher_fingerprint"] != teacher_id:
+            raise ValueError(f"{root} holds a corpus built with other settings or another teacher "
+                             f"({built['teacher']}); choose another folder or delete it to rebuild")
         return root
     root.mkdir(parents=True, exist_ok=True)
     signatures = _suite_signatures()

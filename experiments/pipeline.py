@@ -242,6 +242,8 @@ def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, st
                   val_fraction: float, seed: int, blocks: int) -> dict:
     """Cross-entropy of the teacher and each student on the same held-out blocks of every domain,
     with KL(teacher || student) and top-1 agreement (the training stages' validation metrics)."""
+    from tqdm import tqdm
+
     from datamodules import DataSource, TextDataModule
     from lightning_modules.losses import IGNORE, heldout_metrics, next_token_targets
     from models import load_student, load_teacher
@@ -255,8 +257,6 @@ def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, st
     models = {name: load_student(path).eval().to(device) for name, path in students.items()}
     sums = {name: {} for name in models}
     tokens = 0
-    from tqdm import tqdm
-
     for batch in tqdm(data.val_dataloader(), desc="held-out blocks", unit="batch"):
         ids, targets = batch["input_ids"].to(device), next_token_targets(batch["labels"]).to(device)
         n = int((targets != IGNORE).sum())

@@ -137,6 +137,10 @@ def test_build_is_cached_and_resumes_at_the_missing_domain(tiny_teacher_dir, tmp
         if d != "chat":
             assert (out / f"{d}.jsonl").stat().st_mtime_ns == stamps[d], d
     assert (out / "chat.jsonl").read_text().count("\n") == manifest["domains"]["chat"]["documents"]
+    # the same folder for other settings is refused, not silently reused
+    other = C.CorpusConfig(**{**C.asdict(TINY), "math_problems": 41})
+    with pytest.raises(ValueError, match="other settings"):
+        C.build_corpus(str(tiny_teacher_dir), other, tmp_path / "corpus")
 
 
 def test_bad_corpus_settings_and_missing_corpus_are_named(tmp_path):
