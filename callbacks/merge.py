@@ -19,7 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models import load_student
-from models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, _read_config, atomic_directory_write, skeleton_from_folder
+from models.checkpoint import (
+    CONFIG_NAME, WEIGHTS_NAME, _read_config, atomic_directory_write, family_section, skeleton_from_folder,
+)
 
 METHODS = ("mean", "task_arithmetic", "ties")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -51,7 +53,10 @@ def check_compatible(paths: list[Path]) -> None:
     ref_path, ref = paths[0], _describe(paths[0])
     for path in paths[1:]:
         other = _describe(path)
-        for section in ("hybrid_config", "teacher_config"):
+        mine, theirs = ref["config"].get("family", "hybrid"), other["config"].get("family", "hybrid")
+        if mine != theirs:
+            raise ValueError(f"cannot merge {path} with {ref_path}: one is a {theirs} student, the other a {mine} student")
+        for section in (family_section(ref["config"]), "teacher_config"):
             a, b = ref["config"][section], other["config"][section]
             for key in sorted(set(a) | set(b)):
                 if key in ("_name_or_path", "transformers_version", "architectures"):
@@ -102,7 +107,7 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
         scale: lambda of task arithmetic / TIES.
         density: share of each task vector TIES keeps.
     Returns:
-        the merged student (a HybridStudent).
+        the merged student (of the experts' family).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not supported; allowed values: {', '.join(METHODS)}")

@@ -86,7 +86,6 @@ def measure(
     torch.set_num_threads(threads)
     model = load_teacher(teacher, attn_implementation="sdpa")
     student = load_student(student).eval() if student else convert_to_hybrid(model, hybrid).eval()
-    hybrid = student.hybrid_config
     gen = torch.Generator().manual_seed(0)
     rows = []
     for T in prompt_lengths:
@@ -99,7 +98,7 @@ def measure(
     header = (f"{'prompt':>7} {'teacher ms/tok':>15} {'student ms/tok':>15} {'speedup':>8} "
               f"{'teacher KV MB':>14} {'student state MB':>17} {'teacher prefill s':>18} {'student prefill s':>18}")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {threads}, "
-          f"batch {batch_size}, hybrid {hybrid.mode}/{hybrid.combine} window {hybrid.window} sinks {hybrid.sink_tokens}")
+          f"batch {batch_size}, student {student.describe()}")
     print(header)
     for r in rows:
         print(f"{r['prompt']:>7} {r['teacher_ms_per_token']:>15.1f} {r['student_ms_per_token']:>15.1f} "

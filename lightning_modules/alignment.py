@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from models import HybridAttention
+from models import HybridAttention, HybridStudent
 
 from .base import DistillationModule
 from .losses import alignment_mse
@@ -35,6 +35,22 @@ def capture_teacher_attention(teacher, input_ids: torch.Tensor, layers: list[int
 class AlignmentModule(DistillationModule):
     """Teacher frozen; each student hybrid layer gets the teacher's layer input and is trained to
     match the teacher's attention output. Trainable: ``new`` (default), ``attention`` or ``all``."""
+
+    def configure_model(self) -> None:
+        if self.student is not None:
+            return
+        if self.hparams.student_family == "distil_xlstm" and not self.hparams.student_ckpt:
+            raise ValueError(self._no_layers_message("student_family='distil_xlstm'"))
+        super().configure_model()
+        if not isinstance(self.student, HybridStudent):
+            raise ValueError(self._no_layers_message(f"model.student_ckpt={self.hparams.student_ckpt!r} "
+                                                     f"(a {self.student.family} student)"))
+
+    @staticmethod
+    def _no_layers_message(what: str) -> str:
+        return (f"AlignmentModule aligns hybrid layers with the teacher's attention layers, but {what} has none; "
+                "train a Distil-xLSTM student with SparseKDModule (its beta schedule adds the Frobenius "
+                "hidden-state term)")
 
     def fsdp_units(self, model):
         # training calls the student's attention modules directly, so they are the units

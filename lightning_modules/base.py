@@ -10,12 +10,17 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from models import HybridConfig, HybridStudent, convert_to_hybrid, load_student, load_teacher
+from models import (
+    DistilXLSTMConfig, DistilXLSTMStudent, HybridConfig, HybridStudent, StudentLM, convert_to_hybrid,
+    distil_xlstm_from_teacher, load_student, load_teacher,
+)
+from models.distil_xlstm import student_skeleton
 from models.student import check_student_matches_teacher, student_from_config
 
 from .losses import IGNORE, heldout_metrics, next_token_targets
 
 TRAINABLE = ("new", "attention", "all")
+STUDENT_FAMILIES = ("hybrid", "distil_xlstm")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -34,8 +39,12 @@ class DistillationModule(L.LightningModule):
                  hybrid: HybridConfig = HybridConfig(), trainable: str = "new", lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 10, min_lr_ratio: float = 0.1,
                  teacher_dtype: str = "float32", trust_remote_code: bool = False,
-                 fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False):
+                 fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False,
+                 student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig()):
         super().__init__()
+        if student_family not in STUDENT_FAMILIES:
+            raise ValueError(f"student_family={student_family!r} is not supported; allowed values: "
+                             f"{', '.join(STUDENT_FAMILIES)}")
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable={trainable!r} is not supported; allowed values: {', '.join(TRAINABLE)}")
         if not isinstance(getattr(torch, teacher_dtype, None), torch.dtype):
@@ -43,11 +52,13 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters()
         # hparams keep plain dicts (for checkpoints and TensorBoard); the module uses the objects
         self.hybrid_config = hybrid if isinstance(hybrid, HybridConfig) else HybridConfig.from_dict(dict(hybrid))
+        self.distil_config = (distil_xlstm if isinstance(distil_xlstm, DistilXLSTMConfig)
+                              else DistilXLSTMConfig.from_dict(dict(distil_xlstm)))
         self.plain_hparams()
         # The teacher is deliberately not a registered submodule: it is frozen, reloads from its
         # source, and so stays out of checkpoints, the optimizer and DDP; the module places it.
         self._teacher: list = []
-        self.student: HybridStudent | None = None
+        self.student: StudentLM | None = None
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in (
             "student_ce", "teacher_ce", "kl_teacher_student", "top1_agreement")})
 
@@ -69,10 +80,15 @@ class DistillationModule(L.LightningModule):
         if hp.student_ckpt:
             self.student = load_student(hp.student_ckpt)
             check_student_matches_teacher(self.student, self.teacher, source=hp.student_ckpt)
+        elif hp.student_family == "distil_xlstm":
+            self.student = distil_xlstm_from_teacher(self.teacher, self.distil_config)
         else:
             self.student = convert_to_hybrid(self.teacher, self.hybrid_config)
         self.student.train()
         self.select_trainable()
+        if hp.activation_checkpointing and isinstance(self.student, DistilXLSTMStudent):
+            raise ValueError("activation_checkpointing is implemented for hybrid students (transformers' decoder "
+                             "layers); a Distil-xLSTM student is small enough to train without it: set it to false")
         if hp.activation_checkpointing:
             # recompute each decoder layer in backward (transformers' GradientCheckpointingLayer)
             self.student.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -105,6 +121,8 @@ class DistillationModule(L.LightningModule):
 
     def fsdp_units(self, model) -> list[torch.nn.Module]:
         """Modules that become FSDP units (before the root): the decoder layers."""
+        if isinstance(model, DistilXLSTMStudent):
+            return list(model.backbone.blocks)
         base = model.lm.model if isinstance(model, HybridStudent) else model.model
         return list(base.layers)
 
@@ -124,7 +142,9 @@ class DistillationModule(L.LightningModule):
     def select_trainable(self) -> None:
         mode = self.hparams.trainable
         self.student.requires_grad_(mode == "all")
-        if mode == "attention":
+        # a Distil-xLSTM student has no teacher attention: its "new" parameters are the xLSTM blocks,
+        # and only "all" also trains the copied embedding and head
+        if mode == "attention" and isinstance(self.student, HybridStudent):
             for layer in self.student.lm.model.layers:
                 layer.self_attn.requires_grad_(True)
         for _, p in self.student.new_parameters():
@@ -133,7 +153,7 @@ class DistillationModule(L.LightningModule):
     def trainable_parameters(self):
         return [p for p in self.student.parameters() if p.requires_grad]
 
-    def export_student(self) -> HybridStudent | None:
+    def export_student(self) -> StudentLM | None:
         """The student as it should be saved: a plain, unsharded module. Under FSDP every rank must
         call this (it gathers the full weights); rank 0 gets the student, the others None."""
         if not self.sharded:
@@ -143,8 +163,11 @@ class DistillationModule(L.LightningModule):
         full = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.trainer.is_global_zero:
             return None
-        plain = student_from_config(self.student.config, self.student.hybrid_config,
-                                    next(iter(full.values())).dtype)
+        dtype = next(iter(full.values())).dtype
+        if isinstance(self.student, DistilXLSTMStudent):
+            plain = student_skeleton(self.student.config, self.student.distil_config, dtype)
+        else:
+            plain = student_from_config(self.student.config, self.student.hybrid_config, dtype)
         plain.load_state_dict(full)
         return plain.eval()
 

@@ -8,7 +8,7 @@ import copy
 
 import torch
 
-from models import HybridConfig
+from models import DistilXLSTMConfig, DistilXLSTMStudent, HybridConfig
 
 from .base import DistillationModule
 from .losses import (
@@ -45,7 +45,8 @@ class SparseKDModule(DistillationModule):
                  alpha: Schedule = Schedule("constant", 0.5), beta: Schedule = Schedule("constant", 0.0),
                  lora_rank: int = 0, lora_alpha: float = 16.0,
                  lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],
-                 fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False):
+                 fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False,
+                 student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig()):
         """
         Args:
             top_k: teacher tokens kept per position (None: dense KL over the vocabulary).
@@ -56,9 +57,13 @@ class SparseKDModule(DistillationModule):
                 freeze); merged into the weights when the student is saved.
             fsdp_param_dtype: under FSDP, the dtype parameters are gathered in (e.g. bfloat16).
             activation_checkpointing: recompute decoder layers in backward to save memory.
+            student_family: ``hybrid`` (convert the teacher with ``hybrid``) or ``distil_xlstm`` (a pure
+                xLSTM student built with ``distil_xlstm``); ignored with ``student_ckpt``.
+            distil_xlstm: the Distil-xLSTM student's configuration.
         """
         super().__init__(teacher, student_ckpt, hybrid, trainable, lr, weight_decay, warmup_steps, min_lr_ratio,
-                         teacher_dtype, trust_remote_code, fsdp_param_dtype, activation_checkpointing)
+                         teacher_dtype, trust_remote_code, fsdp_param_dtype, activation_checkpointing,
+                         student_family, distil_xlstm)
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} is invalid; allowed values: an integer >= 1, or null for dense KL")
         self.save_hyperparameters()
@@ -74,6 +79,9 @@ class SparseKDModule(DistillationModule):
         if hp.top_k is not None and hp.top_k > self.teacher.config.vocab_size:
             raise ValueError(f"model.top_k={hp.top_k} is larger than the teacher's vocabulary "
                              f"({self.teacher.config.vocab_size}); allowed values: 1..{self.teacher.config.vocab_size}")
+        if hp.lora_rank > 0 and isinstance(self.student, DistilXLSTMStudent):
+            raise ValueError("lora_rank > 0 adapts the teacher's attention projections of a hybrid student; a "
+                             "Distil-xLSTM student has none: set model.lora_rank to 0")
         if hp.lora_rank > 0:
             from peft import LoraConfig, inject_adapter_in_model
 

@@ -1,7 +1,8 @@
 """Saving and loading students: a folder with model.safetensors, config.json and the tokenizer.
 
 The folder reloads without the teacher and without ``trust_remote_code``: config.json holds the
-teacher's model config (to rebuild the skeleton with ``transformers``) and the HybridConfig.
+teacher's model config (to rebuild the skeleton with ``transformers``), the student family
+(``hybrid`` or ``distil_xlstm``; folders without one are hybrid) and that family's config.
 Writes are atomic: everything goes to a temporary sibling folder that is renamed into place.
 """
 
@@ -23,6 +24,13 @@ FORMAT = "xdistill-hybrid-student"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# student family -> the config.json field holding its configuration
+FAMILY_SECTIONS = {"hybrid": "hybrid_config", "distil_xlstm": "distil_xlstm_config"}
+
+
+def family_section(config: dict) -> str:
+    """The config.json field that holds a saved student's family configuration."""
+    return FAMILY_SECTIONS[config.get("family", "hybrid")]
 
 
 def atomic_directory_write(path: Path, write) -> Path:
@@ -64,18 +72,21 @@ def atomic_file_write(path, write) -> Path:
 
 
 def save_student(student, path, tokenizer=None) -> Path:
-    """Write ``student`` (a HybridStudent) to the folder ``path``; the tokenizer (argument, or
-    ``student.tokenizer``) is saved beside it when there is one."""
+    """Write ``student`` (a HybridStudent or DistilXLSTMStudent) to the folder ``path``; the tokenizer
+    (argument, or ``student.tokenizer``) is saved beside it when there is one."""
     tokenizer = tokenizer if tokenizer is not None else getattr(student, "tokenizer", None)
     dtype = next(student.parameters()).dtype
 
     def write(tmp: Path):
         save_model(student, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
+        family = student.family
+        family_config = student.hybrid_config if family == "hybrid" else student.distil_config
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "family": family,
             "dtype": str(dtype).replace("torch.", ""),
-            "hybrid_config": student.hybrid_config.to_dict(),
+            FAMILY_SECTIONS[family]: family_config.to_dict(),
             "teacher_config": student.config.to_dict(),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
@@ -100,7 +111,10 @@ def _read_config(path: Path) -> dict:
             f"{cfg_file}: field 'format' is {config.get('format') if isinstance(config, dict) else None!r}, "
             f"expected {FORMAT!r} (is this a plain Hugging Face model? load it with models.load_teacher)"
         )
-    for key in ("teacher_config", "hybrid_config"):
+    family = config.get("family", "hybrid")
+    if family not in FAMILY_SECTIONS:
+        raise ValueError(f"{cfg_file}: field 'family' is {family!r}; allowed values: {', '.join(FAMILY_SECTIONS)}")
+    for key in ("teacher_config", FAMILY_SECTIONS[family]):
         if not isinstance(config.get(key), dict):
             raise ValueError(f"{cfg_file}: field {key!r} is missing or not an object")
     if "model_type" not in config["teacher_config"]:
@@ -133,7 +147,6 @@ def skeleton_from_folder(path) -> tuple:
     path = Path(path)
     config = _read_config(path)
     cfg_file = path / CONFIG_NAME
-    hybrid_cfg = HybridConfig.from_dict(config["hybrid_config"], source=str(cfg_file))
     teacher_cfg = dict(config["teacher_config"])
     model_type = teacher_cfg.pop("model_type")
     try:
@@ -144,6 +157,12 @@ def skeleton_from_folder(path) -> tuple:
     saved_dtype = getattr(torch, config.get("dtype", "float32"), None)
     if not isinstance(saved_dtype, torch.dtype):
         raise ValueError(f"{cfg_file}: field 'dtype'={config.get('dtype')!r} is not a torch dtype")
+    if config.get("family", "hybrid") == "distil_xlstm":
+        from .distil_xlstm import DistilXLSTMConfig, student_skeleton
+
+        distil_cfg = DistilXLSTMConfig.from_dict(config["distil_xlstm_config"], source=str(cfg_file))
+        return student_skeleton(hf_config, distil_cfg, saved_dtype), config
+    hybrid_cfg = HybridConfig.from_dict(config["hybrid_config"], source=str(cfg_file))
     return student_from_config(hf_config, hybrid_cfg, saved_dtype), config
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .state import DecodeState
-from .student import HybridStudent
+from .student import StudentLM
 
 
 def _next_token(logits, do_sample, temperature, top_p, generator):
@@ -25,7 +25,7 @@ def _next_token(logits, do_sample, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def prefill(model: HybridStudent, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+def prefill(model: StudentLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """Run the prompt through the chunkwise form and return (last logits [B, V], DecodeState).
 
     Rows of a left- or right-padded batch are prefilled unpadded, grouped by length, and their
@@ -72,7 +72,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, do_
     eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
-    if not isinstance(model, HybridStudent):
+    if not isinstance(model, StudentLM):
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos_token_id,
                       pad_token_id=pad_token_id, attention_mask=attention_mask)
         if do_sample:

@@ -57,13 +57,61 @@ def _left_align(attention_mask: torch.Tensor):
     return gather, scatter, lengths
 
 
-class HybridStudent(nn.Module):
+class StudentLM(nn.Module):
+    """What every student family shares: the Hugging Face-style call (padding, labels, hidden
+    states, ``logits_to_keep``) and recurrent decoding through ``decode_state``. A family implements
+    ``_forward_unpadded``, ``new_decode_state``, ``new_parameters`` and ``config``."""
+
+    family = "student"
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, decode_state: DecodeState | None = None,
+                labels=None, output_hidden_states: bool = False, use_cache: bool | None = None,
+                return_dict: bool | None = None, logits_to_keep: int = 0):
+        # use_cache / return_dict are accepted so Hugging Face-style callers work unchanged: the
+        # output is always a ModelOutput, and decoding state travels in ``decode_state``.
+        # logits_to_keep (as in Hugging Face): 0 computes logits at every position, n > 0 only at
+        # the last n; a prefill needs one row of the vocabulary-sized head, not T.
+        if logits_to_keep and labels is not None:
+            raise ValueError("logits_to_keep and labels cannot be combined: the loss needs every position's logits")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            if decode_state is not None:
+                raise ValueError("decode_state with a padded attention_mask is not supported; use models.generate")
+            gather, scatter, _ = _left_align(attention_mask)
+            if logits_to_keep:
+                raise ValueError("logits_to_keep needs an unpadded batch; use models.generate for padded prompts")
+            out = self._forward_unpadded(input_ids.gather(1, gather), None, output_hidden_states, 0)
+            index = scatter.unsqueeze(-1)
+            logits = out.logits.gather(1, index.expand(-1, -1, out.logits.shape[-1]))
+            hidden = None
+            if out.hidden_states is not None:
+                hidden = tuple(h.gather(1, index.expand(-1, -1, h.shape[-1])) for h in out.hidden_states)
+            loss = self._loss(logits, labels, attention_mask) if labels is not None else None
+            return HybridCausalLMOutput(loss=loss, logits=logits, hidden_states=hidden)
+        out = self._forward_unpadded(input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids)
+        if labels is not None:
+            out.loss = self._loss(out.logits, labels, attention_mask)
+        return out
+
+    def _forward_unpadded(self, input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids=None):
+        raise NotImplementedError(f"{type(self).__name__} must implement _forward_unpadded")
+
+    @staticmethod
+    def _loss(logits, labels, attention_mask):
+        labels = labels.clone()
+        if attention_mask is not None:
+            labels[~attention_mask.bool()] = -100
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class HybridStudent(StudentLM):
     """Causal LM whose attention layers are ``HybridAttention`` (or kept ``FullAttention``).
 
     ``student(input_ids, attention_mask=None).logits`` is [B, T, vocab] like a Hugging Face
     causal LM. ``decode_state`` (``DecodeState.new(num_layers)``) turns on stateful prefill and
     recurrent steps; see ``models.generate``.
     """
+
+    family = "hybrid"
 
     def __init__(self, lm: nn.Module, hybrid_config: HybridConfig):
         super().__init__()
@@ -91,30 +139,11 @@ class HybridStudent(nn.Module):
     def new_decode_state(self) -> DecodeState:
         return DecodeState.new(self.num_layers)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, decode_state: DecodeState | None = None,
-                labels=None, output_hidden_states: bool = False, use_cache: bool | None = None,
-                return_dict: bool | None = None, logits_to_keep: int = 0):
-        # use_cache / return_dict are accepted so Hugging Face-style callers work unchanged: the
-        # output is always a ModelOutput, and decoding state travels in ``decode_state``.
-        # logits_to_keep (as in Hugging Face): 0 computes logits at every position, n > 0 only at
-        # the last n; a prefill needs one row of the vocabulary-sized head, not T.
-        if logits_to_keep and labels is not None:
-            raise ValueError("logits_to_keep and labels cannot be combined: the loss needs every position's logits")
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            if decode_state is not None:
-                raise ValueError("decode_state with a padded attention_mask is not supported; use models.generate")
-            gather, scatter, _ = _left_align(attention_mask)
-            if logits_to_keep:
-                raise ValueError("logits_to_keep needs an unpadded batch; use models.generate for padded prompts")
-            out = self.forward(input_ids.gather(1, gather), None, None, None, None, output_hidden_states)
-            index = scatter.unsqueeze(-1)
-            logits = out.logits.gather(1, index.expand(-1, -1, out.logits.shape[-1]))
-            hidden = None
-            if out.hidden_states is not None:
-                hidden = tuple(h.gather(1, index.expand(-1, -1, h.shape[-1])) for h in out.hidden_states)
-            loss = self._loss(logits, labels, attention_mask) if labels is not None else None
-            return HybridCausalLMOutput(loss=loss, logits=logits, hidden_states=hidden)
+    def describe(self) -> str:
+        h = self.hybrid_config
+        return f"hybrid {h.mode}/{h.combine}, window {h.window}, {h.sink_tokens} sinks"
 
+    def _forward_unpadded(self, input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids=None):
         base = _decoder(self.lm)
         hidden_states = base.embed_tokens(input_ids)
         if position_ids is None:
@@ -132,16 +161,8 @@ class HybridStudent(nn.Module):
         if output_hidden_states:
             all_hidden[-1] = hidden_states  # as Hugging Face: the last entry is after the final norm
         logits = self.lm.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
-        loss = self._loss(logits, labels, attention_mask) if labels is not None else None
-        return HybridCausalLMOutput(loss=loss, logits=logits, decode_state=decode_state,
+        return HybridCausalLMOutput(logits=logits, decode_state=decode_state,
                                     hidden_states=tuple(all_hidden) if output_hidden_states else None)
-
-    @staticmethod
-    def _loss(logits, labels, attention_mask):
-        labels = labels.clone()
-        if attention_mask is not None:
-            labels[~attention_mask.bool()] = -100
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def student_from_config(model_config, hybrid_config: HybridConfig, dtype: torch.dtype = torch.float32) -> HybridStudent:
