@@ -30,7 +30,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.corpus import CorpusConfig, build_corpus, read_manifest
-from models import HybridConfig
+from models import DistilXLSTMConfig, HybridConfig
 from models.checkpoint import atomic_file_write
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -229,12 +229,21 @@ def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, s
     return {"student": str(folder / "student"), "metrics": metrics}
 
 
-def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig, dtype: str) -> dict:
-    from models import convert_to_hybrid, load_teacher, load_tokenizer, save_student
+def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig, dtype: str, family: str = "hybrid",
+                  distil_xlstm: DistilXLSTMConfig | None = None, seed: int = 0) -> dict:
+    """The initial student: the teacher converted to hybrid layers, or a Distil-xLSTM student with
+    fresh xLSTM blocks (seeded) around the teacher's embedding and head."""
+    from models import convert_to_hybrid, distil_xlstm_from_teacher, load_teacher, load_tokenizer, save_student
 
-    student = convert_to_hybrid(load_teacher(teacher, dtype=getattr(torch, dtype)), hybrid).eval()
+    model = load_teacher(teacher, dtype=getattr(torch, dtype))
+    if family == "distil_xlstm":
+        torch.manual_seed(seed)
+        student = distil_xlstm_from_teacher(model, distil_xlstm).eval()
+    else:
+        student = convert_to_hybrid(model, hybrid).eval()
     save_student(student, folder / "student", tokenizer=load_tokenizer(teacher))
-    return {"student": str(folder / "student"), "new_parameters": sum(p.numel() for _, p in student.new_parameters())}
+    return {"student": str(folder / "student"), "describe": student.describe(),
+            "new_parameters": sum(p.numel() for _, p in student.new_parameters())}
 
 
 @torch.no_grad()
@@ -353,8 +362,7 @@ def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, dec
     total = sum(timings.values())
     stage_times = " · ".join(f"{name} {sec:.0f} s" for name, sec in timings.items())
     md = (f"# xdistill pipeline report\n\nRun folder `{out}`; teacher `{settings['teacher']}`; student "
-          f"{settings['hybrid']['mode']}/{settings['hybrid']['combine']}, window {settings['hybrid']['window']}, "
-          f"{settings['hybrid']['sink_tokens']} sinks; machine {platform.processor() or platform.machine()}, "
+          f"{settings['student']}; machine {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}.\n\n## Tasks\n\n{table}\n\n"
           f"C_alpha: share of tasks where student >= teacher - alpha; alpha*: smallest alpha with C_alpha >= {target:g}. "
           f"Held-out CE on {heldout['tokens']} tokens of every domain.\n\n{verdict}\n\n![Win-and-Tie](win_tie.png)\n\n"
@@ -390,7 +398,8 @@ def _tensorboard(folder: Path, students: dict, teacher: dict, heldout: dict, fig
 # ---- the command --------------------------------------------------------------------------------
 
 def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-instruct", teacher_dtype: str = "float32",
-                 hybrid: HybridConfig = HybridConfig(), corpus: CorpusConfig = CorpusConfig(),
+                 hybrid: HybridConfig = HybridConfig(), student_family: str = "hybrid",
+                 distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig(), corpus: CorpusConfig = CorpusConfig(),
                  corpus_dir: str | None = None, extra_sources: list[dict] | None = None,
                  expert_sources: dict[str, list[dict]] | None = None, mixture_blocks: int | None = None,
                  seq_len: int = 512, val_fraction: float = 0.05, seed: int = 0,
@@ -407,7 +416,11 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         out: run folder (stages inside it are skipped once finished).
         teacher: hub id, local folder, or the embedded ``smollm2-135m-instruct``.
         teacher_dtype: dtype the teacher runs in everywhere (float32, bfloat16, float16).
-        hybrid: how attention layers become hybrid layers.
+        hybrid: how attention layers become hybrid layers (student_family ``hybrid``).
+        student_family: ``hybrid`` (the teacher with hybrid layers: convert, align, KD, ...) or
+            ``distil_xlstm`` (a pure xLSTM student: build, KD with the Δ schedule and the Frobenius
+            term, ...; there are no attention layers to align, so the align stage is skipped).
+        distil_xlstm: the Distil-xLSTM student's configuration (student_family ``distil_xlstm``).
         corpus: the offline corpus (built once, cached under $XDISTILL_CACHE/corpus).
         corpus_dir: where to build the corpus instead of the cache.
         extra_sources: your own corpora (DataSource fields: path, format, weight, ...) added to the
@@ -419,7 +432,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         seq_len: tokens per training block.
         val_fraction: share of each domain's documents held out (never trained on; scored by ``heldout``).
         seed: seed of data order, splits and initialisation.
-        align: stage 1 settings (all domains).
+        align: stage 1 settings (all domains; hybrid students only).
         kd: stage 2 settings (all domains).
         expert: stage 3 settings (one run per domain, on that domain's data).
         domains: expert domains (from math, code, stem, chat).
@@ -433,6 +446,9 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     """
     if not isinstance(getattr(torch, teacher_dtype, None), torch.dtype):
         raise ValueError(f"teacher_dtype={teacher_dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    if student_family not in ("hybrid", "distil_xlstm"):
+        raise ValueError(f"student_family={student_family!r} is not supported; allowed values: hybrid, distil_xlstm")
+    distil = student_family == "distil_xlstm"
     from datamodules import DataSource
 
     for source in [*(extra_sources or []), *(s for group in (expert_sources or {}).values() for s in group)]:
@@ -450,10 +466,12 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     settings = {"teacher": teacher, "teacher_dtype": teacher_dtype, "hybrid": hybrid.to_dict(), "corpus": asdict(corpus),
                 "extra_sources": extra_sources, "mixture_blocks": mixture_blocks, "seq_len": seq_len,
                 "val_fraction": val_fraction, "seed": seed, "trainer": trainer}
+    if distil:  # (hybrid runs keep their settings as before, so finished stages stay valid)
+        settings.update(student_family=student_family, distil_xlstm=distil_xlstm.to_dict())
     _write_json(run_dir / "pipeline.json", {**settings, "align": asdict(align), "kd": asdict(kd), "expert": asdict(expert),
                                             "domains": domains, "merge": asdict(merge), "eval": asdict(eval),
                                             "decode": asdict(decode)})
-    stages = 4 + len(domains) + 1 + 1 + 4 + (1 if decode.prompt_length else 0)
+    stages = (3 if distil else 4) + len(domains) + 1 + 1 + 4 + (1 if decode.prompt_length else 0)
     stage = StageRunner(run_dir, stages)
     tensorboard = run_dir / "tensorboard"
     started = time.perf_counter()
@@ -468,11 +486,19 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     common = dict(teacher=teacher, teacher_dtype=teacher_dtype, seq_len=seq_len, val_fraction=val_fraction, seed=seed,
                   tensorboard=tensorboard, trainer=trainer, stage_process=stage_process)
 
-    converted = stage("convert", {"teacher": teacher, "hybrid": hybrid.to_dict(), "dtype": teacher_dtype},
-                      lambda f: convert_stage(f, teacher, hybrid, teacher_dtype))["student"]
-    aligned = stage("align", {**settings, "train": asdict(align)},
-                    lambda f: train_stage("align", f, sources=everything, settings=align, student_ckpt=converted,
-                                          mixture_blocks=mixture_blocks, **common))["student"]
+    if distil:
+        conversion = stage("convert", {"teacher": teacher, "distil_xlstm": distil_xlstm.to_dict(), "dtype": teacher_dtype,
+                                       "seed": seed},
+                           lambda f: convert_stage(f, teacher, hybrid, teacher_dtype, student_family, distil_xlstm, seed))
+        aligned = conversion["student"]  # nothing to align: KD starts from the fresh xLSTM student
+    else:
+        conversion = stage("convert", {"teacher": teacher, "hybrid": hybrid.to_dict(), "dtype": teacher_dtype},
+                           lambda f: convert_stage(f, teacher, hybrid, teacher_dtype))
+        aligned = stage("align", {**settings, "train": asdict(align)},
+                        lambda f: train_stage("align", f, sources=everything, settings=align,
+                                              student_ckpt=conversion["student"], mixture_blocks=mixture_blocks,
+                                              **common))["student"]
+    converted = conversion["student"]
     distilled = stage("kd", {**settings, "train": asdict(kd)},
                       lambda f: train_stage("kd", f, sources=everything, settings=kd, student_ckpt=aligned,
                                             mixture_blocks=mixture_blocks, **common))["student"]
@@ -506,8 +532,10 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     if decode.prompt_length:
         decoded = stage("decode", {"teacher": teacher, "student": merged, "decode": asdict(decode), "run": settings},
                         lambda f: decode_stage(f, teacher, merged, decode))
+    description = conversion.get("describe") or (f"hybrid {hybrid.mode}/{hybrid.combine}, window {hybrid.window}, "
+                                                  f"{hybrid.sink_tokens} sinks")
     md = write_pipeline_report(run_dir, scores, heldout, decoded, stage.timings, eval.target,
-                               {**settings, "limit": eval.limit})
+                               {**settings, "limit": eval.limit, "student": description})
     print("\n" + md)
     print(f"report: {run_dir / 'report.md'}; curve: {run_dir / 'win_tie.png'}; "
           f"TensorBoard: tensorboard --logdir {tensorboard}; this invocation took {time.perf_counter() - started:.0f} s")
