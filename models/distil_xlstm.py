@@ -59,8 +59,8 @@ class DistilXLSTMConfig:
     chunk_size: int = 64
     """Chunk length of the chunkwise mLSTM kernel (a power of two)."""
     mlstm_kernel: str = "auto"
-    """``auto`` (``chunkwise--native_autograd`` on CPU, ``chunkwise--triton_limit_chunk`` on CUDA) or an
-    ``mlstm_kernels`` chunkwise kernel name."""
+    """``auto`` (``chunkwise--triton_limit_chunk`` on CUDA when the head dimensions are powers of two
+    >= 16, else ``chunkwise--native_autograd``) or an ``mlstm_kernels`` chunkwise kernel name."""
     slstm_backend: str = "auto"
     """sLSTM cell kernel: ``vanilla`` (PyTorch, any device), ``cuda`` (the package's compiled kernel,
     needs nvcc), ``auto`` (vanilla)."""
@@ -148,10 +148,18 @@ class XLSTMBlockState:
 
 # ---- the blocks ---------------------------------------------------------------------------------
 
-def _kernel_names(cfg: DistilXLSTMConfig, device: torch.device) -> tuple[str, str]:
+def _triton_head_dims_ok(*dims: int) -> bool:
+    # mlstm_kernels' Triton kernels tile head dimensions in powers of two; other sizes (SmolLM2's
+    # mLSTM heads are 96 wide) gave wrong decoding steps on an H100, so they take the native kernels
+    return all(d >= 16 and d & (d - 1) == 0 for d in dims)
+
+
+def _kernel_names(cfg: DistilXLSTMConfig, device: torch.device, dqk: int, dv: int) -> tuple[str, str]:
+    """(chunkwise kernel, step kernel) for tensors on ``device`` with these head dimensions."""
+    triton_ok = device.type == "cuda" and _triton_head_dims_ok(dqk, dv)
     if cfg.mlstm_kernel != "auto":
-        return cfg.mlstm_kernel, ("triton" if "triton" in cfg.mlstm_kernel else "native")
-    if device.type == "cuda":
+        return cfg.mlstm_kernel, ("triton" if "triton" in cfg.mlstm_kernel and triton_ok else "native")
+    if triton_ok:
         return "chunkwise--triton_limit_chunk", "triton"
     return "chunkwise--native_autograd", "native"
 
@@ -162,11 +170,15 @@ def mlstm_sequence(q, k, v, i, f, state: dict | None, cfg: DistilXLSTMConfig, ep
     A single step with a state uses the step kernel; anything else the chunkwise kernel, padded."""
     from mlstm_kernels.torch import get_mlstm_kernel, get_mlstm_step_kernel
 
-    chunkwise, step = _kernel_names(cfg, q.device)
+    chunkwise, step = _kernel_names(cfg, q.device, q.shape[-1], v.shape[-1])
     B, H, S, _ = q.shape
     if S == 1 and state is not None:
+        # the Triton step kernel indexes its inputs as contiguous buffers; the chunkwise kernels may
+        # return strided states (seen on an H100: decoding drifted by 8 % of the logits without this)
+        c, n, m = (state[key].contiguous() for key in ("c", "n", "m"))
         h, (c, n, m) = get_mlstm_step_kernel(step)(
-            q=q[:, :, 0], k=k[:, :, 0], v=v[:, :, 0], i=i, f=f, c=state["c"], n=state["n"], m=state["m"], eps=eps)
+            q=q[:, :, 0].contiguous(), k=k[:, :, 0].contiguous(), v=v[:, :, 0].contiguous(), i=i.contiguous(),
+            f=f.contiguous(), c=c, n=n, m=m, eps=eps)
         return h[:, :, None].to(q.dtype), {"c": c, "n": n, "m": m}
     pad = (-S) % cfg.chunk_size
     if pad:
@@ -221,6 +233,29 @@ def slstm_block_forward(block, x: torch.Tensor, state: XLSTMBlockState | None):
 
 
 # ---- the student -----------------------------------------------------------------------------------
+
+# Each sLSTM kernel stores its recurrent kernel and bias in its own internal layout (vanilla
+# [H, 4*Dh, Dh], CUDA [H, Dh, 4*Dh], biases permuted alike). Saved students, checkpoints and merges
+# always hold the package's external layout ([H, Dh, 4, Dh] and [H, 4, Dh]), converted by the cell's
+# own int2ext / ext2int functions, so a student trained with one kernel loads with the other.
+_SLSTM_PARAMS = (("_recurrent_kernel_", "_recurrent_kernel_int2ext", "_recurrent_kernel_ext2int"),
+                 ("_bias_", "_bias_int2ext", "_bias_ext2int"))
+
+
+def _slstm_to_external_layout(cell, state_dict, prefix, local_metadata):
+    for name, to_ext, _ in _SLSTM_PARAMS:
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = getattr(cell, to_ext)(state_dict[prefix + name]).contiguous()
+
+
+def _slstm_from_external_layout(cell, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                error_msgs):
+    internal = dict(cell.named_parameters(recurse=False))
+    for name, _, to_int in _SLSTM_PARAMS:
+        key = prefix + name
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(internal[name].shape):
+            state_dict[key] = getattr(cell, to_int)(state_dict[key]).contiguous()
+
 
 def _stack_config(model_config, cfg: DistilXLSTMConfig, dtype: torch.dtype):
     from xlstm import (FeedForwardConfig, mLSTMBlockConfig, mLSTMLayerConfig, sLSTMBlockConfig, sLSTMLayerConfig,
@@ -280,6 +315,10 @@ class DistilXLSTMStudent(StudentLM):
             cell = getattr(block.xlstm, "mlstm_cell", None)
             if cell is not None:
                 cell.causal_mask = None
+            cell = getattr(block.xlstm, "slstm_cell", None)
+            if cell is not None:
+                cell.register_state_dict_post_hook(_slstm_to_external_layout)
+                cell.register_load_state_dict_pre_hook(_slstm_from_external_layout)
         self.lm_head = nn.Linear(width, model_config.vocab_size, bias=False, dtype=dtype)
         if getattr(model_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight

@@ -138,6 +138,14 @@ def test_save_load_and_merge_by_family(tmp_path):
     _, b = build(seed=1)
     b.embed_tokens.weight.data.copy_(a.embed_tokens.weight)
     b.lm_head.weight.data.copy_(a.lm_head.weight)
+    # sLSTM weights are stored in the package's kernel-independent (external) layout, so a student
+    # trained with the vanilla kernel loads into the CUDA kernel's layout and back (checked on a GPU)
+    cell = a.backbone.blocks[0].xlstm.slstm_cell
+    H, Dh = cell.config.num_heads, cell.config.head_dim
+    saved = a.state_dict()
+    assert saved["backbone.blocks.0.xlstm.slstm_cell._recurrent_kernel_"].shape == (H, Dh, 4, Dh)
+    assert saved["backbone.blocks.0.xlstm.slstm_cell._bias_"].shape == (H, 4, Dh)
+    assert cell._recurrent_kernel_.shape == (H, 4 * Dh, Dh)  # the vanilla kernel's own layout in memory
     save_student(a, tmp_path / "a")
     save_student(b, tmp_path / "b")
     loaded = load_student(tmp_path / "a")
@@ -176,8 +184,14 @@ def test_bad_configurations_are_named():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_triton_mlstm_kernel_on_gpu_equals_the_cpu_student():
-    _, student = build()
+@pytest.mark.parametrize("hidden,heads,kernel", [(96, 6, "native"), (64, 4, "triton")])
+def test_gpu_student_equals_the_cpu_student(hidden, heads, kernel):
+    """mLSTM heads of 24 (96 x 2 / 8) take the native kernels on a GPU, heads of 32 (64 x 2 / 4) Triton's."""
+    from models.distil_xlstm import _kernel_names
+
+    _, student = build(num_hidden_layers=5, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=2)
+    dim = student.backbone.blocks[1].xlstm.config._inner_embedding_dim // student.distil_config.num_heads
+    assert _kernel_names(student.distil_config, torch.device("cuda"), dim, dim)[1] == kernel
     ids = torch.randint(0, 97, (2, 200))
     with torch.no_grad():
         cpu = student(ids).logits
