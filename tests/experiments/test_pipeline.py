@@ -144,3 +144,32 @@ def test_a_training_stage_runs_as_its_own_process(tmp_path, monkeypatch):
     assert result["student"] == str(tmp_path / "align" / "student")
     assert (tmp_path / "align" / "student" / "model.safetensors").is_file()
     assert list((tmp_path / "tb" / "align" / "version_0").glob("events.out.tfevents*"))
+
+
+@pytest.mark.slow
+def test_distil_xlstm_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
+    """student_family distil_xlstm: no align stage, KD with the Frobenius term, experts, merge,
+    held-out and suite scores of Distil-xLSTM students, decode of the merged one."""
+    from models import DistilXLSTMStudent, load_student
+
+    monkeypatch.setenv("XDISTILL_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(tmp_path)
+    beta = '{"kind": "delta", "start": 0.2, "end": 0.1, "delta": 0.05}'
+    result = main(["--config", str(config), "--out", str(tmp_path / "distil"), "--student_family", "distil_xlstm",
+                   "--distil_xlstm.num_blocks", "2", "--distil_xlstm.chunk_size", "16", "--kd.trainable", "new",
+                   "--kd.checkpoint_every", "0", "--kd.overrides", '{"model.init_args.beta": ' + beta + "}",
+                   "--expert.trainable", "new"])
+    run = tmp_path / "distil"
+    stages = [s for s in STAGES if s != "align"]
+    assert sorted(p.parent.name for p in run.glob("*/stage.json")) == sorted(stages)
+    for stage in ("convert", "kd", "expert_chat", "merge"):
+        student = load_student(run / stage / "student")
+        assert isinstance(student, DistilXLSTMStudent) and student.block_kinds() == ["slstm", "mlstm"], stage
+    report = (run / "report.md").read_text()
+    assert "distil_xlstm, 2 blocks (1 sLSTM, 1 mLSTM)" in report and "ms/token" in report
+    assert set(result["heldout"]) >= {"converted", "kd", "merged"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard" / "kd" / "version_0"))
+    events.Reload()
+    assert "train/frobenius" in events.Tags()["scalars"]

@@ -1,0 +1,48 @@
+"""experiments.compare: finished runs side by side, numbers from their own files."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.compare import compare, training_tokens
+
+TEACHER = {"a": 0.5, "b": 0.8}
+
+
+def fake_run(folder: Path, family: str, merged: dict, kd: dict, ce: float, teacher=TEACHER, tokens=100):
+    settings = {"teacher": "t", "seq_len": 10, "val_fraction": 0.1, "seed": 0, "corpus": {},
+                "align": {"steps": 2, "batch_size": 1}, "kd": {"steps": 3, "batch_size": 2},
+                "expert": {"steps": 1, "batch_size": 1}, "domains": ["math", "chat"]}
+    if family == "distil_xlstm":
+        settings["student_family"] = family
+    files = {"pipeline.json": settings, "convert/stage.json": {"result": {"describe": f"{family} student"}},
+             "heldout/heldout.json": {"tokens": tokens, **{k: {"student_ce": ce, "teacher_ce": 2.0, "kl_teacher_student": 0.5,
+                                                                 "top1_agreement": 0.6} for k in ("merged", "kd")}},
+             "eval_teacher/scores.json": teacher, "eval_merged/scores.json": merged, "eval_kd/scores.json": kd}
+    for name, payload in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(payload))
+    return folder
+
+
+def test_compare_tables_runs_and_refuses_other_references(tmp_path):
+    hybrid = fake_run(tmp_path / "hybrid", "hybrid", {"a": 0.5, "b": 0.7}, {"a": 0.4, "b": 0.8}, 3.1)
+    distil = fake_run(tmp_path / "distil", "distil_xlstm", {"a": 0.1, "b": 0.2}, {"a": 0.1, "b": 0.1}, 6.0)
+    # hybrid: (align 2x1 + kd 3x2 + 2 experts 1x1) x 10 tokens; distil: no alignment
+    assert training_tokens(json.loads((hybrid / "pipeline.json").read_text())) == 100
+    assert training_tokens(json.loads((distil / "pipeline.json").read_text())) == 80
+    md = compare([str(hybrid), str(distil)], out=str(tmp_path / "cmp"))
+    # hybrid merged: task a tied (0.5 >= 0.5), task b needs alpha 0.1 -> C_0 = 0.5, alpha* = 0.1; mean 0.6
+    assert "| hybrid: merged | hybrid student | 100 | 3.100 | 0.500 | 0.600 | 0.600 | 0.500 | 0.500 | 0.500 | 0.500 | 0.100 |" in md
+    # distil merged: needs alpha 0.4 (a) and 0.6 (b) -> alpha* = 0.6
+    assert "| distil: merged | distil_xlstm student | 80 | 6.000 |" in md and "| 0.600 |" in md
+    for name in ("compare.md", "win_tie.csv", "win_tie.png"):
+        assert (tmp_path / "cmp" / name).is_file()
+    header = (tmp_path / "cmp" / "win_tie.csv").read_text().splitlines()[0]
+    assert header == "alpha,hybrid: merged,hybrid: stage-2,distil: merged,distil: stage-2"
+    other = fake_run(tmp_path / "other", "hybrid", TEACHER, TEACHER, 3.0, teacher={"a": 0.6, "b": 0.8})
+    with pytest.raises(ValueError, match="different teacher scores"):
+        compare([str(hybrid), str(other)], out=str(tmp_path / "cmp2"))
+    with pytest.raises(FileNotFoundError, match="finished pipeline run"):
+        compare([str(hybrid), str(tmp_path / "missing")], out=str(tmp_path / "cmp3"))
