@@ -10,7 +10,6 @@ other (memory, read from the peak resident set size), side by side.
 
 from __future__ import annotations
 
-import json
 import resource
 import statistics
 import subprocess
@@ -20,7 +19,7 @@ import time
 import torch
 from jsonargparse import CLI
 
-from lightning_modules import AlignmentModule, ExpertFinetuneModule, SparseKDModule
+from lightning_modules import AlignmentModule, SparseKDModule
 
 
 def _steps(module, batch, steps: int, warmup: int = 1) -> float:
