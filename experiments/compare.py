@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jsonargparse import CLI
+from jsonargparse import ArgumentParser
 
 from callbacks.win_tie import critical_tolerance, plot_curves, win_and_tie, write_curve_csv
 from models.checkpoint import atomic_file_write
@@ -42,7 +42,7 @@ def load_run(folder: Path) -> dict:
     convert = _read(folder / "convert" / "stage.json")["result"]
     family = settings.get("student_family", "hybrid")
     hybrid = settings.get("hybrid", {})
-    describe = convert.get("describe") or (f"hybrid {hybrid.get('mode')}/{hybrid.get('combine')}, window "
+    describe = convert.get("describe") or (f"hybrid layers ({hybrid.get('mode')}/{hybrid.get('combine')}), window "
                                            f"{hybrid.get('window')}, {hybrid.get('sink_tokens')} sinks")
     return {"folder": folder, "settings": settings, "family": family, "describe": describe,
             "tokens": training_tokens(settings), "heldout": _read(folder / "heldout" / "heldout.json"),
@@ -109,5 +109,14 @@ def compare(runs: list[str], out: str = "runs/compare", target: float = 1.0) -> 
     return md
 
 
+def main(args: list[str] | None = None) -> str:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="finished pipeline run folders")
+    parser.add_argument("--out", default="runs/compare", help="folder for compare.md, win_tie.csv and win_tie.png")
+    parser.add_argument("--target", type=float, default=1.0, help="C_alpha that defines alpha*")
+    cfg = parser.parse_args(args)
+    return compare(list(cfg.runs), out=cfg.out, target=cfg.target)
+
+
 if __name__ == "__main__":
-    CLI(compare, as_positional=True)
+    main()

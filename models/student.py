@@ -141,7 +141,7 @@ class HybridStudent(StudentLM):
 
     def describe(self) -> str:
         h = self.hybrid_config
-        return f"hybrid {h.mode}/{h.combine}, window {h.window}, {h.sink_tokens} sinks"
+        return f"hybrid layers ({h.mode}/{h.combine}), window {h.window}, {h.sink_tokens} sinks"
 
     def _forward_unpadded(self, input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids=None):
         base = _decoder(self.lm)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.compare import compare, training_tokens
+from experiments.compare import compare, main, training_tokens
 
 TEACHER = {"a": 0.5, "b": 0.8}
 
@@ -32,7 +32,7 @@ def test_compare_tables_runs_and_refuses_other_references(tmp_path):
     # hybrid: (align 2x1 + kd 3x2 + 2 experts 1x1) x 10 tokens; distil: no alignment
     assert training_tokens(json.loads((hybrid / "pipeline.json").read_text())) == 100
     assert training_tokens(json.loads((distil / "pipeline.json").read_text())) == 80
-    md = compare([str(hybrid), str(distil)], out=str(tmp_path / "cmp"))
+    md = main([str(hybrid), str(distil), "--out", str(tmp_path / "cmp")])  # the command line
     # hybrid merged: task a tied (0.5 >= 0.5), task b needs alpha 0.1 -> C_0 = 0.5, alpha* = 0.1; mean 0.6
     assert "| hybrid: merged | hybrid student | 100 | 3.100 | 0.500 | 0.600 | 0.600 | 0.500 | 0.500 | 0.500 | 0.500 | 0.100 |" in md
     # distil merged: needs alpha 0.4 (a) and 0.6 (b) -> alpha* = 0.6
