@@ -16,6 +16,7 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 from callbacks.win_tie import critical_tolerance, plot_curves, win_and_tie, write_curve_csv
+from models import HybridConfig
 from models.checkpoint import atomic_file_write
 
 STUDENTS = (("merged", "merged"), ("kd", "stage-2"))
@@ -41,9 +42,7 @@ def load_run(folder: Path) -> dict:
     settings = _read(folder / "pipeline.json")
     convert = _read(folder / "convert" / "stage.json")["result"]
     family = settings.get("student_family", "hybrid")
-    hybrid = settings.get("hybrid", {})
-    describe = convert.get("describe") or (f"hybrid layers ({hybrid.get('mode')}/{hybrid.get('combine')}), window "
-                                           f"{hybrid.get('window')}, {hybrid.get('sink_tokens')} sinks")
+    describe = convert.get("describe") or HybridConfig.from_dict(settings.get("hybrid", {})).describe()
     return {"folder": folder, "settings": settings, "family": family, "describe": describe,
             "tokens": training_tokens(settings), "heldout": _read(folder / "heldout" / "heldout.json"),
             "teacher": _read(folder / "eval_teacher" / "scores.json"),

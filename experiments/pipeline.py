@@ -532,8 +532,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     if decode.prompt_length:
         decoded = stage("decode", {"teacher": teacher, "student": merged, "decode": asdict(decode), "run": settings},
                         lambda f: decode_stage(f, teacher, merged, decode))
-    description = conversion.get("describe") or (f"hybrid layers ({hybrid.mode}/{hybrid.combine}), window {hybrid.window}, "
-                                                  f"{hybrid.sink_tokens} sinks")
+    description = conversion.get("describe") or hybrid.describe()  # runs converted before descriptions were kept
     md = write_pipeline_report(run_dir, scores, heldout, decoded, stage.timings, eval.target,
                                {**settings, "limit": eval.limit, "student": description})
     print("\n" + md)

@@ -14,8 +14,7 @@ from models import (
     DistilXLSTMConfig, DistilXLSTMStudent, HybridConfig, HybridStudent, StudentLM, convert_to_hybrid,
     distil_xlstm_from_teacher, load_student, load_teacher,
 )
-from models.distil_xlstm import student_skeleton
-from models.student import check_student_matches_teacher, student_from_config
+from models.student import check_student_matches_teacher
 
 from .losses import IGNORE, heldout_metrics, next_token_targets
 
@@ -163,11 +162,8 @@ class DistillationModule(L.LightningModule):
         full = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.trainer.is_global_zero:
             return None
-        dtype = next(iter(full.values())).dtype
-        if isinstance(self.student, DistilXLSTMStudent):
-            plain = student_skeleton(self.student.config, self.student.distil_config, dtype)
-        else:
-            plain = student_from_config(self.student.config, self.student.hybrid_config, dtype)
+        plain = type(self.student).skeleton(self.student.config, self.student.family_config,
+                                            next(iter(full.values())).dtype)
         plain.load_state_dict(full)
         return plain.eval()
 
@@ -213,9 +209,11 @@ class DistillationModule(L.LightningModule):
         """Student vs teacher on held-out text: CE of both, KL(teacher || student), top-1 agreement."""
         ids = batch["input_ids"]
         targets = next_token_targets(batch["labels"])
+        n = (targets != IGNORE).sum()
+        if n == 0:  # nothing to score: skip both forwards
+            return
         with torch.no_grad():
             values = heldout_metrics(self.student(ids).logits, self.teacher(ids).logits, targets)
-        n = (targets != IGNORE).sum()
         for name, value in values.items():
             self.val_metrics[name].update(value, weight=n)
 

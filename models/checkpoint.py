@@ -79,14 +79,12 @@ def save_student(student, path, tokenizer=None) -> Path:
 
     def write(tmp: Path):
         save_model(student, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT})
-        family = student.family
-        family_config = student.hybrid_config if family == "hybrid" else student.distil_config
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "family": family,
+            "family": student.family,
             "dtype": str(dtype).replace("torch.", ""),
-            FAMILY_SECTIONS[family]: family_config.to_dict(),
+            FAMILY_SECTIONS[student.family]: student.family_config.to_dict(),
             "teacher_config": student.config.to_dict(),
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
@@ -142,7 +140,7 @@ def skeleton_from_folder(path) -> tuple:
     from transformers import AutoConfig
 
     from .adapters import get_adapter
-    from .student import student_from_config
+    from .student import HybridStudent
 
     path = Path(path)
     config = _read_config(path)
@@ -157,13 +155,13 @@ def skeleton_from_folder(path) -> tuple:
     saved_dtype = getattr(torch, config.get("dtype", "float32"), None)
     if not isinstance(saved_dtype, torch.dtype):
         raise ValueError(f"{cfg_file}: field 'dtype'={config.get('dtype')!r} is not a torch dtype")
-    if config.get("family", "hybrid") == "distil_xlstm":
-        from .distil_xlstm import DistilXLSTMConfig, student_skeleton
-
-        distil_cfg = DistilXLSTMConfig.from_dict(config["distil_xlstm_config"], source=str(cfg_file))
-        return student_skeleton(hf_config, distil_cfg, saved_dtype), config
-    hybrid_cfg = HybridConfig.from_dict(config["hybrid_config"], source=str(cfg_file))
-    return student_from_config(hf_config, hybrid_cfg, saved_dtype), config
+    family = config.get("family", "hybrid")
+    if family == "distil_xlstm":
+        from .distil_xlstm import DistilXLSTMConfig as family_config_class, DistilXLSTMStudent as student_class
+    else:
+        family_config_class, student_class = HybridConfig, HybridStudent
+    family_cfg = family_config_class.from_dict(config[FAMILY_SECTIONS[family]], source=str(cfg_file))
+    return student_class.skeleton(hf_config, family_cfg, saved_dtype), config
 
 
 def load_student(path, dtype: torch.dtype | None = None, device=None):

@@ -72,6 +72,10 @@ class HybridConfig:
             )
         self.full_attention_layers = sorted(layers)
 
+    def describe(self) -> str:
+        """One line for reports and tables."""
+        return f"hybrid layers ({self.mode}/{self.combine}), window {self.window}, {self.sink_tokens} sinks"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["forget_gate_bias_init"] = list(self.forget_gate_bias_init)

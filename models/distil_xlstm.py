@@ -173,8 +173,8 @@ def mlstm_sequence(q, k, v, i, f, state: dict | None, cfg: DistilXLSTMConfig, ep
     chunkwise, step = _kernel_names(cfg, q.device, q.shape[-1], v.shape[-1])
     B, H, S, _ = q.shape
     if S == 1 and state is not None:
-        # the Triton step kernel indexes its inputs as contiguous buffers; the chunkwise kernels may
-        # return strided states (seen on an H100: decoding drifted by 8 % of the logits without this)
+        # one-token slices and the chunkwise kernels' states may be strided; the step kernels get
+        # contiguous buffers (the Triton one is written for them)
         c, n, m = (state[key].contiguous() for key in ("c", "n", "m"))
         h, (c, n, m) = get_mlstm_step_kernel(step)(
             q=q[:, :, 0].contiguous(), k=k[:, :, 0].contiguous(), v=v[:, :, 0].contiguous(), i=i.contiguous(),
@@ -322,11 +322,19 @@ class DistilXLSTMStudent(StudentLM):
         self.lm_head = nn.Linear(width, model_config.vocab_size, bias=False, dtype=dtype)
         if getattr(model_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.embed_tokens.weight
-        self.tokenizer = None
+
+    @classmethod
+    def skeleton(cls, model_config, family_config: DistilXLSTMConfig,
+                 dtype: torch.dtype = torch.float32) -> "DistilXLSTMStudent":
+        return cls(model_config, family_config, dtype)
 
     @property
     def config(self):
         return self._model_config
+
+    @property
+    def family_config(self) -> DistilXLSTMConfig:
+        return self.distil_config
 
     @property
     def num_layers(self) -> int:
@@ -351,11 +359,6 @@ class DistilXLSTMStudent(StudentLM):
         if self.lm_head.weight is not self.embed_tokens.weight:
             yield "lm_head.weight", self.lm_head.weight
 
-    def new_decode_state(self):
-        from .state import DecodeState
-
-        return DecodeState.new(self.num_layers)
-
     def _forward_unpadded(self, input_ids, decode_state, output_hidden_states: bool, logits_to_keep: int,
                           position_ids=None):  # no positions: the recurrence orders the tokens
         x = self.embed_tokens(input_ids)
@@ -377,11 +380,6 @@ class DistilXLSTMStudent(StudentLM):
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         return HybridCausalLMOutput(logits=logits, decode_state=decode_state,
                                     hidden_states=tuple(hidden) if output_hidden_states else None)
-
-
-def student_skeleton(model_config, cfg: DistilXLSTMConfig, dtype: torch.dtype = torch.float32) -> DistilXLSTMStudent:
-    """An untrained Distil-xLSTM student for a teacher's model config (weights to be loaded)."""
-    return DistilXLSTMStudent(model_config, cfg, dtype)
 
 
 def distil_xlstm_from_teacher(teacher: nn.Module, cfg: DistilXLSTMConfig | None = None) -> DistilXLSTMStudent:
@@ -406,14 +404,9 @@ def distil_xlstm_from_teacher(teacher: nn.Module, cfg: DistilXLSTMConfig | None 
 
 
 def parameter_counts(student: DistilXLSTMStudent) -> dict:
-    """Total, trainable and copied parameter counts (tied tensors counted once)."""
-    seen, total, trainable = set(), 0, 0
-    for p in student.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+    """Total, trainable and copied parameter counts (tied tensors counted once, as ``parameters()`` yields them)."""
+    total = sum(p.numel() for p in student.parameters())
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     copied = sum(p.numel() for _, p in student.copied_parameters())
     return {"total": total, "trainable": trainable, "copied": copied,
             "trainable_fraction": trainable / total if total else math.nan}

@@ -60,9 +60,19 @@ def _left_align(attention_mask: torch.Tensor):
 class StudentLM(nn.Module):
     """What every student family shares: the Hugging Face-style call (padding, labels, hidden
     states, ``logits_to_keep``) and recurrent decoding through ``decode_state``. A family implements
-    ``_forward_unpadded``, ``new_decode_state``, ``new_parameters`` and ``config``."""
+    ``skeleton``, ``_forward_unpadded``, ``new_parameters``, ``describe`` and the properties
+    ``config`` (the teacher's model config), ``family_config`` and ``num_layers``."""
 
     family = "student"
+    tokenizer = None  # set by load_student when the folder has one
+
+    @classmethod
+    def skeleton(cls, model_config, family_config, dtype: torch.dtype = torch.float32) -> "StudentLM":
+        """An untrained student of this family for a teacher's model config (weights to be loaded)."""
+        raise NotImplementedError(f"{cls.__name__} must implement skeleton")
+
+    def new_decode_state(self) -> DecodeState:
+        return DecodeState.new(self.num_layers)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, decode_state: DecodeState | None = None,
                 labels=None, output_hidden_states: bool = False, use_cache: bool | None = None,
@@ -117,11 +127,18 @@ class HybridStudent(StudentLM):
         super().__init__()
         self.lm = lm
         self.hybrid_config = hybrid_config
-        self.tokenizer = None  # set by load_student when the folder has one
+
+    @classmethod
+    def skeleton(cls, model_config, family_config: HybridConfig, dtype: torch.dtype = torch.float32) -> "HybridStudent":
+        return student_from_config(model_config, family_config, dtype)
 
     @property
     def config(self):
         return self.lm.config
+
+    @property
+    def family_config(self) -> HybridConfig:
+        return self.hybrid_config
 
     @property
     def num_layers(self) -> int:
@@ -136,12 +153,8 @@ class HybridStudent(StudentLM):
                 for pname, p in module.hybrid_gates.named_parameters():
                     yield f"{name}.hybrid_gates.{pname}", p
 
-    def new_decode_state(self) -> DecodeState:
-        return DecodeState.new(self.num_layers)
-
     def describe(self) -> str:
-        h = self.hybrid_config
-        return f"hybrid layers ({h.mode}/{h.combine}), window {h.window}, {h.sink_tokens} sinks"
+        return self.hybrid_config.describe()
 
     def _forward_unpadded(self, input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids=None):
         base = _decoder(self.lm)
