@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from models.checkpoint import atomic_file_write
 PROJECT = Path(__file__).resolve().parents[1]
 DOMAINS = ("math", "code", "stem", "chat")
 REPORT_ALPHAS = (0.0, 0.01, 0.02, 0.05)
+STUDENT_KEYS = ("converted", "kd", "merged")
+LABELS = {"merged": "merged", "kd": "stage-2", "converted": "converted"}
 
 
 @dataclass
@@ -99,6 +102,14 @@ class EvalSettings:
     """C_alpha that defines alpha*."""
     offline: bool = True
     """Refuse tasks that need the Hugging Face hub at once (false: lm-eval downloads them)."""
+    students: list[str] | None = None
+    """Students scored on the task list, from ``converted``, ``kd``, ``merged`` (None: every student the
+    run has). The final student (``merged``, or ``kd`` when there are no experts) is always scored."""
+
+    def __post_init__(self):
+        unknown = sorted(set(self.students or ()) - set(STUDENT_KEYS))
+        if unknown:
+            raise ValueError(f"eval.students has {unknown}; allowed values: a list from {', '.join(STUDENT_KEYS)}")
 
 
 @dataclass
@@ -123,12 +134,61 @@ def _write_json(path: Path, payload) -> None:
     atomic_file_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str)))
 
 
-class StageRunner:
-    """Runs named stages in order inside ``out``; each records ``<out>/<stage>/stage.json`` when done."""
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # finished stages are never written again, so sharing their files is safe
+    except OSError:
+        shutil.copy2(src, dst)
 
-    def __init__(self, out: Path, total: int):
-        self.out, self.total, self.index = out, total, 0
+
+def _moved_paths(value, old: Path, new: Path):
+    """``value`` with every string that is a path inside the folder ``old`` (absolute) pointing to the same
+    place inside ``new``."""
+    if isinstance(value, dict):
+        return {k: _moved_paths(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved_paths(v, old, new) for v in value]
+    if isinstance(value, str) and os.sep in value:
+        try:
+            return str(new / Path(value).resolve().relative_to(old))
+        except (ValueError, OSError):
+            pass
+    return value
+
+
+class StageRunner:
+    """Runs named stages in order inside ``out``; each records ``<out>/<stage>/stage.json`` when done.
+
+    ``reuse``: other run folders; a stage finished there with the same settings is copied (files
+    hard-linked where possible, paths in its result moved to ``out``) instead of being run again, so
+    sweep points that differ only in late stages share their early ones.
+    """
+
+    def __init__(self, out: Path, total: int, reuse: list[Path] | None = None):
+        self.out, self.total, self.index = Path(out), total, 0
+        self.reuse = [Path(r).resolve() for r in reuse or [] if Path(r).resolve() != self.out.resolve()]
         self.timings: dict[str, float] = {}
+
+    def _copy_finished(self, name: str, settings: dict) -> dict | None:
+        for other in self.reuse:
+            marker = other / name / "stage.json"
+            if not marker.is_file():
+                continue
+            record = json.loads(marker.read_text())
+            if record["settings"] != settings:
+                continue
+            folder = self.out / name
+            shutil.rmtree(folder, ignore_errors=True)  # a half-done attempt here is superseded
+            shutil.copytree(other / name, folder, copy_function=_link_or_copy,
+                            ignore=shutil.ignore_patterns("stage.json", "checkpoints"))
+            logs = other / "tensorboard" / name
+            if logs.is_dir() and not (self.out / "tensorboard" / name).exists():
+                shutil.copytree(logs, self.out / "tensorboard" / name, copy_function=_link_or_copy)
+            record["result"] = _moved_paths(record["result"], other, self.out)
+            record["reused_from"] = str(other / name)
+            _write_json(folder / "stage.json", record)
+            return record
+        return None
 
     def __call__(self, name: str, settings: dict, fn):
         self.index += 1
@@ -143,6 +203,12 @@ class StageRunner:
                 raise ValueError(f"stage {name!r} in {self.out} was finished with other settings (changed: "
                                  f"{', '.join(changed)}); use another --out, or delete {folder} to redo it")
             print(f"[{self.index}/{self.total}] {name}: finished earlier ({record['seconds']:.0f} s), skipped", flush=True)
+            self.timings[name] = record["seconds"]
+            return record["result"]
+        record = self._copy_finished(name, settings)
+        if record is not None:
+            print(f"[{self.index}/{self.total}] {name}: same settings finished in {record['reused_from']}, copied",
+                  flush=True)
             self.timings[name] = record["seconds"]
             return record["result"]
         print(f"[{self.index}/{self.total}] {name} ...", flush=True)
@@ -182,7 +248,6 @@ def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, s
     """One LightningCLI fit of ``configs/stages/<stage>.yaml`` with the ``trainer`` configs, in this
     process or (``stage_process``) as its own ``python -m experiments.run`` process; resumes from the
     stage's last.ckpt if one was saved."""
-    import shutil
     import subprocess
     import sys
 
@@ -317,37 +382,48 @@ def _fmt_alpha(value: float) -> str:
 def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, decode: dict | None,
                           timings: dict[str, float], target: float, settings: dict) -> str:
     """report.md, win_tie.png, win_tie.csv, scores.json and TensorBoard scalars and figure; returns the
-    Markdown table (also printed)."""
+    Markdown table (also printed). ``scores``: the teacher's and those of the scored students
+    (``merged``, ``kd``, ``converted``; the first present is the final student)."""
     from callbacks.eval import write_report
     from callbacks.win_tie import critical_tolerance, win_and_tie
 
     teacher = scores["teacher"]
-    students = {"merged": scores["merged"], "stage-2": scores["kd"], "converted": scores["converted"]}
+    keys = [k for k in ("merged", "kd", "converted") if k in scores]
+    students = {LABELS[k]: scores[k] for k in keys}
+    final = LABELS[keys[0]]
     alphas = [round(0.005 * i, 4) for i in range(101)]
-    report = write_report(out, students["merged"], teacher, alphas, target, label="merged",
-                          others={k: v for k, v in students.items() if k != "merged"})
-    lines = ["| task | teacher | merged student | stage-2 student | converted student |", "|---|---:|---:|---:|---:|"]
+    report = write_report(out, students[final], teacher, alphas, target, label=final,
+                          others={k: v for k, v in students.items() if k != final})
+    lines = ["| task | teacher | " + " | ".join(f"{n} student" for n in students) + " |", "|---|---:|" + "---:|" * len(students)]
     for task in sorted(teacher):
         lines.append(f"| {task} | {teacher[task]:.3f} | " + " | ".join(f"{s[task]:.3f}" for s in students.values()) + " |")
     mean = {name: sum(s.values()) / len(s) for name, s in {"teacher": teacher, **students}.items()}
     lines.append("| **mean** | " + " | ".join(f"**{mean[n]:.3f}**" for n in ("teacher", *students)) + " |")
     lines += ["", "| student | " + " | ".join(f"C_{a:g}" for a in REPORT_ALPHAS) + " | alpha* | held-out CE | "
               "KL(teacher‖student) | top-1 agreement |", "|---|" + "---:|" * (len(REPORT_ALPHAS) + 4)]
-    for name, key in (("merged", "merged"), ("stage-2", "kd"), ("converted", "converted")):
-        c = win_and_tie(students[name], teacher, REPORT_ALPHAS)
-        star = critical_tolerance(students[name], teacher, target)
+    for key in STUDENT_KEYS[::-1]:
+        if key not in heldout:
+            continue
         h = heldout[key]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in c) + f" | {_fmt_alpha(star)} | "
-                     f"{h['student_ce']:.3f} | {h['kl_teacher_student']:.3f} | {h['top1_agreement']:.3f} |")
-    lines.append(f"| teacher | | | | | | {heldout['kd']['teacher_ce']:.3f} | | |")
+        if key in scores:
+            c = " | ".join(f"{v:.3f}" for v in win_and_tie(scores[key], teacher, REPORT_ALPHAS))
+            star = _fmt_alpha(critical_tolerance(scores[key], teacher, target))
+        else:  # held out but not scored on the suite (eval.students)
+            c, star = " | ".join("" for _ in REPORT_ALPHAS), "not scored"
+        lines.append(f"| {LABELS[key]} | {c} | {star} | {h['student_ce']:.3f} | {h['kl_teacher_student']:.3f} | "
+                     f"{h['top1_agreement']:.3f} |")
+    lines.append("| teacher | " + " | " * (len(REPORT_ALPHAS) + 1) + f"{heldout['kd']['teacher_ce']:.3f} | | |")
     table = "\n".join(lines)
     items = settings.get("limit")
-    merged_mean, converted_mean = mean["merged"], mean["converted"]
-    merged_ce, converted_ce = heldout["merged"]["student_ce"], heldout["converted"]["student_ce"]
-    verdict = (f"Distillation {'helped' if merged_mean > converted_mean else 'did not help'} on the suite "
-               f"(mean score {merged_mean:.3f} merged vs {converted_mean:.3f} converted) and "
-               f"{'helped' if merged_ce < converted_ce else 'did not help'} on held-out text (cross-entropy "
-               f"{merged_ce:.3f} vs {converted_ce:.3f}; teacher {heldout['merged']['teacher_ce']:.3f}).")
+    final_key = keys[0]
+    final_ce, converted_ce = heldout[final_key]["student_ce"], heldout["converted"]["student_ce"]
+    parts = []
+    if "converted" in scores:
+        parts.append(f"{'helped' if mean[final] > mean['converted'] else 'did not help'} on the suite (mean score "
+                     f"{mean[final]:.3f} {final} vs {mean['converted']:.3f} converted)")
+    parts.append(f"{'helped' if final_ce < converted_ce else 'did not help'} on held-out text (cross-entropy "
+                 f"{final_ce:.3f} {final} vs {converted_ce:.3f} converted; teacher {heldout[final_key]['teacher_ce']:.3f})")
+    verdict = "Distillation " + " and ".join(parts) + "."
     if items:
         verdict += (f" Each task has {items} items, so one item moves a score by {1 / items:.3f} and a score near 0.5 "
                     f"has a standard error of about {0.5 / items ** 0.5:.2f}: differences below that are noise.")
@@ -369,7 +445,7 @@ def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, dec
           + (f"## Decoding at a long prompt\n\n{decode_md}\n\n" if decode else "")
           + f"## Time\n\n{total:.0f} s in all: {stage_times}\n")
     atomic_file_write(out / "report.md", lambda tmp: tmp.write_text(md))
-    _tensorboard(out / "tensorboard" / "report", students, teacher, heldout, report["figure"])
+    _tensorboard(out / "tensorboard" / "report", {k: scores[k] for k in keys}, teacher, heldout, report["figure"])
     return md
 
 
@@ -380,8 +456,8 @@ def _tensorboard(folder: Path, students: dict, teacher: dict, heldout: dict, fig
 
     writer = SummaryWriter(str(folder))
     try:
-        for name, scores in students.items():
-            key = {"stage-2": "kd"}.get(name, name)
+        for key, scores in students.items():
+            name = LABELS[key]
             for a in REPORT_ALPHAS:
                 writer.add_scalar(f"pipeline/{name}/win_tie@{a:g}", win_and_tie(scores, teacher, [a])[0])
             writer.add_scalar(f"pipeline/{name}/alpha_star", critical_tolerance(scores, teacher))
@@ -409,7 +485,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                  domains: list[str] = list(DOMAINS), merge: MergeSettings = MergeSettings(),
                  eval: EvalSettings = EvalSettings(), decode: DecodeSettings = DecodeSettings(),
                  trainer: list[str] = ["configs/trainer/cpu.yaml"], stage_process: bool = False,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, reuse: list[str] | None = None) -> dict:
     """Run (or resume) the whole pipeline in ``out``; returns the report's numbers.
 
     Args:
@@ -435,7 +511,8 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         align: stage 1 settings (all domains; hybrid students only).
         kd: stage 2 settings (all domains).
         expert: stage 3 settings (one run per domain, on that domain's data).
-        domains: expert domains (from math, code, stem, chat).
+        domains: expert domains (from math, code, stem, chat); empty: no experts and no merge, the
+            stage-2 student is the final one.
         merge: how experts are merged.
         eval: held-out and lm-eval settings.
         decode: decode measurement settings.
@@ -443,6 +520,8 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         stage_process: run each training stage as its own process (needed by multi-GPU strategies,
             whose launcher starts one process per device with the stage's command).
         threads: torch CPU threads (None: torch's default).
+        reuse: other run folders whose finished stages are copied here when their settings are the
+            same as this run's (sweep points share their common early stages this way).
     """
     if not isinstance(getattr(torch, teacher_dtype, None), torch.dtype):
         raise ValueError(f"teacher_dtype={teacher_dtype!r} is not a torch dtype (float32, bfloat16, float16)")
@@ -454,11 +533,20 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     for source in [*(extra_sources or []), *(s for group in (expert_sources or {}).values() for s in group)]:
         DataSource(**source)  # a bad source fails here, before any work, with DataSource's message
     unknown = sorted(set(domains) - set(DOMAINS))
-    if unknown or not domains:
-        raise ValueError(f"domains={domains} is invalid; allowed values: a non-empty list from {', '.join(DOMAINS)}")
+    if unknown or len(set(domains)) != len(domains):
+        raise ValueError(f"domains={domains} is invalid; allowed values: a list of distinct domains from "
+                         f"{', '.join(DOMAINS)} (empty: no experts)")
     unknown = sorted(set(expert_sources or {}) - set(domains))
     if unknown:
         raise ValueError(f"expert_sources has domains {unknown} that are not in domains={domains}")
+    final = "merged" if domains else "kd"
+    if eval.students is not None and final not in eval.students:
+        print(f"eval.students={eval.students} lacks the final student {final!r}; it is scored as well", flush=True)
+    if "merged" in (eval.students or ()) and not domains:
+        raise ValueError("eval.students names 'merged' but domains is empty, so there is no merged student; "
+                         "drop 'merged' or add domains")
+    scored = [k for k in STUDENT_KEYS if k == final or (eval.students is None and (k != "merged" or domains))
+              or k in (eval.students or ())]
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(out)
@@ -471,8 +559,9 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     _write_json(run_dir / "pipeline.json", {**settings, "align": asdict(align), "kd": asdict(kd), "expert": asdict(expert),
                                             "domains": domains, "merge": asdict(merge), "eval": asdict(eval),
                                             "decode": asdict(decode)})
-    stages = (3 if distil else 4) + len(domains) + 1 + 1 + 4 + (1 if decode.prompt_length else 0)
-    stage = StageRunner(run_dir, stages)
+    stages = ((3 if distil else 4) + len(domains) + (1 if domains else 0) + 1 + 1 + len(scored)
+              + (1 if decode.prompt_length else 0))
+    stage = StageRunner(run_dir, stages, reuse=[Path(r) for r in reuse or []])
     tensorboard = run_dir / "tensorboard"
     started = time.perf_counter()
 
@@ -517,32 +606,40 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                        scale=merge.scale, density=merge.density)
         return {"student": str(folder / "student"), "experts": experts}
 
-    merged = stage("merge", {**settings, "merge": asdict(merge), "domains": domains}, do_merge)["student"]
-    students = {"converted": converted, "kd": distilled, "merged": merged}
+    students = {"converted": converted, "kd": distilled}
+    if domains:
+        students["merged"] = stage("merge", {**settings, "merge": asdict(merge), "domains": domains}, do_merge)["student"]
     heldout = stage("heldout", {**settings, "blocks": eval.heldout_blocks, "students": students},
                     lambda f: heldout_stage(f, teacher, teacher_dtype, students, everything, seq_len, val_fraction, seed,
                                             eval.heldout_blocks))
     scores = {}
-    eval_settings = {"teacher": teacher, "dtype": teacher_dtype, "eval": asdict(eval)}
+    # which students are scored does not change any score, so it is not a setting of the eval stages
+    eval_settings = {"teacher": teacher, "dtype": teacher_dtype,
+                     "eval": {k: v for k, v in asdict(eval).items() if k != "students"}}
     scores["teacher"] = stage("eval_teacher", eval_settings, lambda f: eval_stage(f, None, teacher, eval, teacher_dtype))
-    for name, path in students.items():
-        scores[name] = stage(f"eval_{name}", {**eval_settings, "student": path, "run": settings},
-                             lambda f, p=path: eval_stage(f, p, teacher, eval, teacher_dtype))
+    for name in scored:
+        scores[name] = stage(f"eval_{name}", {**eval_settings, "student": students[name], "run": settings},
+                             lambda f, p=students[name]: eval_stage(f, p, teacher, eval, teacher_dtype))
     decoded = None
     if decode.prompt_length:
-        decoded = stage("decode", {"teacher": teacher, "student": merged, "decode": asdict(decode), "run": settings},
-                        lambda f: decode_stage(f, teacher, merged, decode))
+        decoded = stage("decode", {"teacher": teacher, "student": students[final], "decode": asdict(decode),
+                                   "run": settings},
+                        lambda f: decode_stage(f, teacher, students[final], decode))
     description = conversion.get("describe") or hybrid.describe()  # runs converted before descriptions were kept
     md = write_pipeline_report(run_dir, scores, heldout, decoded, stage.timings, eval.target,
                                {**settings, "limit": eval.limit, "student": description})
+    kd_metrics = json.loads((run_dir / "kd" / "stage.json").read_text())["result"].get("metrics", {})
+    summary = {"final": final, "describe": description, "students": students, "scores": scores, "heldout": heldout,
+               "decode": decoded, "timings": stage.timings, "kd_metrics": kd_metrics, "target": eval.target}
+    _write_json(run_dir / "summary.json", summary)  # written last: a run folder with it is a finished run
     print("\n" + md)
     print(f"report: {run_dir / 'report.md'}; curve: {run_dir / 'win_tie.png'}; "
           f"TensorBoard: tensorboard --logdir {tensorboard}; this invocation took {time.perf_counter() - started:.0f} s")
-    return {"scores": scores, "heldout": heldout, "decode": decoded, "timings": stage.timings}
+    return summary
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n")[0], parser_mode="omegaconf")
+def build_parser(**kwargs) -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0], parser_mode="omegaconf", **kwargs)
     parser.add_argument("--config", action=ActionConfigFile, help="a pipeline YAML (configs/experiments/)")
     parser.add_function_arguments(run_pipeline)
     return parser

@@ -148,6 +148,10 @@ class DistillationModule(L.LightningModule):
                 layer.self_attn.requires_grad_(True)
         for _, p in self.student.new_parameters():
             p.requires_grad_(True)
+        if mode == "new" and isinstance(self.student, HybridStudent) and self.student.hybrid_config.mode == "swa":
+            raise ValueError("model.trainable='new' trains nothing when hybrid.mode='swa': without the memory branch "
+                             "and the mix gate no new parameter reaches the output. Use trainable 'attention' (the "
+                             "teacher's q/k/v/o projections re-tune to the window) or 'all'")
 
     def trainable_parameters(self):
         return [p for p in self.student.parameters() if p.requires_grad]

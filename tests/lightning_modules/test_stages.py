@@ -12,7 +12,7 @@ from datamodules.topk_cache import read_topk_cache, write_topk_cache
 from experiments.run import main
 from lightning_modules import AlignmentModule, SparseKDModule
 from lightning_modules.losses import IGNORE, next_token_targets, sparse_kd_loss, teacher_topk
-from models import load_student
+from models import HybridConfig, load_student
 from tests.fixtures import write_corpus, write_teacher
 
 
@@ -90,6 +90,30 @@ def test_alignment_mse_halves_within_30_steps(env):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_swa_only_student_aligns_its_attention_and_refuses_new(env):
+    """With mode='swa' the gates and norms are dead weight: 'new' is refused by name, 'attention' trains."""
+    root, _ = env
+    swa = HybridConfig(mode="swa", window=4, sink_tokens=1, chunk_size=8)
+    with pytest.raises(ValueError, match="trainable='new' trains nothing when hybrid.mode='swa'.*'attention'"):
+        AlignmentModule(teacher=str(root / "teacher"), hybrid=swa, trainable="new").configure_model()
+    dm = tiny_dm(env)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = AlignmentModule(teacher=str(root / "teacher"), hybrid=swa, trainable="attention")
+    module.configure_model()
+    trained = {n for n, p in module.student.named_parameters() if p.requires_grad}
+    assert trained and all(".self_attn." in n for n in trained)
+    opt = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = _align_loss(module, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
 
 
 def _align_loss(module, batch):
