@@ -46,7 +46,9 @@ def load_run(folder: Path) -> dict:
     return {"folder": folder, "settings": settings, "family": family, "describe": describe,
             "tokens": training_tokens(settings), "heldout": _read(folder / "heldout" / "heldout.json"),
             "teacher": _read(folder / "eval_teacher" / "scores.json"),
-            "scores": {key: _read(folder / f"eval_{key}" / "scores.json") for key, _ in STUDENTS}}
+            # a run without experts has no merged student; one may leave its stage-2 student unscored
+            "scores": {key: _read(folder / f"eval_{key}" / "scores.json") for key, _ in STUDENTS
+                       if (folder / f"eval_{key}" / "scores.json").is_file()}}
 
 
 def compare(runs: list[str], out: str = "runs/compare", target: float = 1.0) -> str:
@@ -74,7 +76,11 @@ def compare(runs: list[str], out: str = "runs/compare", target: float = 1.0) -> 
     grid = [round(0.005 * i, 4) for i in range(101)]
     curves, stars, rows, per_task = {}, {}, [], {}
     for run in loaded:
+        if not run["scores"]:
+            raise FileNotFoundError(f"{run['folder']} has no scored merged or stage-2 student (eval_merged/, eval_kd/)")
         for key, label in STUDENTS:
+            if key not in run["scores"]:
+                continue
             name = f"{run['folder'].name}: {label}"
             scores = run["scores"][key]
             curves[name] = win_and_tie(scores, teacher, grid)
@@ -90,7 +96,7 @@ def compare(runs: list[str], out: str = "runs/compare", target: float = 1.0) -> 
               "suite mean | " + " | ".join(f"C_{a:g}" for a in ALPHAS) + " | alpha* |")
     teacher_mean = sum(teacher.values()) / len(teacher)
     lines = [header, "|---|---|---:|" + "---:|" * (5 + len(ALPHAS)), *rows,
-             f"| teacher | | | {ref['heldout']['merged']['teacher_ce']:.3f} | | | {teacher_mean:.3f} |"
+             f"| teacher | | | {ref['heldout']['kd']['teacher_ce']:.3f} | | | {teacher_mean:.3f} |"
              + " |" * (len(ALPHAS) + 1)]
     task_lines = ["| task | teacher | " + " | ".join(per_task) + " |", "|---|---:|" + "---:|" * len(per_task)]
     for task in sorted(teacher):

@@ -240,14 +240,16 @@ def _error_text(tail: str) -> str:
 class PointProcess:
     """One point's pipeline as a child process, its output in the point's log.txt."""
 
-    def __init__(self, point: SweepPoint):
-        self.point = point
+    def __init__(self, point: SweepPoint, devices: str | None = None):
+        self.point, self.devices = point, devices
         config_path = point.folder / "config.yaml"
         self.log = (point.folder / "log.txt").open("a")
         self.log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m experiments.pipeline --config {config_path}\n")
         self.log.flush()
         self.started = time.perf_counter()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if devices is not None:  # this point's GPUs only
+            env["CUDA_VISIBLE_DEVICES"] = devices
         self.proc = subprocess.Popen([sys.executable, "-m", "experiments.pipeline", "--config", str(config_path)],
                                      cwd=PROJECT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
@@ -266,20 +268,25 @@ class PointProcess:
         return record
 
 
-def run_points(points: list[SweepPoint], parallel: int) -> dict[str, dict]:
-    """Runs the points, at most ``parallel`` at once; returns each point's record."""
+def run_points(points: list[SweepPoint], parallel: int, devices: list[str] | None = None) -> dict[str, dict]:
+    """Runs the points, at most ``parallel`` at once (and at most one per entry of ``devices``, each
+    point seeing only its entry's GPUs); returns each point's record."""
     pending, running, records = list(points), [], {}
+    free = list(devices) if devices else [None] * parallel
+    free = free[:parallel]
     total = len(points)
     try:
         while pending or running:
-            while pending and len(running) < parallel:
+            while pending and free:
                 point = pending.pop(0)
-                running.append(PointProcess(point))
-                print(f"[sweep] {point.name}: started ({len(records) + len(running)}/{total}), "
+                running.append(PointProcess(point, free.pop(0)))
+                where = f", CUDA_VISIBLE_DEVICES={running[-1].devices}" if devices else ""
+                print(f"[sweep] {point.name}: started ({len(records) + len(running)}/{total}{where}), "
                       f"log {point.folder / 'log.txt'}", flush=True)
             time.sleep(0.5)
             for job in [j for j in running if j.proc.poll() is not None]:
                 running.remove(job)
+                free.append(job.devices)
                 record = records[job.point.name] = job.finish()
                 if record["status"] == "done":
                     print(f"[sweep] {job.point.name}: done in {record['seconds']:.0f} s", flush=True)
@@ -425,8 +432,9 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
 # ---- the command --------------------------------------------------------------------------------
 
 def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | None = None,
-              grid: dict[str, list[Any]] | None = None, common: dict[str, Any] | None = None, parallel: int = 1,
-              threads: int | None = None, alphas: list[float] = list(DEFAULT_ALPHAS), target: float = 1.0,
+              grid: dict[str, list[Any]] | None = None, common: dict[str, Any] | None = None, parallel: int | None = None,
+              threads: int | None = None, devices: list[str] | None = None,
+              alphas: list[float] = list(DEFAULT_ALPHAS), target: float = 1.0,
               only: list[str] | None = None, dry_run: bool = False, aggregate_only: bool = False) -> dict:
     """Run (or resume) a sweep and aggregate it; returns {"points": {name: status}, "markdown": ...}.
 
@@ -436,16 +444,24 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
         points: list of override dicts (dotted pipeline keys; an optional ``name``), crossed with ``grid``.
         grid: key -> list of values; every combination is a point.
         common: overrides applied to every point (e.g. fewer stages or items than the base).
-        parallel: at most this many points run at once, each as its own process.
+        parallel: at most this many points run at once, each as its own process (None: 1, or one per
+            entry of ``devices``).
         threads: torch CPU threads per point (None: the machine's cores divided by ``parallel``).
+        devices: GPUs per concurrent point, as CUDA_VISIBLE_DEVICES values (``["0", "1"]``: two points at
+            once, one GPU each; ``["0,1", "2,3"]``: two GPUs each, with a multi-GPU trainer config); a
+            point runs on the first free entry. None: every point sees every GPU.
         alphas: tolerances whose C_alpha the table shows.
         target: C_alpha that defines alpha*.
         only: run only these points (the table still shows every finished one).
         dry_run: print the points and their overrides, run nothing.
         aggregate_only: run nothing; rebuild the table and figure from the finished points.
     """
-    if parallel < 1:
-        raise ValueError(f"parallel={parallel} must be >= 1")
+    if parallel is not None and parallel < 1:
+        raise ValueError(f"parallel={parallel} must be >= 1 (or null: one point at a time, one per entry of devices)")
+    if devices is not None and (not devices or any(not str(d).strip() for d in devices)):
+        raise ValueError(f"devices={devices} must list CUDA_VISIBLE_DEVICES values such as ['0', '1'] (or be null)")
+    if parallel is None:
+        parallel = len(devices) if devices else 1
     if threads is not None and threads < 1:
         raise ValueError(f"threads={threads} must be >= 1 (or null: the cores divided by parallel)")
     if not alphas or any(a < 0 for a in alphas):
@@ -457,7 +473,11 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
         raise ValueError(f"only={unknown} names no point of this sweep; its points: {', '.join(n for n, _ in expanded)}")
     sweep_points = [SweepPoint(name, overrides, out_dir / "points" / name) for name, overrides in expanded]
     base_plain = base_config(base)
-    threads = threads or max(1, (os.cpu_count() or 1) // parallel)
+    cores = os.cpu_count() or 1
+    if threads and threads * parallel > cores:
+        print(f"[sweep] warning: {parallel} points x {threads} threads exceed the {cores} cores; they will compete",
+              flush=True)
+    threads = threads or max(1, cores // parallel)
     for point in sweep_points:  # every point is checked before any runs
         others = [p.folder for p in sweep_points if p is not point]
         point.config = resolve_point(base_plain, dict(common or {}), point, threads, others)
@@ -487,7 +507,7 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
             point.folder.mkdir(parents=True, exist_ok=True)
             atomic_file_write(point.folder / "config.yaml",
                               lambda tmp, c=point.config: tmp.write_text(yaml.safe_dump(c, sort_keys=False)))
-        run_points(todo, parallel)
+        run_points(todo, parallel, [str(d) for d in devices] if devices else None)
     md = aggregate(out_dir, sweep_points, list(alphas), target, out_dir.name)
     print("\n" + md)
     print(f"table: {out_dir / 'sweep.md'} ({out_dir / 'sweep.csv'}); curves: {out_dir / 'win_tie.png'}; "
@@ -510,5 +530,9 @@ def main(args: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    import signal
+
+    # a terminated sweep stops its running points too (run_points' cleanup); their finished stages stay
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     result = main()
     sys.exit(1 if any(status == "failed" for status in result["points"].values()) else 0)

@@ -20,6 +20,9 @@ def fake_run(folder: Path, family: str, merged: dict, kd: dict, ce: float, teach
              "heldout/heldout.json": {"tokens": tokens, **{k: {"student_ce": ce, "teacher_ce": 2.0, "kl_teacher_student": 0.5,
                                                                  "top1_agreement": 0.6} for k in ("merged", "kd")}},
              "eval_teacher/scores.json": teacher, "eval_merged/scores.json": merged, "eval_kd/scores.json": kd}
+    if merged is None:  # a run without experts (domains: [])
+        settings["domains"] = []
+        del files["eval_merged/scores.json"]
     for name, payload in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(payload))
@@ -46,3 +49,13 @@ def test_compare_tables_runs_and_refuses_other_references(tmp_path):
         compare([str(hybrid), str(other)], out=str(tmp_path / "cmp2"))
     with pytest.raises(FileNotFoundError, match="finished pipeline run"):
         compare([str(hybrid), str(tmp_path / "missing")], out=str(tmp_path / "cmp3"))
+
+
+def test_a_run_without_experts_shows_its_stage_2_student(tmp_path):
+    hybrid = fake_run(tmp_path / "hybrid", "hybrid", {"a": 0.5, "b": 0.7}, {"a": 0.4, "b": 0.8}, 3.1)
+    short = fake_run(tmp_path / "short", "hybrid", None, {"a": 0.5, "b": 0.8}, 2.9)
+    md = compare([str(hybrid), str(short)], out=str(tmp_path / "cmp"))
+    # no experts: align 2x1 + kd 3x2 blocks of 10 tokens; ties both tasks -> alpha* 0
+    assert "| short: stage-2 | hybrid student | 80 | 2.900 |" in md and "short: merged" not in md
+    header = (tmp_path / "cmp" / "win_tie.csv").read_text().splitlines()[0]
+    assert header == "alpha,hybrid: merged,hybrid: stage-2,short: stage-2"

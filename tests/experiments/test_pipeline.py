@@ -36,6 +36,31 @@ def test_stage_runner_skips_finished_stages_and_refuses_changed_settings(tmp_pat
     assert not (tmp_path / "b" / "stage.json").exists()
 
 
+def test_stage_runner_copies_a_stage_another_run_finished_with_the_same_settings(tmp_path, capsys):
+    def train(folder):
+        (folder / "student").mkdir()
+        (folder / "student" / "w.bin").write_bytes(b"12")
+        return {"student": str(folder / "student"), "note": "kept"}
+
+    first = StageRunner(tmp_path / "first", total=2)
+    first("train", {"lr": 1}, train)
+    first("other", {"x": 1}, lambda f: {"value": 1})
+    calls = []
+    second = StageRunner(tmp_path / "second", total=2, reuse=[tmp_path / "first", tmp_path / "second"])
+    result = second("train", {"lr": 1}, lambda f: calls.append(f))
+    assert not calls and "same settings finished in" in capsys.readouterr().out
+    # the copy is this run's own: its files, and a result that names them
+    assert result == {"student": str(tmp_path / "second" / "train" / "student"), "note": "kept"}
+    assert (tmp_path / "second" / "train" / "student" / "w.bin").read_bytes() == b"12"
+    record = json.loads((tmp_path / "second" / "train" / "stage.json").read_text())
+    assert record["reused_from"] == str((tmp_path / "first" / "train").resolve()) and record["result"] == result
+    # other settings: run here
+    assert second("other", {"x": 2}, lambda f: {"value": 2}) == {"value": 2}
+    # and a third run skips the copied stage as its own
+    assert StageRunner(tmp_path / "second", total=1)("train", {"lr": 1}, lambda f: calls.append(f)) == result
+    assert not calls
+
+
 def test_bad_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="domains.*math, code, stem, chat"):
         main(["--out", str(tmp_path / "run"), "--domains", '["math", "poetry"]'])
@@ -43,6 +68,10 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         main(["--out", str(tmp_path / "run"), "--extra_sources", '[{"path": "x.jsonl", "format": "poem"}]'])
     with pytest.raises(ValueError, match="teacher_dtype"):
         main(["--out", str(tmp_path / "run"), "--teacher_dtype", "float13"])
+    with pytest.raises(ValueError, match="names 'merged' but domains is empty"):
+        main(["--out", str(tmp_path / "run"), "--domains", "[]", "--eval.students", '["merged"]'])
+    with pytest.raises(ValueError, match="eval.students has \\['best'\\]"):
+        main(["--out", str(tmp_path / "run"), "--eval.students", '["best"]'])
     assert not (tmp_path / "run").exists()
 
 

@@ -66,9 +66,13 @@ def test_a_bad_point_is_refused_before_any_point_runs(tmp_path):
 def test_no_more_than_parallel_points_run_at_once(tmp_path, monkeypatch):
     running, peak, order = [], [], []
 
+    held = {}
+
     class FakeProcess:  # stands in for a pipeline process: each lasts a few polls
-        def __init__(self, point):
-            self.point, self.polls = point, 0
+        def __init__(self, point, devices=None):
+            self.point, self.polls, self.devices = point, 0, devices
+            assert devices is None or devices not in held.values(), "a GPU given to two points at once"
+            held[point.name] = devices
             running.append(point.name)
             order.append(point.name)
             peak.append(len(running))
@@ -80,6 +84,7 @@ def test_no_more_than_parallel_points_run_at_once(tmp_path, monkeypatch):
 
         def finish(self):
             running.remove(self.point.name)
+            held.pop(self.point.name)
             return {"status": "done", "seconds": 0.0}
 
     monkeypatch.setattr(sweep, "PointProcess", FakeProcess)
@@ -90,6 +95,12 @@ def test_no_more_than_parallel_points_run_at_once(tmp_path, monkeypatch):
     peak.clear()
     run_points(points, parallel=1)
     assert max(peak) == 1
+    # with GPUs: one point per entry of devices, never two on the same entry, all of them used
+    peak.clear()
+    seen = []
+    monkeypatch.setattr(FakeProcess, "poll", lambda self: seen.append(self.devices) or (0 if len(seen) % 3 == 0 else None))
+    run_points(points, parallel=3, devices=["0", "1,2"])
+    assert max(peak) == 2 and set(seen) == {"0", "1,2"}
 
 
 @pytest.mark.slow
@@ -176,3 +187,24 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
     # a finished point whose configuration changed is refused, naming what changed
     with pytest.raises(ValueError, match=r"'window4'.*another configuration \(changed: kd\)"):
         main(["--config", str(path), "--common", json.dumps({**spec["common"], "kd.steps": 3})])
+
+
+def test_a_point_process_runs_its_resolved_config_with_its_gpus(tmp_path, monkeypatch):
+    calls = []
+
+    class FakePopen:
+        def __init__(self, args, cwd, stdout, stderr, env):
+            calls.append((args, env))
+            self.returncode = 3
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakePopen)
+    point = SweepPoint("p", {"kd.lr": 1}, tmp_path / "p", config={"out": str(tmp_path / "p")})
+    point.folder.mkdir()
+    job = sweep.PointProcess(point, devices="2,3")
+    args, env = calls[0]
+    assert args[1:] == ["-m", "experiments.pipeline", "--config", str(tmp_path / "p" / "config.yaml")]
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    (point.folder / "log.txt").open("a").write("Traceback (most recent call last):\n  File x\nValueError: bad lr\n")
+    record = job.finish()
+    assert record["status"] == "failed" and record["returncode"] == 3 and record["error"] == "ValueError: bad lr"
+    assert json.loads((point.folder / "point.json").read_text())["error"] == "ValueError: bad lr"
