@@ -268,16 +268,31 @@ class PointProcess:
         return record
 
 
-def run_points(points: list[SweepPoint], parallel: int, devices: list[str] | None = None) -> dict[str, dict]:
+def available_memory_gb() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30
+
+
+def run_points(points: list[SweepPoint], parallel: int, devices: list[str] | None = None,
+               min_free_memory_gb: float = 0.0) -> dict[str, dict]:
     """Runs the points, at most ``parallel`` at once (and at most one per entry of ``devices``, each
-    point seeing only its entry's GPUs); returns each point's record."""
+    point seeing only its entry's GPUs), starting another only while ``min_free_memory_gb`` of RAM is
+    available; returns each point's record."""
     pending, running, records = list(points), [], {}
     free = list(devices) if devices else [None] * parallel
     free = free[:parallel]
-    total = len(points)
+    total, waiting = len(points), False
     try:
         while pending or running:
             while pending and free:
+                if running and available_memory_gb() < min_free_memory_gb:
+                    if not waiting:
+                        print(f"[sweep] less than {min_free_memory_gb:g} GB of memory available: the next point "
+                              f"waits for a running one to finish", flush=True)
+                    waiting = True
+                    break
+                waiting = False
                 point = pending.pop(0)
                 running.append(PointProcess(point, free.pop(0)))
                 where = f", CUDA_VISIBLE_DEVICES={running[-1].devices}" if devices else ""
@@ -433,7 +448,7 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
 
 def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | None = None,
               grid: dict[str, list[Any]] | None = None, common: dict[str, Any] | None = None, parallel: int | None = None,
-              threads: int | None = None, devices: list[str] | None = None,
+              threads: int | None = None, devices: list[str] | None = None, min_free_memory_gb: float = 4.0,
               alphas: list[float] = list(DEFAULT_ALPHAS), target: float = 1.0,
               only: list[str] | None = None, dry_run: bool = False, aggregate_only: bool = False) -> dict:
     """Run (or resume) a sweep and aggregate it; returns {"points": {name: status}, "markdown": ...}.
@@ -450,6 +465,8 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
         devices: GPUs per concurrent point, as CUDA_VISIBLE_DEVICES values (``["0", "1"]``: two points at
             once, one GPU each; ``["0,1", "2,3"]``: two GPUs each, with a multi-GPU trainer config); a
             point runs on the first free entry. None: every point sees every GPU.
+        min_free_memory_gb: a further point starts only while this much RAM is available (one point
+            always runs), so parallel points do not push the machine into swap.
         alphas: tolerances whose C_alpha the table shows.
         target: C_alpha that defines alpha*.
         only: run only these points (the table still shows every finished one).
@@ -507,7 +524,7 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
             point.folder.mkdir(parents=True, exist_ok=True)
             atomic_file_write(point.folder / "config.yaml",
                               lambda tmp, c=point.config: tmp.write_text(yaml.safe_dump(c, sort_keys=False)))
-        run_points(todo, parallel, [str(d) for d in devices] if devices else None)
+        run_points(todo, parallel, [str(d) for d in devices] if devices else None, min_free_memory_gb)
     md = aggregate(out_dir, sweep_points, list(alphas), target, out_dir.name)
     print("\n" + md)
     print(f"table: {out_dir / 'sweep.md'} ({out_dir / 'sweep.csv'}); curves: {out_dir / 'win_tie.png'}; "

@@ -101,6 +101,11 @@ def test_no_more_than_parallel_points_run_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(FakeProcess, "poll", lambda self: seen.append(self.devices) or (0 if len(seen) % 3 == 0 else None))
     run_points(points, parallel=3, devices=["0", "1,2"])
     assert max(peak) == 2 and set(seen) == {"0", "1,2"}
+    # no room in memory: one point at a time, whatever parallel allows
+    peak.clear()
+    monkeypatch.setattr(sweep, "available_memory_gb", lambda: 1.0)
+    run_points(points, parallel=3, min_free_memory_gb=2.0)
+    assert max(peak) == 1
 
 
 @pytest.mark.slow
