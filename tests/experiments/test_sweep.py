@@ -6,6 +6,7 @@ TensorBoard HParams view hold the points' own numbers."""
 import csv
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -161,7 +162,7 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
             assert float(row[f"task:{task}"]) == pytest.approx(value)
         assert float(row["kd_tokens_per_s"]) > 0
     md = (root / "sweep.md").read_text()
-    assert "| window4 |" in md and "| window8 |" in md and "failed: " in md and "## Failed points" in md
+    assert "| window4 |" in md and "| window8 |" in md and "failed (see below)" in md and "## Failed points" in md
     curves = list(csv.DictReader((root / "win_tie.csv").open()))
     assert set(curves[0]) == {"alpha", "window4", "window8"} and len(curves) == 101
     assert (root / "win_tie.png").stat().st_size > 0
@@ -189,7 +190,12 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
     assert "broken: started" in out and "window4: started" not in out
     assert (points / "window4" / "summary.json").stat().st_mtime_ns == stamp
     assert result["points"]["broken"] == "failed"
+    # aggregating only starts nothing, and rebuilds the same table
+    out_before = (root / "sweep.csv").read_text()
+    result = main(["--config", str(path), "--aggregate_only", "true"])
+    assert "started" not in capsys.readouterr().out and (root / "sweep.csv").read_text() == out_before
     # a finished point whose configuration changed is refused, naming what changed
+
     with pytest.raises(ValueError, match=r"'window4'.*another configuration \(changed: kd\)"):
         main(["--config", str(path), "--common", json.dumps({**spec["common"], "kd.steps": 3})])
 
@@ -213,3 +219,36 @@ def test_a_point_process_runs_its_resolved_config_with_its_gpus(tmp_path, monkey
     record = job.finish()
     assert record["status"] == "failed" and record["returncode"] == 3 and record["error"] == "ValueError: bad lr"
     assert json.loads((point.folder / "point.json").read_text())["error"] == "ValueError: bad lr"
+
+
+@pytest.mark.slow
+def test_a_terminated_sweep_stops_its_running_points(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    base = tiny_config(tmp_path)
+    spec = {"base": str(base), "out": str(tmp_path / "sweep"),
+            "common": {"domains": [], "expert_sources": None, "decode.prompt_length": 0},
+            "points": [{"name": "only", "align.steps": 50}]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "XDISTILL_CACHE": str(tmp_path / "cache")}
+    sweep_proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--config", str(path)], env=env,
+                                  cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT)
+    log = tmp_path / "sweep" / "points" / "only" / "log.txt"
+    deadline = time.time() + 300
+    while not (log.is_file() and "align ..." in log.read_text()):
+        assert sweep_proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    children = psutil.Process(sweep_proc.pid).children()
+    assert children
+    sweep_proc.send_signal(signal.SIGTERM)
+    assert sweep_proc.wait(timeout=60) == 128 + signal.SIGTERM
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive
+    assert not (tmp_path / "sweep" / "points" / "only" / "point.json").exists()  # neither done nor failed
