@@ -247,11 +247,13 @@ class PointProcess:
         self.log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} python -m experiments.pipeline --config {config_path}\n")
         self.log.flush()
         self.started = time.perf_counter()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the user's working folder, as if they had typed the command (relative data paths keep working)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
         if devices is not None:  # this point's GPUs only
             env["CUDA_VISIBLE_DEVICES"] = devices
         self.proc = subprocess.Popen([sys.executable, "-m", "experiments.pipeline", "--config", str(config_path)],
-                                     cwd=PROJECT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+                                     cwd=Path.cwd(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def finish(self) -> dict:
         self.log.close()
@@ -347,6 +349,10 @@ def point_row(point: SweepPoint, alphas: list[float], target: float) -> dict:
         "alpha_star": critical_tolerance(scores, teacher, target),
         "kd_tokens_per_s": summary["kd_metrics"].get("train/tokens_per_s"),
         "decode_ms_per_token": (summary["decode"] or {}).get("student_ms_per_token"),
+        "decode_state_mb": ((summary["decode"] or {}).get("student_state_bytes") or float("nan")) / 2**20,
+        "teacher_decode": summary["decode"] and {"ms_per_token": summary["decode"]["teacher_ms_per_token"],
+                                                 "kv_cache_mb": summary["decode"]["teacher_kv_cache_bytes"] / 2**20,
+                                                 "prompt": summary["decode"]["prompt"]},
         "seconds": record["seconds"],
         "scores": scores, "teacher_scores": teacher,
         "curve": win_and_tie(scores, teacher, CURVE_GRID),
@@ -389,7 +395,7 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
     tasks = sorted({t for r in done for t in r["teacher_scores"]})
     calpha = [f"C_{a:g}" for a in alphas]
     columns = ["point", "overrides", "status", "student", "heldout_ce", "kl_teacher_student", "top1_agreement",
-               "suite_mean", *calpha, "alpha_star", "kd_tokens_per_s", "decode_ms_per_token", "seconds",
+               "suite_mean", *calpha, "alpha_star", "kd_tokens_per_s", "decode_ms_per_token", "decode_state_mb", "seconds",
                *(f"task:{t}" for t in tasks), "error"]
 
     def write_csv(tmp: Path):
@@ -398,25 +404,30 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
             writer.writerow(columns)
             for r in rows:
                 flat = {**r, **{f"task:{t}": s for t, s in r.get("scores", {}).items()}}
-                writer.writerow(["" if flat.get(c) is None else flat.get(c, "") for c in columns])
+                writer.writerow(["" if flat.get(c) is None or flat.get(c) != flat.get(c) else flat.get(c, "")
+                                 for c in columns])
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_file_write(out / "sweep.csv", write_csv)
 
     header = (["point", "overrides", "held-out CE", "KL(teacher‖student)", "top-1 agreement", "suite mean", *calpha,
-               "alpha*", "KD tokens/s", "decode ms/token", "status"])
+               "alpha*", "KD tokens/s", "decode ms/token", "state MB", "status"])
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 3) + "---|"]
     for r in rows:
         overrides = ", ".join(f"`{k}={_value_name(v)}`" for k, v in json.loads(r["overrides"]).items()) or "(base)"
         status = r["status"] if r["status"] != "failed" else "failed (see below)"
         lines.append(f"| {r['point']} | {overrides} | " + " | ".join(_fmt(r.get(c)) for c in (
             "heldout_ce", "kl_teacher_student", "top1_agreement", "suite_mean", *calpha, "alpha_star")) + " | "
-            + f"{_fmt(r.get('kd_tokens_per_s'), 0)} | {_fmt(r.get('decode_ms_per_token'), 1)} | {status} |")
+            + f"{_fmt(r.get('kd_tokens_per_s'), 0)} | {_fmt(r.get('decode_ms_per_token'), 1)} | "
+            f"{_fmt(r.get('decode_state_mb'), 2)} | {status} |")
     md = f"# Sweep `{title}`\n\n" + "\n".join(lines) + "\n"
     if done:
         teacher = done[0]["teacher_scores"]
+        decoded = next((r["teacher_decode"] for r in done if r["teacher_decode"]), None)
+        teacher_decode = (f" {decoded['ms_per_token']:.1f} | {decoded['kv_cache_mb']:.2f} (KV cache) |" if decoded
+                          else " | |")
         md += (f"| teacher | | {_fmt(done[0]['teacher_ce'])} | | | {_fmt(sum(teacher.values()) / len(teacher))} |"
-               + " |" * (len(calpha) + 4) + "\n")
+               + " |" * (len(calpha) + 2) + teacher_decode + " |\n")
         best_ce = min(done, key=lambda r: r["heldout_ce"])
         best_star = min(done, key=lambda r: (r["alpha_star"], r["heldout_ce"]))
         md += (f"\nEach point's final student ({', '.join(sorted({r['student'] for r in done}))}) against the teacher. "
@@ -455,7 +466,7 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
 
     Args:
         base: the pipeline YAML every point starts from (configs/experiments/).
-        out: sweep folder (points under ``<out>/points/<name>``); default runs/sweeps/<base name>.
+        out: sweep folder (points under ``<out>/points/<name>``); default runs/sweeps/<sweep file name>.
         points: list of override dicts (dotted pipeline keys; an optional ``name``), crossed with ``grid``.
         grid: key -> list of values; every combination is a point.
         common: overrides applied to every point (e.g. fewer stages or items than the base).
@@ -543,6 +554,8 @@ def main(args: list[str] | None = None) -> dict:
     parser = build_parser()
     cfg = parser.parse_args(args)
     kwargs = {k: v for k, v in parser.instantiate(cfg).items() if k != "config"}
+    if not kwargs["out"] and cfg.get("config"):
+        kwargs["out"] = f"runs/sweeps/{Path(str(cfg.config[-1])).stem}"
     return run_sweep(**kwargs)
 
 
