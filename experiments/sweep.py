@@ -344,11 +344,15 @@ def point_row(point: SweepPoint, alphas: list[float], target: float) -> dict:
     row.update({
         "student": final, "heldout_ce": heldout["student_ce"], "kl_teacher_student": heldout["kl_teacher_student"],
         "top1_agreement": heldout["top1_agreement"], "teacher_ce": heldout["teacher_ce"],
+        # where training started: the untrained conversion on the same held-out blocks
+        "converted_ce": summary["heldout"].get("converted", {}).get("student_ce"),
         "suite_mean": sum(scores.values()) / len(scores),
         **{f"C_{a:g}": c for a, c in zip(alphas, win_and_tie(scores, teacher, alphas))},
         "alpha_star": critical_tolerance(scores, teacher, target),
         "kd_tokens_per_s": summary["kd_metrics"].get("train/tokens_per_s"),
         "decode_ms_per_token": (summary["decode"] or {}).get("student_ms_per_token"),
+        # teacher/student time per token, measured side by side in the same process (stabler than ms across points)
+        "decode_speedup": (summary["decode"] or {}).get("decode_speedup"),
         "decode_state_mb": ((summary["decode"] or {}).get("student_state_bytes") or float("nan")) / 2**20,
         "teacher_decode": summary["decode"] and {"ms_per_token": summary["decode"]["teacher_ms_per_token"],
                                                  "kv_cache_mb": summary["decode"]["teacher_kv_cache_bytes"] / 2**20,
@@ -394,8 +398,9 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
     done = [r for r in rows if "heldout_ce" in r]
     tasks = sorted({t for r in done for t in r["teacher_scores"]})
     calpha = [f"C_{a:g}" for a in alphas]
-    columns = ["point", "overrides", "status", "student", "heldout_ce", "kl_teacher_student", "top1_agreement",
-               "suite_mean", *calpha, "alpha_star", "kd_tokens_per_s", "decode_ms_per_token", "decode_state_mb", "seconds",
+    columns = ["point", "overrides", "status", "student", "heldout_ce", "converted_ce", "kl_teacher_student",
+               "top1_agreement",
+               "suite_mean", *calpha, "alpha_star", "kd_tokens_per_s", "decode_ms_per_token", "decode_speedup", "decode_state_mb", "seconds",
                *(f"task:{t}" for t in tasks), "error"]
 
     def write_csv(tmp: Path):
@@ -410,23 +415,25 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
     out.mkdir(parents=True, exist_ok=True)
     atomic_file_write(out / "sweep.csv", write_csv)
 
-    header = (["point", "overrides", "held-out CE", "KL(teacher‖student)", "top-1 agreement", "suite mean", *calpha,
-               "alpha*", "KD tokens/s", "decode ms/token", "state MB", "status"])
+    header = (["point", "overrides", "held-out CE", "(converted)", "KL(teacher‖student)", "top-1 agreement", "suite mean", *calpha,
+               "alpha*", "KD tokens/s", "decode ms/token", "decode speed-up", "state MB", "status"])
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 3) + "---|"]
     for r in rows:
         overrides = ", ".join(f"`{k}={_value_name(v)}`" for k, v in json.loads(r["overrides"]).items()) or "(base)"
         status = r["status"] if r["status"] != "failed" else "failed (see below)"
         lines.append(f"| {r['point']} | {overrides} | " + " | ".join(_fmt(r.get(c)) for c in (
-            "heldout_ce", "kl_teacher_student", "top1_agreement", "suite_mean", *calpha, "alpha_star")) + " | "
+            "heldout_ce", "converted_ce", "kl_teacher_student", "top1_agreement", "suite_mean", *calpha,
+            "alpha_star")) + " | "
             + f"{_fmt(r.get('kd_tokens_per_s'), 0)} | {_fmt(r.get('decode_ms_per_token'), 1)} | "
+            f"{_fmt(r.get('decode_speedup'), 2)}{'x' if r.get('decode_speedup') else ''} | "
             f"{_fmt(r.get('decode_state_mb'), 2)} | {status} |")
     md = f"# Sweep `{title}`\n\n" + "\n".join(lines) + "\n"
     if done:
         teacher = done[0]["teacher_scores"]
         decoded = next((r["teacher_decode"] for r in done if r["teacher_decode"]), None)
-        teacher_decode = (f" {decoded['ms_per_token']:.1f} | {decoded['kv_cache_mb']:.2f} (KV cache) |" if decoded
-                          else " | |")
-        md += (f"| teacher | | {_fmt(done[0]['teacher_ce'])} | | | {_fmt(sum(teacher.values()) / len(teacher))} |"
+        teacher_decode = (f" {decoded['ms_per_token']:.1f} | 1x | {decoded['kv_cache_mb']:.2f} (KV cache) |" if decoded
+                          else " | | |")
+        md += (f"| teacher | | {_fmt(done[0]['teacher_ce'])} | | | | {_fmt(sum(teacher.values()) / len(teacher))} |"
                + " |" * (len(calpha) + 2) + teacher_decode + " |\n")
         best_ce = min(done, key=lambda r: r["heldout_ce"])
         best_star = min(done, key=lambda r: (r["alpha_star"], r["heldout_ce"]))

@@ -150,12 +150,14 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
     assert set(rows) == {"window4", "window8", "broken"}
     assert rows["broken"]["status"] == "failed" and "top_k=0" in rows["broken"]["error"]
     for name in ("window4", "window8"):
-        heldout = json.loads((points / name / "heldout" / "heldout.json").read_text())["kd"]
+        heldout_all = json.loads((points / name / "heldout" / "heldout.json").read_text())
+        heldout = heldout_all["kd"]
         scores = json.loads((points / name / "eval_kd" / "scores.json").read_text())
         teacher = json.loads((points / name / "eval_teacher" / "scores.json").read_text())
         row = rows[name]
         assert float(row["heldout_ce"]) == pytest.approx(heldout["student_ce"])
         assert float(row["top1_agreement"]) == pytest.approx(heldout["top1_agreement"])
+        assert float(row["converted_ce"]) == pytest.approx(heldout_all["converted"]["student_ce"])
         assert float(row["alpha_star"]) == pytest.approx(critical_tolerance(scores, teacher))
         assert float(row["C_0.1"]) == pytest.approx(win_and_tie(scores, teacher, [0.1])[0])
         for task, value in scores.items():
