@@ -462,6 +462,21 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
     return md
 
 
+def provenance() -> dict:
+    """What produced the numbers: code version, interpreter, machine."""
+    import platform
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "machine": platform.machine(), "cores": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 # ---- the command --------------------------------------------------------------------------------
 
 def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | None = None,
@@ -531,8 +546,9 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
         return {"points": {p.name: "dry run" for p in sweep_points}, "markdown": ""}
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "sweep.json", {"base": str(base), "common": common, "points": points, "grid": grid,
-                                        "alphas": alphas, "target": target,
-                                        "names": [p.name for p in sweep_points]})
+                                        "alphas": alphas, "target": target, "parallel": parallel,
+                                        "threads": threads, "devices": devices,
+                                        "names": [p.name for p in sweep_points], **provenance()})
     todo = [p for p in sweep_points if not p.finished and (not only or p.name in only)]
     for point in sweep_points:
         if point.finished and (not only or point.name in only):
