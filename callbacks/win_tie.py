@@ -74,8 +74,12 @@ def plot_curves(path, alphas, curves: dict[str, list[float]], alpha_stars: dict[
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, values in curves.items():
-        line, = ax.step(alphas, values, where="post", label=f"{label} (α*={alpha_stars[label]:.3f})")
+    n = len(curves)
+    for i, (label, values) in enumerate(curves.items()):
+        # earlier curves are drawn wider, so a curve that coincides with a later one still shows around it
+        width = 1.5 + 3.0 * (n - 1 - i) / max(n - 1, 1)
+        line, = ax.step(alphas, values, where="post", linewidth=width, alpha=0.85,
+                        label=f"{label} (α*={alpha_stars[label]:.3f})")
         ax.axvline(alpha_stars[label], color=line.get_color(), linestyle=":", linewidth=1)
     ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xlabel("tolerance α (relative)" if relative else "tolerance α (absolute score)")
