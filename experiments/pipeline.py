@@ -13,7 +13,10 @@ refused, naming the stage and the setting, rather than silently mixing two confi
 
 Outputs: ``report.md`` and ``win_tie.png`` (merged, stage-2 and converted students against the
 teacher), ``scores.json``, ``heldout.json``, ``decode.json``, each stage's student under
-``<stage>/student``, and TensorBoard logs under ``tensorboard/`` (``tensorboard --logdir <out>``).
+``<stage>/student``, TensorBoard logs under ``tensorboard/`` (``tensorboard --logdir <out>``), and
+last ``summary.json`` (every number of the run; sweeps read it). ``--domains '[]'`` stops after KD
+(no experts, no merge); ``--eval.students`` picks which students the suite scores; ``--reuse``
+copies stages other runs finished with the same settings (``experiments.sweep`` uses both).
 """
 
 from __future__ import annotations
