@@ -266,6 +266,7 @@ class PointProcess:
             tail = _log_tail(point.folder / "log.txt")
             record = {"status": "failed", "returncode": rc, "seconds": seconds, "error": _error_text(tail),
                       "log_tail": tail, "overrides": point.overrides, "config": point.config}
+        record["provenance"] = provenance()  # the code this point ran with (sweep.json: the latest invocation)
         _write_json(point.folder / "point.json", record)
         return record
 
