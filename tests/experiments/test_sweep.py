@@ -211,6 +211,7 @@ def test_a_point_process_runs_its_resolved_config_with_its_gpus(tmp_path, monkey
             self.returncode = 3
 
     monkeypatch.setattr(sweep.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(sweep, "provenance", lambda: {"git_commit": "abc"})
     point = SweepPoint("p", {"kd.lr": 1}, tmp_path / "p", config={"out": str(tmp_path / "p")})
     point.folder.mkdir()
     job = sweep.PointProcess(point, devices="2,3")
@@ -220,7 +221,8 @@ def test_a_point_process_runs_its_resolved_config_with_its_gpus(tmp_path, monkey
     (point.folder / "log.txt").open("a").write("Traceback (most recent call last):\n  File x\nValueError: bad lr\n")
     record = job.finish()
     assert record["status"] == "failed" and record["returncode"] == 3 and record["error"] == "ValueError: bad lr"
-    assert json.loads((point.folder / "point.json").read_text())["error"] == "ValueError: bad lr"
+    saved = json.loads((point.folder / "point.json").read_text())
+    assert saved["error"] == "ValueError: bad lr" and saved["provenance"] == {"git_commit": "abc"}
 
 
 @pytest.mark.slow
