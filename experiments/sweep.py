@@ -88,17 +88,20 @@ def _deep_merge(into: dict, value: dict) -> dict:
     return into
 
 
-def set_dotted(config: dict, key: str, value) -> None:
-    """``config[a][b][c] = value`` for key ``a.b.c``, descending while the parts name existing dicts;
-    the rest of the path, once a part is not there, is one key (so ``kd.overrides.model.init_args.top_k``
-    sets the ``model.init_args.top_k`` entry of the ``kd.overrides`` dict). Dicts merge into dicts."""
+def _descend(config: dict, key: str) -> tuple[dict, str]:
+    """The dict a dotted key lands in and its key there: the parts of ``a.b.c`` are followed while
+    they name existing dicts, and the rest of the path, once a part is not there, is one key (so
+    ``kd.overrides.model.init_args.top_k`` is the ``model.init_args.top_k`` entry of ``kd.overrides``)."""
     parts = key.split(".")
-    node = config
-    i = 0
+    node, i = config, 0
     while i < len(parts) - 1 and isinstance(node.get(parts[i]), dict):
-        node = node[parts[i]]
-        i += 1
-    last = ".".join(parts[i:])
+        node, i = node[parts[i]], i + 1
+    return node, ".".join(parts[i:])
+
+
+def set_dotted(config: dict, key: str, value) -> None:
+    """``config[a][b][c] = value`` for key ``a.b.c`` (see ``_descend``); a dict merges into a dict."""
+    node, last = _descend(config, key)
     if isinstance(value, dict) and isinstance(node.get(last), dict):
         _deep_merge(node[last], value)
     else:
@@ -107,13 +110,8 @@ def set_dotted(config: dict, key: str, value) -> None:
 
 def get_dotted(config: dict, key: str, default=None):
     """The value ``set_dotted(config, key, ...)`` would replace (``default`` when absent)."""
-    parts = key.split(".")
-    node = config
-    i = 0
-    while i < len(parts) - 1 and isinstance(node.get(parts[i]), dict):
-        node = node[parts[i]]
-        i += 1
-    return node.get(".".join(parts[i:]), default)
+    node, last = _descend(config, key)
+    return node.get(last, default)
 
 
 def _value_name(value) -> str:

@@ -81,14 +81,7 @@ def test_alignment_mse_halves_within_30_steps(env):
     batch = next(iter(dm.train_dataloader()))
     module = AlignmentModule(teacher=str(root / "teacher"), lr=3e-2, warmup_steps=0)
     module.configure_model()
-    opt = torch.optim.Adam(module.trainable_parameters(), lr=3e-2)
-    losses = []
-    for _ in range(30):
-        loss = _align_loss(module, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train(module, batch, steps=30, lr=3e-2)
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -105,15 +98,21 @@ def test_swa_only_student_aligns_its_attention_and_refuses_new(env):
     module.configure_model()
     trained = {n for n, p in module.student.named_parameters() if p.requires_grad}
     assert trained and all(".self_attn." in n for n in trained)
-    opt = torch.optim.Adam(module.trainable_parameters(), lr=1e-2)
+    losses = _train(module, batch, steps=10, lr=1e-2)
+    assert losses[-1] < losses[0]
+
+
+def _train(module, batch, steps, lr):
+    """Alignment losses over ``steps`` Adam steps on one batch."""
+    opt = torch.optim.Adam(module.trainable_parameters(), lr=lr)
     losses = []
-    for _ in range(10):
+    for _ in range(steps):
         loss = _align_loss(module, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    return losses
 
 
 def _align_loss(module, batch):
