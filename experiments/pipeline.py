@@ -391,9 +391,10 @@ def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, dec
     from callbacks.win_tie import critical_tolerance, win_and_tie
 
     teacher = scores["teacher"]
-    keys = [k for k in ("merged", "kd", "converted") if k in scores]
+    keys = [k for k in STUDENT_KEYS[::-1] if k in scores]
+    final_key = keys[0]
     students = {LABELS[k]: scores[k] for k in keys}
-    final = LABELS[keys[0]]
+    final = LABELS[final_key]
     alphas = [round(0.005 * i, 4) for i in range(101)]
     report = write_report(out, students[final], teacher, alphas, target, label=final,
                           others={k: v for k, v in students.items() if k != final})
@@ -418,7 +419,6 @@ def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, dec
     lines.append("| teacher | " + " | " * (len(REPORT_ALPHAS) + 1) + f"{heldout['kd']['teacher_ce']:.3f} | | |")
     table = "\n".join(lines)
     items = settings.get("limit")
-    final_key = keys[0]
     final_ce, converted_ce = heldout[final_key]["student_ce"], heldout["converted"]["student_ce"]
     parts = []
     if "converted" in scores:
@@ -548,8 +548,8 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     if "merged" in (eval.students or ()) and not domains:
         raise ValueError("eval.students names 'merged' but domains is empty, so there is no merged student; "
                          "drop 'merged' or add domains")
-    scored = [k for k in STUDENT_KEYS if k == final or (eval.students is None and (k != "merged" or domains))
-              or k in (eval.students or ())]
+    available = [k for k in STUDENT_KEYS if k != "merged" or domains]
+    scored = [k for k in available if eval.students is None or k in eval.students or k == final]
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(out)
@@ -591,9 +591,10 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                                               student_ckpt=conversion["student"], mixture_blocks=mixture_blocks,
                                               **common))["student"]
     converted = conversion["student"]
-    distilled = stage("kd", {**settings, "train": asdict(kd)},
-                      lambda f: train_stage("kd", f, sources=everything, settings=kd, student_ckpt=aligned,
-                                            mixture_blocks=mixture_blocks, **common))["student"]
+    distillation = stage("kd", {**settings, "train": asdict(kd)},
+                         lambda f: train_stage("kd", f, sources=everything, settings=kd, student_ckpt=aligned,
+                                               mixture_blocks=mixture_blocks, **common))
+    distilled = distillation["student"]
     experts = []
     for domain in domains:
         own = (expert_sources or {}).get(domain, [])
@@ -631,9 +632,9 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     description = conversion.get("describe") or hybrid.describe()  # runs converted before descriptions were kept
     md = write_pipeline_report(run_dir, scores, heldout, decoded, stage.timings, eval.target,
                                {**settings, "limit": eval.limit, "student": description})
-    kd_metrics = json.loads((run_dir / "kd" / "stage.json").read_text())["result"].get("metrics", {})
     summary = {"final": final, "describe": description, "students": students, "scores": scores, "heldout": heldout,
-               "decode": decoded, "timings": stage.timings, "kd_metrics": kd_metrics, "target": eval.target}
+               "decode": decoded, "timings": stage.timings, "kd_metrics": distillation.get("metrics", {}),
+               "target": eval.target}
     _write_json(run_dir / "summary.json", summary)  # written last: a run folder with it is a finished run
     print("\n" + md)
     print(f"report: {run_dir / 'report.md'}; curve: {run_dir / 'win_tie.png'}; "
@@ -641,18 +642,27 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     return summary
 
 
-def build_parser(**kwargs) -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n")[0], parser_mode="omegaconf", **kwargs)
-    parser.add_argument("--config", action=ActionConfigFile, help="a pipeline YAML (configs/experiments/)")
-    parser.add_function_arguments(run_pipeline)
+def function_parser(fn, description: str, config_help: str, **kwargs) -> ArgumentParser:
+    """A command line for ``fn``'s arguments, with ``--config`` YAML files (omegaconf interpolation);
+    the pipeline's and the sweep's."""
+    parser = ArgumentParser(description=description, parser_mode="omegaconf", **kwargs)
+    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    parser.add_function_arguments(fn)
     return parser
 
 
-def main(args: list[str] | None = None) -> dict:
-    parser = build_parser()
+def function_arguments(parser: ArgumentParser, args: list[str] | None) -> tuple[dict, Any]:
+    """``fn``'s keyword arguments parsed from ``args`` (objects instantiated), and the parsed namespace."""
     cfg = parser.parse_args(args)
-    init = parser.instantiate(cfg)
-    kwargs = {k: v for k, v in init.items() if k != "config"}
+    return {k: v for k, v in parser.instantiate(cfg).items() if k != "config"}, cfg
+
+
+def build_parser(**kwargs) -> ArgumentParser:
+    return function_parser(run_pipeline, __doc__.split("\n")[0], "a pipeline YAML (configs/experiments/)", **kwargs)
+
+
+def main(args: list[str] | None = None) -> dict:
+    kwargs, _ = function_arguments(build_parser(), args)
     return run_pipeline(**kwargs)
 
 

@@ -45,9 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
-
-from experiments.pipeline import PROJECT, _write_json
+from experiments.pipeline import PROJECT, _write_json, function_arguments, function_parser
+from experiments.pipeline import build_parser as pipeline_parser
 from models.checkpoint import atomic_file_write
 
 DEFAULT_ALPHAS = (0.0, 0.02, 0.05, 0.1)
@@ -177,25 +176,18 @@ def _existing_path(path: str) -> Path:
     return PROJECT / p
 
 
-def _pipeline_parser():
-    from experiments.pipeline import build_parser
-
-    return build_parser(exit_on_error=False)
-
-
-def base_config(base: str) -> dict:
-    """The base pipeline YAML with every default filled in, as plain data."""
+def base_config(parser, base: str) -> dict:
+    """The base pipeline YAML with every default filled in, as plain data (``parser``: the pipeline's)."""
     path = _existing_path(base)
     if not path.is_file():
         raise FileNotFoundError(f"base={base!r}: no such pipeline YAML (see configs/experiments/)")
-    parser = _pipeline_parser()
     plain = parser.parse_args(["--config", str(path)]).as_dict()
     plain.pop("config", None)
     return json.loads(json.dumps(plain, default=str))
 
 
-def resolve_point(base: dict, common: dict, point: SweepPoint, threads: int | None, reuse: list[Path]) -> dict:
-    """The point's full pipeline configuration, checked by the pipeline's own parser."""
+def resolve_point(parser, base: dict, common: dict, point: SweepPoint, threads: int | None, reuse: list[Path]) -> dict:
+    """The point's full pipeline configuration, checked by the pipeline's own ``parser``."""
     config = copy.deepcopy(base)
     for key, value in [*common.items(), *point.overrides.items()]:
         set_dotted(config, key, value)
@@ -203,7 +195,6 @@ def resolve_point(base: dict, common: dict, point: SweepPoint, threads: int | No
     config["reuse"] = [str(r) for r in reuse]
     if threads:
         config["threads"] = threads
-    parser = _pipeline_parser()
     try:
         parser.parse_object(config)
     except Exception as error:  # jsonargparse's message names the key and what it accepts
@@ -521,7 +512,8 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
     if unknown:
         raise ValueError(f"only={unknown} names no point of this sweep; its points: {', '.join(n for n, _ in expanded)}")
     sweep_points = [SweepPoint(name, overrides, out_dir / "points" / name) for name, overrides in expanded]
-    base_plain = base_config(base)
+    parser = pipeline_parser(exit_on_error=False)
+    base_plain = base_config(parser, base)
     cores = os.cpu_count() or 1
     if threads and threads * parallel > cores:
         print(f"[sweep] warning: {parallel} points x {threads} threads exceed the {cores} cores; they will compete",
@@ -529,7 +521,7 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
     threads = threads or max(1, cores // parallel)
     for point in sweep_points:  # every point is checked before any runs
         others = [p.folder for p in sweep_points if p is not point]
-        point.config = resolve_point(base_plain, dict(common or {}), point, threads, others)
+        point.config = resolve_point(parser, base_plain, dict(common or {}), point, threads, others)
         record = point.record
         if point.finished and _comparable(record["config"]) != _comparable(point.config):
             changed = sorted(k for k in set(point.config) | set(record["config"]) if k not in RUNTIME_KEYS
@@ -565,17 +557,12 @@ def run_sweep(base: str, out: str | None = None, points: list[dict[str, Any]] | 
     return {"points": {p.name: (p.record or {}).get("status", "not run") for p in sweep_points}, "markdown": md}
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split("\n")[0], parser_mode="omegaconf")
-    parser.add_argument("--config", action=ActionConfigFile, help="a sweep YAML (configs/sweeps/)")
-    parser.add_function_arguments(run_sweep)
-    return parser
+def build_parser():
+    return function_parser(run_sweep, __doc__.split("\n")[0], "a sweep YAML (configs/sweeps/)")
 
 
 def main(args: list[str] | None = None) -> dict:
-    parser = build_parser()
-    cfg = parser.parse_args(args)
-    kwargs = {k: v for k, v in parser.instantiate(cfg).items() if k != "config"}
+    kwargs, cfg = function_arguments(build_parser(), args)
     if not kwargs["out"] and cfg.get("config"):
         kwargs["out"] = f"runs/sweeps/{Path(str(cfg.config[-1])).stem}"
     return run_sweep(**kwargs)
