@@ -2,19 +2,147 @@
 
     python -m experiments.run fit --config configs/stages/align.yaml --config configs/data/example.yaml
     python -m experiments.run fit --config configs/stages/kd.yaml --model.init_args.student_ckpt runs/align/version_0/student
-    python -m experiments.run fit ... --ckpt_path runs/kd/version_0/checkpoints/last.ckpt   # resume
+    python -m experiments.run fit ... --ckpt_path last      # resume this run's newest checkpoint (or start fresh)
     tensorboard --logdir runs/
+
+Before any model is loaded the configuration is checked as a whole (``check_stage_config``):
+combinations the parser cannot see (a window that covers every position while sinks are on, k
+larger than the teacher's vocabulary, FSDP on one CPU, a missing student folder or top-k cache)
+are refused naming the key and its allowed values, and the checkpoint to resume is checked.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
 from callbacks import StudentExportCallback, TokensPerSecond
+from callbacks.safeguards import AtomicCheckpointIO, OutputCheck, check_checkpoint_file
 from datamodules import TextDataModule
+
+
+def _get(namespace, dotted: str, default=None):
+    """A value from a parsed (possibly nested) jsonargparse namespace or dict, or ``default``."""
+    value = namespace
+    for part in dotted.split("."):
+        if value is None:
+            return default
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+    return default if value is None else value
+
+
+def _teacher_config(name: str, trust_remote_code: bool):
+    """The teacher's Hugging Face config, read without loading weights; None where it cannot be read
+    cheaply (the embedded teacher not yet unpacked, a hub id offline): the model loader reports those."""
+    from transformers import AutoConfig
+
+    from models.teacher import EMBEDDED_ALIASES, cache_dir
+
+    if str(name) in EMBEDDED_ALIASES:
+        folder = cache_dir() / "teachers" / "SmolLM2-135M-Instruct"
+        if not (folder / "config.json").is_file():
+            return None
+        name = str(folder)
+    try:
+        return AutoConfig.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def _strategy_name(strategy) -> str:
+    if isinstance(strategy, str):
+        return strategy.lower()
+    return str(_get(strategy, "class_path", "")).rsplit(".", 1)[-1].lower()
+
+
+def check_stage_config(cfg, training: bool = True) -> None:
+    """Refuse impossible combinations of a parsed stage configuration before any model is loaded
+    (``training``: the ``fit`` subcommand, where the window must leave something to remember)."""
+    from models.checkpoint import FAMILY_SECTIONS, _read_config
+
+    model = _get(cfg, "model.init_args", {})
+    seq_len = _get(cfg, "data.seq_len")
+    student_ckpt = _get(model, "student_ckpt")
+    family = _get(model, "student_family", "hybrid")
+    hybrid = _get(model, "hybrid", {})
+    if student_ckpt:
+        saved = _read_config(Path(student_ckpt))  # a missing or foreign folder is named here
+        family = saved.get("family", "hybrid")
+        hybrid = saved[FAMILY_SECTIONS[family]]
+    if training and family == "hybrid" and seq_len:
+        window, sinks, mode = _get(hybrid, "window", 64), _get(hybrid, "sink_tokens", 4), _get(hybrid, "mode", "hybrid")
+        if mode != "mlstm" and sinks > 0 and window >= seq_len:
+            raise ValueError(
+                f"model.init_args.hybrid.window={window} is not smaller than data.seq_len={seq_len} while "
+                f"hybrid.sink_tokens={sinks}: the window already covers every position, so the sinks and the "
+                f"memory branch never see an evicted token. Allowed values: window < {seq_len} (or sink_tokens 0 "
+                "for a student that is exactly its teacher)")
+    top_k = _get(model, "top_k")
+    if top_k is not None and _get(cfg, "model.class_path", "").endswith(("SparseKDModule", "ExpertFinetuneModule")):
+        teacher = _teacher_config(_get(model, "teacher", ""), bool(_get(model, "trust_remote_code", False)))
+        vocab = getattr(teacher, "vocab_size", None)
+        if vocab and top_k > vocab:
+            raise ValueError(f"model.init_args.top_k={top_k} is larger than the teacher's vocabulary ({vocab}); "
+                             f"allowed values: 1..{vocab}, or null for the dense KL")
+        cache = _get(cfg, "data.topk_cache")
+        if cache:
+            from datamodules.topk_cache import read_manifest
+
+            k = read_manifest(cache)["fingerprint"]["k"]
+            if top_k != k:
+                raise ValueError(f"model.init_args.top_k={top_k} but the top-k cache {cache} holds k={k}; "
+                                 f"allowed values: {k}, or rebuild the cache with --k {top_k}")
+    strategy = _strategy_name(_get(cfg, "trainer.strategy", "auto"))
+    accelerator = str(_get(cfg, "trainer.accelerator", "auto")).lower()
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if strategy.startswith("fsdp") and on_cpu:
+        raise ValueError(f"trainer.strategy={strategy!r} (Lightning's FSDPStrategy) needs CUDA GPUs and this run is on "
+                         "the CPU; allowed on CPU: --config configs/trainer/fsdp-cpu.yaml (FSDP2 through "
+                         "ModelParallelStrategy with gloo, 2 or more processes), or no strategy")
+    devices = _get(cfg, "trainer.devices", "auto")
+    if strategy == "modelparallelstrategy" and on_cpu and str(devices) in ("1", "auto", "[0]"):
+        raise ValueError(f"trainer.strategy=ModelParallelStrategy (FSDP2) with trainer.devices={devices} on the CPU "
+                         "shards over one process, which shards nothing; allowed values: trainer.devices >= 2 "
+                         "(configs/trainer/fsdp-cpu.yaml), or drop the strategy")
+
+
+def resolve_last_checkpoint(cfg) -> None:
+    """``--ckpt_path last``: this run's newest ``last.ckpt`` (in ``checkpoint.dirpath``, or the newest
+    ``version_*`` of the TensorBoard logger's folder, whose version is then reused so logs continue
+    there), or a fresh start when there is none, so one command serves the first and every later
+    submission of a preemptible job."""
+    if _get(cfg, "ckpt_path") != "last":
+        return
+    dirpath = _get(cfg, "checkpoint.dirpath")
+    found, version = None, None
+    if dirpath:
+        candidate = Path(dirpath) / "last.ckpt"
+        found = candidate if candidate.exists() else None
+    else:
+        logger = _get(cfg, "trainer.logger.init_args")
+        if logger is not None and _get(cfg, "trainer.logger.class_path", "").endswith("TensorBoardLogger"):
+            root = Path(_get(logger, "save_dir", ".")) / str(_get(logger, "name", "lightning_logs") or "")
+            fixed = _get(logger, "version")
+            pattern = f"{fixed if isinstance(fixed, str) else f'version_{fixed}'}" if fixed is not None else "version_*"
+            runs = [p for p in root.glob(f"{pattern}/checkpoints/last.ckpt")]
+            number = lambda p: int(m.group(1)) if (m := re.fullmatch(r"version_(\d+)", p.parents[1].name)) else -1
+            if runs:
+                found = max(runs, key=number)
+                version = found.parents[1].name
+                if fixed is None:
+                    logger.version = version
+    if found is None:
+        print("ckpt_path=last: no checkpoint of this run yet, starting from the beginning", flush=True)
+        cfg.ckpt_path = None
+    else:
+        print(f"ckpt_path=last: resuming from {found}" + (f" (logger version {version})" if version else ""), flush=True)
+        cfg.ckpt_path = str(found)
 
 
 class XDistillCLI(LightningCLI):
@@ -29,6 +157,23 @@ class XDistillCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(StudentExportCallback, "student_export")
         parser.add_lightning_class_args(TokensPerSecond, "throughput")
+        parser.add_lightning_class_args(OutputCheck, "output_check")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        check_stage_config(cfg, training=self.subcommand == "fit")
+        if "ckpt_path" in cfg:
+            resolve_last_checkpoint(cfg)
+            if cfg.ckpt_path:
+                check_checkpoint_file(cfg.ckpt_path)
+        if "weights_only" in cfg:
+            cfg.weights_only = True  # checkpoints hold tensors and plain data only
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own plugin stays
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def main(args=None, run: bool = True) -> XDistillCLI:

@@ -69,6 +69,9 @@ class AlignmentModule(DistillationModule):
             for i, (x, pe, _) in zip(layers, captured)
         ]
         loss = alignment_mse(student_out, [out for _, _, out in captured])
+        if not torch.isfinite(loss):  # name the layers that broke
+            self.check_finite(**{f"alignment_mse_layer_{i}": alignment_mse([s], [t])
+                                 for i, s, (_, _, t) in zip(layers, student_out, captured)}, alignment_mse=loss)
         self.log("train/alignment_mse", loss, on_step=True, prog_bar=True)
         self.log("train/loss", loss, on_step=True)
         return loss

@@ -22,6 +22,11 @@ TRAINABLE = ("new", "attention", "all")
 STUDENT_FAMILIES = ("hybrid", "distil_xlstm")
 
 
+class NonFiniteLossError(ArithmeticError):
+    """A loss component or gradient became NaN or Inf: training stops before the optimizer step, so
+    no checkpoint ever holds the poisoned weights."""
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to ``min_ratio``."""
     if step < warmup_steps:
@@ -184,9 +189,37 @@ class DistillationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad and p.grad is not None]
+        if not named:
+            return
+        total = torch.stack([p.grad.detach().float().norm() for _, p in named]).norm()
+        # with a loss scaler (fp16) overflowing steps are expected: the scaler skips them itself
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
+        if scaler is None and not torch.isfinite(total):
+            bad = next(n for n, p in named if not torch.isfinite(p.grad).all())
+            raise NonFiniteLossError(self._stop_message(f"the gradient of {bad} is not finite (loss was finite)"))
+        self.log("train/grad_norm", total, on_step=True)
+
+    def check_finite(self, **components: torch.Tensor) -> None:
+        """Stop the run, naming the step and the component, if any loss component is NaN or Inf."""
+        bad = {name: value for name, value in components.items() if not torch.isfinite(value.detach()).all()}
+        if bad:
+            what = ", ".join(f"{name}={value.detach().float().flatten()[0].item()}" for name, value in bad.items())
+            raise NonFiniteLossError(self._stop_message(f"loss component {what} is not finite"))
+
+    def _stop_message(self, what: str) -> str:
+        where = f"step {self.global_step}"
+        if self._trainer is not None:
+            where += f" (epoch {self.current_epoch}, batch {self.trainer.fit_loop.epoch_loop.batch_progress.current.ready})"
+            callback = self.trainer.checkpoint_callback
+            folder = getattr(callback, "dirpath", None)
+            kept = (f"the last good checkpoint in {folder} is kept (nothing was saved for this step); "
+                    if folder else "no checkpoint is written for this step; ")
+        else:
+            kept = ""
+        return (f"training stopped at {where}: {what}. The optimizer step was not taken; {kept}"
+                "lower model.init_args.lr, check the batch's data, or use float32 / bf16 instead of fp16, "
+                "then resume with --ckpt_path last")
 
     def schedule_context(self) -> dict:
         """Inputs of the KD schedules: the run's total steps and steps per epoch."""

@@ -138,11 +138,14 @@ class SparseKDModule(DistillationModule):
             kd = sparse_kd_loss(out.logits, *teacher_topk(t_out.logits, hp.top_k), T, mask)
         ce = cross_entropy(out.logits, targets)
         loss = alpha * kd + (1.0 - alpha - beta) * ce
+        components = {"kd": kd, "ce": ce}
         if beta > 0:
             teacher_mean = torch.stack(t_out.hidden_states[1:]).mean(0)
             frob = frobenius_alignment_loss(out.hidden_states[-1], teacher_mean)
             loss = loss + beta * frob
+            components["frobenius"] = frob
             self.log("train/frobenius", frob, on_step=True)
+        self.check_finite(**components)
         self.log_dict({"train/kd": kd, "train/ce": ce, "train/loss": loss, "train/kd_temperature": T,
                        "train/kd_alpha": alpha, "train/kd_beta": beta}, on_step=True)
         self.log("train/loss_step", loss, prog_bar=True, on_step=True, logger=False)

@@ -169,7 +169,8 @@ def test_a_training_stage_runs_as_its_own_process(tmp_path, monkeypatch):
     result = train_stage("align", tmp_path / "align", teacher=str(teacher), teacher_dtype="float32",
                          sources=[{"path": str(own["text"])}], seq_len=16, val_fraction=0.1, seed=0,
                          settings=TrainSettings(steps=2, batch_size=2, lr=1e-3), tensorboard=tmp_path / "tb",
-                         trainer=["configs/trainer/cpu.yaml"], stage_process=True)
+                         trainer=["configs/trainer/cpu.yaml"], stage_process=True,
+                         extra=("--model.init_args.hybrid.window", "8"))
     assert result["student"] == str(tmp_path / "align" / "student")
     assert (tmp_path / "align" / "student" / "model.safetensors").is_file()
     assert list((tmp_path / "tb" / "align" / "version_0").glob("events.out.tfevents*"))

@@ -30,6 +30,7 @@ def cli_args(env, stage, out, steps=3, extra=()):
     sources = json.dumps([{"path": str(corpus["text"])}, {"path": str(corpus["chat"]), "format": "chat"}])
     return ["fit", "--config", f"configs/stages/{stage}.yaml", "--model.init_args.teacher", str(root / "teacher"),
             "--data.sources", sources, "--data.seq_len", "32", "--data.batch_size", "4",
+            "--model.init_args.hybrid.window", "16",
             "--data.cache_dir", str(root / "cache"), "--trainer.max_steps", str(steps),
             "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "2",
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
@@ -240,7 +241,8 @@ def test_cache_of_another_teacher_is_refused_at_fit_start(env, tmp_path):
     # same tokenizer, different weights
     write_teacher(tmp_path / "retrained", seed=7)
     args = cli_args(env, "kd", tmp_path / "run", extra=["--data.topk_cache", str(tmp_path / "cache"),
-                                                         "--model.init_args.teacher", str(tmp_path / "retrained")])
+                                                         "--model.init_args.teacher", str(tmp_path / "retrained"),
+                                                         "--model.init_args.top_k", "4"])
     args[args.index("--data.sources") + 1] = sources
     with pytest.raises(ValueError, match="another teacher"):
         main(args)
