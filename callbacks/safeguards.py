@@ -56,9 +56,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options for local paths")
         try:
             atomic_file_write(path, lambda tmp: torch.save(checkpoint, tmp))
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
             kept = sorted(p.name for p in Path(path).parent.glob("*.ckpt"))
-            raise OSError(err.errno, f"could not write checkpoint {path}: {err.strerror or err}. Nothing was "
+            cause = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+            free = shutil.disk_usage(_existing(Path(path).parent)).free
+            raise OSError(getattr(err, "errno", None) or errno.EIO,
+                          f"could not write checkpoint {path} ({cause}; {_size(free)} free there, or a file-size "
+                          f"limit). Nothing was "
                           f"half-written; the checkpoints already in {Path(path).parent} are intact "
                           f"({', '.join(kept) or 'none yet'}). Free space (or choose another --checkpoint.dirpath) "
                           "and rerun the same command with --ckpt_path last to resume") from err
@@ -135,10 +139,14 @@ class OutputCheck(L.Callback):
             free = shutil.disk_usage(_existing(folder)).free
             if free < self.margin * nbytes:
                 raise OSError(errno.ENOSPC, f"not enough free space in {folder}: this fit keeps about "
-                              f"{nbytes / 2**30:.2f} GiB there (checkpoints of {per_checkpoint / 2**30:.2f} GiB each "
-                              f"and the saved student) but only {free / 2**30:.2f} GiB are free. Nothing has been "
+                              f"{_size(nbytes)} there (checkpoints of {_size(per_checkpoint)} each and the saved "
+                              f"student) but only {_size(free)} are free. Nothing has been "
                               "trained yet; free space, choose another folder, or keep fewer checkpoints "
                               "(--checkpoint.save_top_k 0)")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _existing(folder: Path) -> Path:

@@ -227,6 +227,18 @@ class StageRunner:
 
 # ---- the stages ---------------------------------------------------------------------------------
 
+def die_with_parent() -> None:
+    """``preexec_fn`` of child processes: Linux sends the child SIGTERM when its parent dies, even by
+    SIGKILL (a preempted job), so no orphan keeps writing into a run that a restart resumes."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass  # not Linux: the job's scheduler kills the process group instead
+
+
 def _device() -> torch.device:
     """Where scoring runs: the first GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -284,7 +296,7 @@ def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, s
         args += ["--ckpt_path", str(checkpoints / "last.ckpt")]
     if stage_process:
         # a multi-process strategy's launcher re-runs the command it finds: let that be this stage
-        subprocess.run([sys.executable, "-m", "experiments.run", *args], check=True)
+        subprocess.run([sys.executable, "-m", "experiments.run", *args], check=True, preexec_fn=die_with_parent)
         metrics = {}
     else:
         from experiments.run import main

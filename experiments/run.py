@@ -56,9 +56,9 @@ def _teacher_config(name: str, trust_remote_code: bool):
 
 
 def _strategy_name(strategy) -> str:
-    if isinstance(strategy, str):
-        return strategy.lower()
-    return str(_get(strategy, "class_path", "")).rsplit(".", 1)[-1].lower()
+    """``fsdp``, ``ddp``, ... or the class name, lower case, of a strategy given by name or class path."""
+    name = strategy if isinstance(strategy, str) else str(_get(strategy, "class_path", ""))
+    return name.rsplit(".", 1)[-1].lower()
 
 
 def check_stage_config(cfg, training: bool = True) -> None:
@@ -75,7 +75,7 @@ def check_stage_config(cfg, training: bool = True) -> None:
         saved = _read_config(Path(student_ckpt))  # a missing or foreign folder is named here
         family = saved.get("family", "hybrid")
         hybrid = saved[FAMILY_SECTIONS[family]]
-    if training and family == "hybrid" and seq_len:
+    if training and family == "hybrid" and seq_len and seq_len >= 2:  # a bad seq_len: the data module names it
         window, sinks, mode = _get(hybrid, "window", 64), _get(hybrid, "sink_tokens", 4), _get(hybrid, "mode", "hybrid")
         if mode != "mlstm" and sinks > 0 and window >= seq_len:
             raise ValueError(
@@ -159,13 +159,18 @@ class XDistillCLI(LightningCLI):
         parser.add_lightning_class_args(TokensPerSecond, "throughput")
         parser.add_lightning_class_args(OutputCheck, "output_check")
 
-    def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
-        check_stage_config(cfg, training=self.subcommand == "fit")
-        if "ckpt_path" in cfg:
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # before LightningCLI reads the checkpoint's hyperparameters: resolve "last", refuse a bad file
+        cfg = self.config.get(self.config.get("subcommand") or "", None)
+        if cfg is not None and "ckpt_path" in cfg:
             resolve_last_checkpoint(cfg)
             if cfg.ckpt_path:
                 check_checkpoint_file(cfg.ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        check_stage_config(cfg, training=self.subcommand == "fit")
         if "weights_only" in cfg:
             cfg.weights_only = True  # checkpoints hold tensors and plain data only
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from experiments.pipeline import PROJECT, _write_json, function_arguments, function_parser
+from experiments.pipeline import PROJECT, _write_json, die_with_parent, function_arguments, function_parser
 from experiments.pipeline import build_parser as pipeline_parser
 from models.checkpoint import atomic_file_write
 
@@ -242,7 +242,8 @@ class PointProcess:
         if devices is not None:  # this point's GPUs only
             env["CUDA_VISIBLE_DEVICES"] = devices
         self.proc = subprocess.Popen([sys.executable, "-m", "experiments.pipeline", "--config", str(config_path)],
-                                     cwd=Path.cwd(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+                                     cwd=Path.cwd(), stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=die_with_parent)
 
     def finish(self) -> dict:
         self.log.close()

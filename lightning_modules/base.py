@@ -210,7 +210,7 @@ class DistillationModule(L.LightningModule):
     def _stop_message(self, what: str) -> str:
         where = f"step {self.global_step}"
         if self._trainer is not None:
-            where += f" (epoch {self.current_epoch}, batch {self.trainer.fit_loop.epoch_loop.batch_progress.current.ready})"
+            where += f" (epoch {self.current_epoch}, batch {self.trainer.fit_loop.epoch_loop.batch_progress.current.completed})"
             callback = self.trainer.checkpoint_callback
             folder = getattr(callback, "dirpath", None)
             kept = (f"the last good checkpoint in {folder} is kept (nothing was saved for this step); "

@@ -56,3 +56,17 @@ def write_corpus(folder: Path, n_docs: int = 120, n_chats: int = 40, seed: int =
                         {"role": "assistant", "content": " ".join(WORDS[a + 3:a + 5])}]
             f.write(json.dumps({"messages": messages}) + "\n")
     return {"text": text, "chat": chat}
+
+
+def stage_cli_args(root: Path, corpus: dict, stage: str, out: Path, steps: int = 3, extra=()) -> list[str]:
+    """``experiments.run fit`` arguments for a stage on the tiny teacher in ``root`` and ``corpus``
+    (seq_len 32, window 16), writing logs and the student under ``out``."""
+    sources = json.dumps([{"path": str(corpus["text"])}, {"path": str(corpus["chat"]), "format": "chat"}])
+    return ["fit", "--config", f"configs/stages/{stage}.yaml", "--model.init_args.teacher", str(root / "teacher"),
+            "--data.sources", sources, "--data.seq_len", "32", "--data.batch_size", "4",
+            "--model.init_args.hybrid.window", "16",
+            "--data.cache_dir", str(root / "cache"), "--trainer.max_steps", str(steps),
+            "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "2",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+            "--trainer.logger.init_args.save_dir", str(out), "--student_export.dirpath", str(out / "student"),
+            *extra]

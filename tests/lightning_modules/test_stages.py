@@ -13,7 +13,7 @@ from experiments.run import main
 from lightning_modules import AlignmentModule, SparseKDModule
 from lightning_modules.losses import IGNORE, next_token_targets, sparse_kd_loss, teacher_topk
 from models import HybridConfig, load_student
-from tests.fixtures import write_corpus, write_teacher
+from tests.fixtures import stage_cli_args, write_corpus, write_teacher
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +26,7 @@ def env(tmp_path_factory):
 
 
 def cli_args(env, stage, out, steps=3, extra=()):
-    root, corpus = env
-    sources = json.dumps([{"path": str(corpus["text"])}, {"path": str(corpus["chat"]), "format": "chat"}])
-    return ["fit", "--config", f"configs/stages/{stage}.yaml", "--model.init_args.teacher", str(root / "teacher"),
-            "--data.sources", sources, "--data.seq_len", "32", "--data.batch_size", "4",
-            "--model.init_args.hybrid.window", "16",
-            "--data.cache_dir", str(root / "cache"), "--trainer.max_steps", str(steps),
-            "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "2",
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-            "--trainer.logger.init_args.save_dir", str(out), "--student_export.dirpath", str(out / "student"),
-            *extra]
+    return stage_cli_args(*env, stage, out, steps, extra)
 
 
 def test_align_kd_expert_chain_through_the_cli(env, tmp_path):

@@ -1,0 +1,282 @@
+"""The training entry point under faults: a fit killed mid-epoch resumes to the very weights of an
+uninterrupted run; NaN losses stop the run keeping the last good checkpoint; a full disk during a
+checkpoint write keeps the previous checkpoint; bad configurations, unwritable folders, missing
+space and corrupt checkpoints are refused before any model loads, naming the key or the file."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from experiments.run import main
+from lightning_modules import NonFiniteLossError
+from tests.fixtures import stage_cli_args, write_corpus, write_teacher
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    write_teacher(root / "teacher")
+    corpus = write_corpus(root / "corpus")
+    return root, corpus
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if a teacher or student is loaded: the refusals must come before."""
+    import lightning_modules.base as base
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration was refused")
+
+    monkeypatch.setattr(base, "load_teacher", refuse)
+    monkeypatch.setattr(base, "load_student", refuse)
+
+
+def checkpointed(env, stage, out, steps, every, extra=()):
+    """Stage arguments that checkpoint every ``every`` steps into ``out``/ckpt (last.ckpt only)."""
+    return stage_cli_args(*env, stage, out, steps, [
+        "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null", "--checkpoint.save_top_k", "0",
+        "--checkpoint.every_n_train_steps", str(every), "--checkpoint.dirpath", str(out / "ckpt"),
+        *extra])
+
+
+def run_cli(args, env_root):
+    env = {**os.environ, "XDISTILL_CACHE": str(env_root / "xcache"), "PYTHONPATH": str(PROJECT)}
+    return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def callback(name, **init_args):
+    return json.dumps([{"class_path": f"tests.crash_callbacks.{name}", "init_args": init_args}])
+
+
+@pytest.mark.slow
+def test_fit_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_fit(env, tmp_path):
+    root, _ = env
+    steps, every = 10, 3  # an epoch of this corpus is ~40 batches: the kill is mid-epoch
+    straight = run_cli(checkpointed(env, "kd", tmp_path / "straight", steps, every), root)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    same_command = checkpointed(env, "kd", run, steps, every, ["--ckpt_path", "last"])
+    killed = run_cli(same_command + ["--trainer.callbacks", callback("KillAtStep", step=7)], root)
+    assert killed.returncode == -signal.SIGKILL
+    assert "no checkpoint of this run yet, starting from the beginning" in killed.stdout
+    saved = torch.load(run / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 6 and saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0
+    assert not (run / "student").exists()
+
+    resumed = run_cli(same_command, root)  # the very same command, after the "preemption"
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run / 'ckpt' / 'last.ckpt'}" in resumed.stdout
+    a = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
+    b = load_file(str(run / "student" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert torch.load(run / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 9  # it went on checkpointing
+
+
+def test_last_resumes_in_the_logger_version_of_the_previous_attempt(env, tmp_path, capsys):
+    args = stage_cli_args(*env, "align", tmp_path, 2, ["--trainer.limit_val_batches", "0",
+                                                       "--checkpoint.monitor", "null", "--ckpt_path", "last"])
+    main(args)
+    assert "starting from the beginning" in capsys.readouterr().out
+    first = tmp_path / "align" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(first, weights_only=True)["global_step"] == 2
+    args[args.index("--trainer.max_steps") + 1] = "4"
+    cli = main(args)
+    assert f"resuming from {first} (logger version version_0)" in capsys.readouterr().out
+    assert cli.trainer.global_step == 4
+    assert torch.load(first, weights_only=True)["global_step"] == 4
+    assert not (tmp_path / "align" / "version_1").exists()  # the logs continue in the same folder
+
+
+def test_nan_loss_stops_naming_step_and_component_and_keeps_the_last_good_checkpoint(env, tmp_path):
+    out = tmp_path / "nan"
+    args = checkpointed(env, "kd", out, 10, 2, ["--trainer.callbacks", callback("PoisonWeightsAtStep", step=5)])
+    with pytest.raises(NonFiniteLossError, match=r"step 5 \(epoch 0, batch 5\): loss component kd=nan, ce=nan"):
+        main(args)
+    saved = torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+    assert not (out / "student").exists()  # a poisoned student is never exported
+
+
+def test_nan_alignment_loss_names_the_layer(env, tmp_path):
+    args = checkpointed(env, "align", tmp_path, 4, 2, ["--trainer.callbacks", callback("PoisonWeightsAtStep", step=1)])
+    with pytest.raises(NonFiniteLossError, match=r"step 1 .*alignment_mse_layer_0=nan.*alignment_mse=nan"):
+        main(args)
+
+
+def test_non_finite_gradient_is_named(env):
+    from lightning_modules import AlignmentModule
+
+    root, _ = env
+    module = AlignmentModule(teacher=str(root / "teacher"))
+    module.configure_model()
+    named = [(n, p) for n, p in module.student.named_parameters() if p.requires_grad]
+    for _, p in named:
+        p.grad = torch.zeros_like(p)
+    named[3][1].grad[0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=f"gradient of {named[3][0]} is not finite"):
+        module.on_before_optimizer_step(None)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_so(env, tmp_path):
+    root, _ = env
+    out = tmp_path / "full"
+    limit = callback("LimitFileSizeAtStep", step=3, max_bytes=64 * 1024)  # far below one checkpoint
+    failed = run_cli(checkpointed(env, "kd", out, 10, 2, ["--trainer.callbacks", limit]), root)
+    assert failed.returncode != 0
+    assert f"could not write checkpoint {out / 'ckpt' / 'last.ckpt'} (" in failed.stderr
+    assert "Nothing was half-written" in failed.stderr and "are intact (last.ckpt)" in failed.stderr
+    assert "--ckpt_path last" in failed.stderr
+    assert torch.load(out / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["last.ckpt"]  # no half-written leftovers
+
+
+def test_unwritable_output_folder_is_refused_before_training(env, tmp_path, monkeypatch):
+    import lightning_modules.base as base
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    trained = []
+    monkeypatch.setattr(base.DistillationModule, "configure_optimizers",
+                        lambda self: trained.append(1) or (_ for _ in ()).throw(AssertionError("training started")))
+    args = stage_cli_args(*env, "align", tmp_path, 2, ["--checkpoint.dirpath", str(blocker / "ckpt")])
+    with pytest.raises(OSError, match=rf"cannot write to {blocker / 'ckpt'} \(checkpoint.dirpath\).*"
+                                      r"Nothing has been trained yet; choose a writable folder with --checkpoint.dirpath"):
+        main(args)
+    assert not trained
+
+
+def test_read_only_folder_is_detected(tmp_path):
+    """A read-only folder: without write permission for an unprivileged user; for root (who writes
+    anywhere) a read-only tmpfs mounted in a private mount namespace."""
+    import shutil
+
+    from models.checkpoint import unwritable_reason
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        assert "Permission denied" in unwritable_reason(folder)
+        return
+    if shutil.which("unshare") is None:
+        pytest.skip("running as root without unshare(1): no way to make a read-only folder")
+    code = f"from models.checkpoint import unwritable_reason; print(unwritable_reason({str(folder)!r}))"
+    script = f"mount -t tmpfs -o ro tmpfs {folder} && {sys.executable} -c {code!r}"
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=PROJECT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT)})
+    if "mount:" in done.stderr or "unshare:" in done.stderr:
+        pytest.skip(f"no private read-only mount possible here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Read-only file system" in done.stdout and "errno 30" in done.stdout
+
+
+def test_too_little_free_space_is_refused_before_the_first_step(env, tmp_path, monkeypatch):
+    import shutil
+
+    import callbacks.safeguards as safeguards
+
+    monkeypatch.setattr(safeguards.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5))
+    args = checkpointed(env, "kd", tmp_path, 4, 1)
+    with pytest.raises(OSError, match=rf"not enough free space in {tmp_path}.*: this fit keeps about [\d.]+ MiB .*"
+                                      r"only 0.1 MiB are free. Nothing has been trained yet"):
+        main(args)
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())
+
+
+def test_checkpoint_size_estimate_counts_weights_and_adam_moments():
+    from callbacks.safeguards import checkpoint_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 5, bias=False))
+    model[1].requires_grad_(False)
+    assert checkpoint_bytes(model) == (110 + 50) * 4 + 2 * 110 * 4
+
+
+# ---- refused before any model loads ------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.init_args.hybrid.window", "32"],
+     r"model.init_args.hybrid.window=32 is not smaller than data.seq_len=32 while hybrid.sink_tokens=4.*"
+     r"Allowed values: window < 32"),
+    (["--model.init_args.top_k", "1000"],
+     r"model.init_args.top_k=1000 is larger than the teacher's vocabulary \(97\); allowed values: 1..97"),
+    (["--trainer.strategy", "fsdp"], r"trainer.strategy='fsdp'.*needs CUDA GPUs.*configs/trainer/fsdp-cpu.yaml"),
+    (["--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}',
+      "--trainer.devices", "1"],
+     r"shards over one process.*allowed values: trainer.devices >= 2"),
+    (["--model.init_args.student_ckpt", "/nonexistent/student"],
+     r"student folder /nonexistent/student does not exist"),
+])
+def test_impossible_combinations_are_refused_before_any_model_loads(env, tmp_path, no_model_loads, extra, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        main(stage_cli_args(*env, "kd", tmp_path, 2, extra))
+
+
+def test_window_covering_the_whole_block_is_fine_without_sinks_and_for_scoring(env, tmp_path):
+    from experiments.run import check_stage_config
+    from jsonargparse import Namespace
+
+    cfg = Namespace(model=Namespace(class_path="lightning_modules.AlignmentModule",
+                                    init_args=Namespace(hybrid={"window": 64, "sink_tokens": 0})),
+                    data=Namespace(seq_len=32), trainer=Namespace(strategy="auto", accelerator="cpu"))
+    check_stage_config(cfg)
+    cfg.model.init_args.hybrid["sink_tokens"] = 4
+    check_stage_config(cfg, training=False)
+    with pytest.raises(ValueError, match="window=64"):
+        check_stage_config(cfg)
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--model.init_args.lr", "fast"], ['key "lr"', "float", "fast"]),
+    (["--trainer.max_steps", "ten"], ["trainer.max_steps", "ten"]),
+    (["--model.init_args.hybrid.mode", "lstm"], ["mode='lstm'", "allowed values: hybrid, mlstm, swa"]),
+    (["--data.seq_len", "1"], ["seq_len=1", "allowed values: >= 2"]),
+    (["--model.init_args.windw", "3"], ["windw"]),
+])
+def test_wrong_types_and_values_are_refused_naming_the_key(env, tmp_path, no_model_loads, capsys, extra, names):
+    with pytest.raises((SystemExit, ValueError)) as err:
+        main(stage_cli_args(*env, "kd", tmp_path, 2, extra))
+    text = capsys.readouterr().err + str(err.value)
+    for name in names:
+        assert name in text, text[-2000:]
+
+
+def test_truncated_checkpoint_is_refused_by_name_before_any_model_loads(env, tmp_path, no_model_loads):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:1500])
+    with pytest.raises(ValueError, match=rf"checkpoint {ckpt} is truncated or not a torch checkpoint"):
+        main(stage_cli_args(*env, "kd", tmp_path, 2, ["--ckpt_path", str(ckpt)]))
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint {tmp_path / 'gone.ckpt'} does not exist"):
+        main(stage_cli_args(*env, "kd", tmp_path, 2, ["--ckpt_path", str(tmp_path / "gone.ckpt")]))
+
+
+class NotATensor:
+    pass
+
+
+def test_checkpoints_load_only_with_weights_only(tmp_path):
+    from callbacks.safeguards import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"w": torch.ones(3), "step": 4}, tmp_path / "good.ckpt")
+    assert io.load_checkpoint(tmp_path / "good.ckpt", weights_only=False)["step"] == 4
+    torch.save({"w": torch.ones(3), "payload": NotATensor()}, tmp_path / "pickled.ckpt")
+    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path / 'pickled.ckpt'} cannot be read with weights_only=True"):
+        io.load_checkpoint(tmp_path / "pickled.ckpt", weights_only=False)  # the caller cannot turn it off
