@@ -64,6 +64,11 @@ def check_compatible(paths: list[Path]) -> None:
                 if a.get(key) != b.get(key):
                     raise ValueError(f"cannot merge {path} with {ref_path}: {section}.{key} differs "
                                      f"({b.get(key)!r} vs {a.get(key)!r})")
+        prints = ref["config"].get("teacher_fingerprint"), other["config"].get("teacher_fingerprint")
+        if all(prints) and prints[0] != prints[1]:
+            raise ValueError(f"cannot merge {path} with {ref_path}: they descend from different teachers (teacher "
+                             f"fingerprint {prints[1]} vs {prints[0]} in their config.json), so their weights do not "
+                             "share a starting point; merge experts fine-tuned from the same stage-2 student")
         if other["tokenizer"] != ref["tokenizer"]:
             raise ValueError(f"cannot merge {path} with {ref_path}: their tokenizers differ")
         keys_a, keys_b = set(ref["shapes"]), set(other["shapes"])
@@ -145,7 +150,8 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
                 value = origin + scale * delta
             merged[key] = value.to(SAFETENSORS_DTYPES.get(dtype, torch.float32))
     if out is None:
-        student, _ = skeleton_from_folder(paths[0])
+        student, config = skeleton_from_folder(paths[0])
+        student.teacher_fingerprint = config.get("teacher_fingerprint")
         student.load_state_dict(merged, strict=False)  # tied weights are stored once
         return student.eval()
 

@@ -19,20 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.checkpoint import atomic_file_write
+from models.teacher import teacher_fingerprint  # noqa: F401  (re-exported: callers import it from here)
 
 from .tokenization import tokenizer_fingerprint
 
 MANIFEST = "manifest.json"
 FORMAT = "xdistill-topk-cache"
-
-
-def teacher_fingerprint(model) -> str:
-    """Identity of a teacher: its config and a digest of its embedding and head weights."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is not None:
-            h.update(module.weight.detach().float().cpu().numpy().tobytes()[: 1 << 22])
-    return h.hexdigest()[:16]
 
 
 def data_fingerprint(input_ids: torch.Tensor) -> str:

@@ -131,6 +131,8 @@ def save_student(student, path, tokenizer=None) -> Path:
             FAMILY_SECTIONS[student.family]: student.family_config.to_dict(),
             "teacher_config": student.config.to_dict(),
         }
+        if getattr(student, "teacher_fingerprint", None):
+            config["teacher_fingerprint"] = student.teacher_fingerprint
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -214,7 +216,8 @@ def load_student(path, dtype: torch.dtype | None = None, device=None):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    student, _ = skeleton_from_folder(path)
+    student, config = skeleton_from_folder(path)
+    student.teacher_fingerprint = config.get("teacher_fingerprint")  # None: saved before fingerprints
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the student folder is incomplete")

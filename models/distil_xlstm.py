@@ -27,6 +27,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .student import HybridCausalLMOutput, StudentLM, _decoder
+from .teacher import teacher_fingerprint
 
 SLSTM_BACKENDS = ("auto", "vanilla", "cuda")
 # Gate pre-activations of padding steps: exp(-1e4) = 0 (nothing written), logsigmoid(1e4) = 0
@@ -399,6 +400,7 @@ def distil_xlstm_from_teacher(teacher: nn.Module, cfg: DistilXLSTMConfig | None 
     if cfg.freeze_embeddings:
         for _, p in student.copied_parameters():
             p.requires_grad_(False)
+    student.teacher_fingerprint = teacher_fingerprint(teacher)
     student.train(teacher.training)
     return student
 

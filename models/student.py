@@ -14,6 +14,7 @@ from .adapters import attention_shape, get_adapter
 from .config import HybridConfig
 from .hybrid_layer import FullAttention, HybridAttention
 from .state import DecodeState
+from .teacher import teacher_fingerprint
 
 
 @dataclass
@@ -65,6 +66,7 @@ class StudentLM(nn.Module):
 
     family = "student"
     tokenizer = None  # set by load_student when the folder has one
+    teacher_fingerprint: str | None = None  # of the teacher it was converted from (models.teacher)
 
     @classmethod
     def skeleton(cls, model_config, family_config, dtype: torch.dtype = torch.float32) -> "StudentLM":
@@ -208,6 +210,7 @@ def convert_to_hybrid(teacher: nn.Module, cfg: HybridConfig | None = None) -> Hy
         else:
             layer.self_attn = HybridAttention(layer.self_attn, adapter, shape, cfg, idx)
     student = HybridStudent(lm, copy.deepcopy(cfg))
+    student.teacher_fingerprint = teacher_fingerprint(teacher)
     student.train(teacher.training)
     return student
 

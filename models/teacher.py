@@ -68,6 +68,19 @@ def embedded_teacher_dir(cache: Path | None = None) -> Path:
     return atomic_directory_write(target, write)
 
 
+def teacher_fingerprint(model) -> str:
+    """Identity of a teacher: its config and a digest of the first 4 MiB (as float32) of its
+    embedding and head weights. Students record the fingerprint of the teacher they were converted
+    from, and top-k caches and teacher scores are keyed by it."""
+    import hashlib
+
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:  # slice before converting: a large vocabulary never makes a float32 copy
+            h.update(module.weight.detach().flatten()[: 1 << 20].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _resolve(name_or_path: str) -> str:
     return str(embedded_teacher_dir()) if str(name_or_path) in EMBEDDED_ALIASES else str(name_or_path)
 

@@ -86,6 +86,20 @@ def test_mismatched_experts_are_refused_naming_the_difference(experts, tmp_path)
         merge_students([experts["math"]], "ties")
 
 
+def test_experts_of_another_teacher_with_the_same_architecture_are_refused(experts, tmp_path):
+    from models import load_student
+
+    other_teacher = make_teacher("llama", seed=3)  # same config, other weights (say base vs instruct)
+    save_student(convert_to_hybrid(other_teacher, HybridConfig(window=8)), tmp_path / "foreign",
+                 tokenizer=tiny_tokenizer())
+    with pytest.raises(ValueError, match=r"foreign with .*math: they descend from different teachers"):
+        merge_students([experts["math"], tmp_path / "foreign"])
+    # the fingerprint survives saving, loading and merging
+    merged = merge_students([experts["math"], experts["code"]], out=tmp_path / "merged")
+    assert merged.teacher_fingerprint == load_student(experts["base"]).teacher_fingerprint is not None
+    assert load_student(tmp_path / "foreign").teacher_fingerprint != merged.teacher_fingerprint
+
+
 def test_interrupted_merge_leaves_no_merged_folder(experts, tmp_path, monkeypatch):
     real_replace = os.replace
 

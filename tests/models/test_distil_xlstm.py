@@ -138,6 +138,7 @@ def test_save_load_and_merge_by_family(tmp_path):
     _, b = build(seed=1)
     b.embed_tokens.weight.data.copy_(a.embed_tokens.weight)
     b.lm_head.weight.data.copy_(a.lm_head.weight)
+    b.teacher_fingerprint = a.teacher_fingerprint  # b plays a second expert of a's teacher
     # sLSTM weights are stored in the package's kernel-independent (external) layout, so a student
     # trained with the vanilla kernel loads into the CUDA kernel's layout and back (checked on a GPU)
     cell = a.backbone.blocks[0].xlstm.slstm_cell
