@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -133,7 +134,10 @@ def cached_teacher_scores(teacher, tokenizer, tasks: list[str], include_path=Non
     key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir or default_cache()) / "eval" / f"teacher-{key}.json"
     if path.is_file():
-        return json.loads(path.read_text())["scores"]
+        try:
+            return json.loads(path.read_text())["scores"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:  # a derived cache: score again
+            warnings.warn(f"cached teacher scores {path} cannot be read ({err!r}); scoring the teacher again")
     started = time.perf_counter()
     scores, _ = evaluate_model(teacher, tokenizer, tasks, include_path, num_fewshot, limit, batch_size, max_length,
                                cache_dir)

@@ -17,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -149,7 +151,10 @@ class TextDataModule(L.LightningDataModule):
                                          self.seed, self.val_fraction]).encode()).hexdigest()[:20]
         path = self._cache_root() / f"{source.label}-{key}.safetensors"
         if path.is_file():
-            return load_file(str(path))
+            try:
+                return load_file(str(path))
+            except (SafetensorError, OSError) as err:  # a derived cache: rebuild it rather than fail
+                warnings.warn(f"tokenised-data cache {path} cannot be read ({err}); rebuilding it")
         records = source.load()
         out = {}
         for split, want_val in (("train", False), ("val", True)):

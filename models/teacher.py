@@ -96,7 +96,14 @@ def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, *, devic
         kwargs["attn_implementation"] = attn_implementation
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(_resolve(name_or_path), **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(_resolve(name_or_path), **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err) or trust_remote_code:
+            raise
+        raise ValueError(f"the teacher {name_or_path} ships its own modelling code, which is never run unless you "
+                         "allow it: read that code, then set model.init_args.trust_remote_code true (or "
+                         "trust_remote_code=True)") from err
     get_adapter(model.config)
     model.eval().requires_grad_(False)
     return model.to(device) if device is not None else model

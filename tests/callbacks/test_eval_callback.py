@@ -66,3 +66,20 @@ def test_merge_then_evaluate_in_one_validate_run(env, tmp_path, monkeypatch):
     monkeypatch.setattr(ev, "evaluate_model", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
     run_validate(env, tmp_path / "b", tmp_path / "cache")
     assert len(calls) == 1  # the student only
+
+
+def test_a_corrupt_teacher_score_cache_is_scored_again(tmp_path, monkeypatch):
+    import callbacks.eval as ev
+    from tests.conftest import make_teacher
+
+    calls = []
+    monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: (calls.append(1) or {"task": 0.25}, {}))
+    teacher = make_teacher("llama")
+    assert ev.cached_teacher_scores(teacher, None, ["task"], cache_dir=tmp_path) == {"task": 0.25}
+    assert ev.cached_teacher_scores(teacher, None, ["task"], cache_dir=tmp_path) == {"task": 0.25}
+    assert len(calls) == 1  # the second call read the cache
+    (cache,) = (tmp_path / "eval").glob("teacher-*.json")
+    cache.write_text(cache.read_text()[:10])
+    with pytest.warns(UserWarning, match=rf"cached teacher scores {cache} cannot be read"):
+        assert ev.cached_teacher_scores(teacher, None, ["task"], cache_dir=tmp_path) == {"task": 0.25}
+    assert len(calls) == 2 and json.loads(cache.read_text())["scores"] == {"task": 0.25}

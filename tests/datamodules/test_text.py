@@ -67,6 +67,18 @@ def test_second_run_reads_the_cache(env, tmp_path, monkeypatch):
     assert len(dm.train_set) > 0
 
 
+def test_a_truncated_data_cache_is_rebuilt_with_a_warning(env, tmp_path):
+    first = make_dm(env, tmp_path)
+    first.setup("fit")
+    (cache,) = (tmp_path / "cache").glob("*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:100])
+    again = make_dm(env, tmp_path)
+    with pytest.warns(UserWarning, match=rf"cache {cache} cannot be read.*rebuilding it"):
+        again.setup("fit")
+    assert torch.equal(again.train_set.tensors["input_ids"], first.train_set.tensors["input_ids"])
+    assert len(cache.read_bytes()) > 100
+
+
 def test_mixture_weights(env, tmp_path):
     _, corpus = env
     sources = [DataSource(str(corpus["text"]), name="text", weight=3.0),
