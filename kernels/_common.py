@@ -86,6 +86,29 @@ def mlstm_normalise(num, den, m, eps):
     return num / (torch.maximum(den.abs(), floor) + eps).unsqueeze(-1)
 
 
+def shared_norm_combine(num_a, den_a, a_max, num_o, den_o, m_o, g_gate):
+    """``combine="shared_norm"``: one normaliser over the window/sink keys (softmax weights) and the
+    older keys (gate-weighted mLSTM weights). Each branch's sums come in units of exp(its own
+    stabiliser: a_max, m_o); num [..., Dv], den/max/g [...].
+
+    The common unit is the larger of the two branches' actual log masses (mix gate and |den|
+    included), so the shared denominator lies in [1, 2]: with units taken from the stabilisers
+    alone, a closed mix gate (g -> 0) or a near-zero memory mass leaves a denominator near 1e-40,
+    whose gradient (1 / den^2) underflows to inf. The unit cancels in num / den, so it carries no
+    gradient. Rows with no older key have den_o = 0 (log mass -inf): the attention mass sets the unit.
+    """
+    log_g = F.logsigmoid(g_gate)
+    with torch.no_grad():
+        log_mass_a = a_max + torch.log(den_a)  # den_a >= 1: the best-scoring key weighs 1
+        log_mass_o = m_o + log_g + torch.log(den_o.abs())
+        unit = torch.maximum(log_mass_a, log_mass_o)
+    a_scale = torch.exp(a_max - unit)
+    o_scale = torch.exp(m_o + log_g - unit)
+    num = a_scale.unsqueeze(-1) * num_a + o_scale.unsqueeze(-1) * num_o
+    den = a_scale * den_a + o_scale * den_o.abs()
+    return num / den.unsqueeze(-1)
+
+
 def mix_gate(combined_hm_normed, h_attn, g_gate):
     g = torch.sigmoid(g_gate).unsqueeze(-1)
     return g * combined_hm_normed + (1.0 - g) * h_attn
@@ -101,5 +124,5 @@ def is_power_of_two(n) -> bool:
 
 __all__ = [
     "MODES", "COMBINES", "LOG_ZERO", "check_inputs", "compute_dtype", "expand_kv",
-    "default_scale", "head_rms_norm", "mix_gate", "mlstm_normalise", "log_forget", "is_power_of_two",
+    "default_scale", "head_rms_norm", "mix_gate", "shared_norm_combine", "mlstm_normalise", "log_forget", "is_power_of_two",
 ]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ._common import (
     LOG_ZERO, check_inputs, compute_dtype, default_scale, expand_kv, head_rms_norm, log_forget, mlstm_normalise,
-    mix_gate,
+    mix_gate, shared_norm_combine,
 )
 from .recurrent import HybridState
 
@@ -168,12 +168,7 @@ def hybrid_attention_chunkwise(
         if mode == "hybrid" and combine == "shared_norm":
             k_old, v_old, i_old = _delayed_stream(kf, vf, i_f, log_f, window, sink_tokens)
             num_o, den_o, m_o, state_mem = mlstm_chunkwise(qf, k_old, v_old, i_old, log_f, scale=scale, chunk_size=L)
-            g = torch.sigmoid(g_gate.to(dt))
-            mu = torch.maximum(a_max, m_o)
-            a_scale, o_scale = torch.exp(a_max - mu), g * torch.exp(m_o - mu)
-            num = a_scale.unsqueeze(-1) * num_a + o_scale.unsqueeze(-1) * num_o
-            den = a_scale * den_a + o_scale * den_o.abs()
-            out = num / den.unsqueeze(-1)
+            out = shared_norm_combine(num_a, den_a, a_max, num_o, den_o, m_o, g_gate.to(dt))
         else:
             num, den, m, state_mem = mlstm_chunkwise(qf, kf, vf, i_f, log_f, scale=scale, chunk_size=L)
             h_mem = mlstm_normalise(num, den, m, eps)

@@ -16,7 +16,10 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from ._common import LOG_ZERO, check_inputs, compute_dtype, default_scale, head_rms_norm, mix_gate, mlstm_normalise
+from ._common import (
+    LOG_ZERO, check_inputs, compute_dtype, default_scale, head_rms_norm, mix_gate, mlstm_normalise,
+    shared_norm_combine,
+)
 
 
 @dataclass
@@ -185,12 +188,7 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
     elif state.mode == "swa":
         out = num_a / den_a.unsqueeze(-1)
     elif state.shared_norm:
-        g = torch.sigmoid(g_gate[:, :, 0].to(dt))
-        mu = torch.maximum(a_max, new.m)
-        a_scale, o_scale = torch.exp(a_max - mu), g * torch.exp(new.m - mu)
-        out = (a_scale.unsqueeze(-1) * num_a + o_scale.unsqueeze(-1) * num_m) / (
-            a_scale * den_a + o_scale * den_m.abs()
-        ).unsqueeze(-1)
+        out = shared_norm_combine(num_a, den_a, a_max, num_m, den_m, new.m, g_gate[:, :, 0].to(dt))
     else:
         h_mem = mlstm_normalise(num_m, den_m, new.m, eps)
         normed = head_rms_norm(h_mem.unsqueeze(2), norm_weight, norm_eps).squeeze(2)

@@ -11,6 +11,7 @@ import torch
 
 from ._common import (
     check_inputs, compute_dtype, default_scale, expand_kv, head_rms_norm, log_forget, mlstm_normalise, mix_gate,
+    shared_norm_combine,
 )
 
 
@@ -76,13 +77,8 @@ def hybrid_attention(
         log_decay = cum.unsqueeze(-1) - cum.unsqueeze(-2) + i_gate.to(dt).unsqueeze(-2)
         if mode == "hybrid" and combine == "shared_norm":
             num_o, den_o, m_o, _ = _masked_mlstm(qk, log_decay, causal & ~attn_set, v)
-            g = torch.sigmoid(g_gate.to(dt))
-            mu = torch.maximum(a_max, m_o)
-            a_scale = torch.exp(a_max - mu)
-            o_scale = g * torch.exp(m_o - mu)
-            num = a_scale.unsqueeze(-1) * (a_w @ v) + o_scale.unsqueeze(-1) * num_o
-            den = a_scale * a_w.sum(-1) + o_scale * den_o.abs()
-            return (num / den.unsqueeze(-1)).to(out_dtype)
+            out = shared_norm_combine(a_w @ v, a_w.sum(-1), a_max, num_o, den_o, m_o, g_gate.to(dt))
+            return out.to(out_dtype)
         num, den, m, _ = _masked_mlstm(qk, log_decay, causal, v)
         h_mem = mlstm_normalise(num, den, m, eps)
     if mode == "mlstm":

@@ -105,3 +105,41 @@ def test_chunk_size_does_not_change_result():
     a = hybrid_attention_chunkwise(**inputs, chunk_size=8, **kw)
     b = hybrid_attention_chunkwise(**inputs, chunk_size=128, **kw)
     assert rel_err(a, b) < 1e-12
+
+
+GATE_PATTERNS = {
+    "all +100": (100.0, 100.0, 100.0),
+    "all -100": (-100.0, -100.0, -100.0),
+    "write hard, forget all": (100.0, -100.0, 100.0),
+    "no write, keep all": (-100.0, 100.0, -100.0),
+    "random signs": None,
+}
+
+
+@pytest.mark.parametrize("pattern", list(GATE_PATTERNS))
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_extreme_gate_preactivations_give_finite_outputs_and_gradients_in_every_form(pattern, mode, combine):
+    """Gate pre-activations of +-100 (no soft cap: the op must be stable on its own) in float32."""
+    inputs = make_inputs(1, 2, 1, 70, 8, 8, dtype=torch.float32, seed=3)
+    values = GATE_PATTERNS[pattern]
+    g = torch.Generator().manual_seed(5)
+    for j, name in enumerate(("i_gate", "f_gate", "g_gate")):
+        signs = torch.randint(0, 2, inputs[name].shape, generator=g).float() * 2 - 1
+        inputs[name] = signs * 100.0 if values is None else torch.full_like(inputs[name], values[j])
+    for x in inputs.values():
+        x.requires_grad_(True)
+    kw = dict(window=8, sink_tokens=2, mode=mode, combine=combine, norm_weight=torch.ones(2, 8))
+    forms = {"parallel": lambda: reference.hybrid_attention(**inputs, **kw),
+             "chunkwise": lambda: hybrid_attention_chunkwise(**inputs, chunk_size=16, **kw),
+             "recurrent": lambda: run_recurrent(inputs, prefix=33, kw=kw)}
+    outputs = {}
+    for form, run in forms.items():
+        out = run()
+        assert torch.isfinite(out).all(), form
+        used = [x for n, x in inputs.items() if n != "g_gate" or mode == "hybrid"]
+        for grad in torch.autograd.grad(out.square().sum(), used, allow_unused=True):
+            assert grad is None or torch.isfinite(grad).all(), form
+        outputs[form] = out.detach()
+    # and the forms still agree there
+    for form in ("chunkwise", "recurrent"):
+        assert rel_err(outputs[form], outputs["parallel"]) < 1e-4, form

@@ -183,3 +183,23 @@ def test_unknown_forward_keyword_is_an_error():
     student = convert_to_hybrid(make_teacher("llama"), HybridConfig())
     with pytest.raises(TypeError):
         student(torch.randint(0, 97, (1, 4)), past_key_values=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [100.0, -100.0])
+@pytest.mark.parametrize("combine", ["gate", "shared_norm"])
+def test_hybrid_layer_with_extreme_gate_biases_stays_finite(dtype, bias, combine):
+    """Every gate's bias at +-100 (through the layer: soft cap, norm, projections), fp32 and bf16."""
+    config = HybridConfig(window=8, sink_tokens=2, chunk_size=16, combine=combine)
+    student = convert_to_hybrid(make_teacher("llama"), config)
+    student.to(dtype)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "hybrid_gates" in name and name.endswith("bias"):
+                p.fill_(bias)
+    ids = torch.randint(0, 97, (2, 40))
+    loss = torch.nn.functional.cross_entropy(student(ids).logits.float().flatten(0, 1), ids.flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
