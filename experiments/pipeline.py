@@ -256,16 +256,12 @@ def _project_path(path: str) -> str:
     return str(path if Path(path).is_absolute() else PROJECT / path)
 
 
-def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, sources: list[dict], seq_len: int,
-                val_fraction: float, seed: int,
-                settings: TrainSettings, tensorboard: Path, trainer: list[str], stage_process: bool,
-                mixture_blocks: int | None = None, student_ckpt: str | None = None, extra: tuple[str, ...] = ()) -> dict:
-    """One LightningCLI fit of ``configs/stages/<stage>.yaml`` with the ``trainer`` configs, in this
-    process or (``stage_process``) as its own ``python -m experiments.run`` process; resumes from the
-    stage's last.ckpt if one was saved."""
-    import subprocess
-    import sys
-
+def stage_arguments(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, sources: list[dict], seq_len: int,
+                    val_fraction: float, seed: int, settings: TrainSettings, tensorboard: Path, trainer: list[str],
+                    mixture_blocks: int | None = None, student_ckpt: str | None = None,
+                    extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``experiments.run fit`` arguments of one training stage (configs/stages/<stage>.yaml plus
+    the pipeline's settings and the stage's overrides)."""
     checkpoints = folder / "checkpoints"
     args = ["fit", "--config", _project_path(f"configs/stages/{stage}.yaml")]
     for path in trainer:
@@ -275,7 +271,9 @@ def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, s
              "--data.sources", json.dumps(sources), "--data.seq_len", str(seq_len),
              "--data.batch_size", str(settings.batch_size), "--data.seed", str(seed),
              "--data.val_fraction", str(val_fraction),
+             # validate once, after the last step, however many epochs the steps span
              "--trainer.max_steps", str(settings.steps), "--trainer.val_check_interval", str(settings.steps),
+             "--trainer.check_val_every_n_epoch", "null",
              "--trainer.limit_val_batches", str(settings.val_batches), "--trainer.num_sanity_val_steps", "0",
              "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(tensorboard),
              "--trainer.logger.init_args.name", folder.name, "--trainer.logger.init_args.version", "0",
@@ -292,6 +290,33 @@ def train_stage(stage: str, folder: Path, *, teacher: str, teacher_dtype: str, s
         args += ["--model.init_args.trainable", settings.trainable]
     for key, value in settings.overrides.items():
         args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def check_stage_arguments(name: str, args: list[str]) -> None:
+    """Parse and check a training stage's command without running it (LightningCLI with run=False:
+    the parser, ``check_stage_config`` and the classes' own checks; no model is loaded), so a bad
+    key or value fails before the pipeline's first stage rather than hours into it."""
+    from experiments.run import check_planned_stage
+
+    try:
+        check_planned_stage([a for a in args if a != "fit"])
+    except SystemExit as err:
+        raise ValueError(f"the {name} stage's settings do not parse (the parser's message is above); fix the "
+                         f"pipeline's {name} settings or overrides") from err
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise type(err)(f"the {name} stage's settings are refused: {err}") from err
+
+
+def train_stage(stage: str, folder: Path, *, stage_process: bool, **kwargs) -> dict:
+    """One LightningCLI fit of ``configs/stages/<stage>.yaml`` with the ``trainer`` configs (the
+    arguments of ``stage_arguments``), in this process or (``stage_process``) as its own ``python -m
+    experiments.run`` process; resumes from the stage's last.ckpt if one was saved."""
+    import subprocess
+    import sys
+
+    args = stage_arguments(stage, folder, **kwargs)
+    checkpoints = folder / "checkpoints"
     if (checkpoints / "last.ckpt").is_file():
         args += ["--ckpt_path", str(checkpoints / "last.ckpt")]
     if stage_process:
@@ -565,6 +590,21 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(out)
+    # every training stage's command is checked now: the corpus does not exist yet (no sources) and
+    # neither do the students (the conversion's settings stand in for them)
+    planned = dict(teacher=teacher, teacher_dtype=teacher_dtype, sources=[], seq_len=seq_len, val_fraction=val_fraction,
+                   seed=seed, tensorboard=run_dir / "tensorboard", trainer=trainer, mixture_blocks=mixture_blocks)
+    student_args = (["--model.init_args.student_family", "distil_xlstm", "--model.init_args.distil_xlstm",
+                     json.dumps(distil_xlstm.to_dict())] if distil
+                    else ["--model.init_args.hybrid", json.dumps(hybrid.to_dict())])
+    for name, settings_, extra in (("align", align, ()), ("kd", kd, ()),
+                                   ("expert", expert, ("--model.init_args.domain", domains[0] if domains else ""))):
+        if (name == "align" and distil) or (name == "expert" and not domains):
+            continue
+        args = stage_arguments(name, run_dir / name, settings=settings_, extra=extra,
+                               student_ckpt=str(run_dir / "kd" / "student") if name == "expert" else None, **planned)
+        check_stage_arguments(name, args + student_args)
+
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"teacher": teacher, "teacher_dtype": teacher_dtype, "hybrid": hybrid.to_dict(), "corpus": asdict(corpus),
                 "extra_sources": extra_sources, "mixture_blocks": mixture_blocks, "seq_len": seq_len,

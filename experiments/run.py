@@ -61,9 +61,11 @@ def _strategy_name(strategy) -> str:
     return name.rsplit(".", 1)[-1].lower()
 
 
-def check_stage_config(cfg, training: bool = True) -> None:
+def check_stage_config(cfg, training: bool = True, students_exist: bool = True) -> None:
     """Refuse impossible combinations of a parsed stage configuration before any model is loaded
-    (``training``: the ``fit`` subcommand, where the window must leave something to remember)."""
+    (``training``: the ``fit`` subcommand, where the window must leave something to remember;
+    ``students_exist`` False: a pipeline plans a stage whose student folder an earlier stage will
+    write, and ``model.init_args.hybrid`` stands for it)."""
     from models.checkpoint import FAMILY_SECTIONS, _read_config
 
     model = _get(cfg, "model.init_args", {})
@@ -71,7 +73,7 @@ def check_stage_config(cfg, training: bool = True) -> None:
     student_ckpt = _get(model, "student_ckpt")
     family = _get(model, "student_family", "hybrid")
     hybrid = _get(model, "hybrid", {})
-    if student_ckpt:
+    if student_ckpt and students_exist:
         saved = _read_config(Path(student_ckpt))  # a missing or foreign folder is named here
         family = saved.get("family", "hybrid")
         hybrid = saved[FAMILY_SECTIONS[family]]
@@ -146,13 +148,20 @@ def resolve_last_checkpoint(cfg) -> None:
 
 
 class XDistillCLI(LightningCLI):
+    students_exist = True  # see check_stage_config
+
     def add_arguments_to_parser(self, parser) -> None:
         # the data is tokenised with the teacher's tokenizer unless the config says otherwise
         parser.link_arguments("model.init_args.teacher", "data.tokenizer", apply_on="parse")
         # always-on callbacks, each configurable under its own key (--checkpoint.monitor, ...)
+        # Checkpoints are for resuming (the stage's output is the student exported when fit ends): the
+        # newest one every 100 steps. No monitored metric by default: Lightning defers a step-interval
+        # checkpoint until its monitored metric exists, so monitoring a validation metric would leave
+        # nothing to resume from between validations. (--checkpoint.monitor val/student_ce
+        # --checkpoint.save_top_k 1 also keeps the best one.)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": "val/student_ce",
-                             "checkpoint.mode": "min", "checkpoint.save_top_k": 1})
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": None, "checkpoint.mode": "min",
+                             "checkpoint.save_top_k": 0, "checkpoint.every_n_train_steps": 100})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(StudentExportCallback, "student_export")
@@ -169,8 +178,8 @@ class XDistillCLI(LightningCLI):
                 check_checkpoint_file(cfg.ckpt_path)
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
-        check_stage_config(cfg, training=self.subcommand == "fit")
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        check_stage_config(cfg, training=self.subcommand in ("fit", None), students_exist=self.students_exist)
         if "weights_only" in cfg:
             cfg.weights_only = True  # checkpoints hold tensors and plain data only
 
@@ -181,8 +190,20 @@ class XDistillCLI(LightningCLI):
         return trainer
 
 
-def main(args=None, run: bool = True) -> XDistillCLI:
-    return XDistillCLI(
+class PlannedStageCLI(XDistillCLI):
+    """Parses, checks and instantiates a stage's classes (no model is loaded, nothing runs) whose
+    student folder does not exist yet."""
+
+    students_exist = False
+
+
+def check_planned_stage(args: list[str]) -> None:
+    """Check a ``fit`` command (without the ``fit``) that a pipeline will run later."""
+    main(args, run=False, cli_class=PlannedStageCLI)
+
+
+def main(args=None, run: bool = True, cli_class: type[XDistillCLI] = XDistillCLI) -> XDistillCLI:
+    return cli_class(
         model_class=L.LightningModule,
         subclass_mode_model=True,
         datamodule_class=TextDataModule,

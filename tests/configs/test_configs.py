@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from experiments.run import main
+from experiments.run import PlannedStageCLI, main
 
 CONFIGS = sorted(Path("configs").rglob("*.yaml"))
 STAGES = [p for p in CONFIGS if p.parent.name == "stages"]
@@ -42,7 +42,8 @@ def test_config_instantiates(path, tmp_path):
     if path.parent.name != "data":
         args += ["--config", "configs/data/example.yaml"]
     args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
-    cli = main(args, run=False)
+    # the stage configs name the student folders earlier stages write: check them as planned stages
+    cli = main(args, run=False, cli_class=PlannedStageCLI)
     assert cli.model.__class__.__name__.endswith("Module")
     assert cli.datamodule is not None and cli.trainer is not None
 

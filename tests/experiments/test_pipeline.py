@@ -75,6 +75,27 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ({"kd": {"overrides": {"model.init_args.top_kk": 8}}}, r"the kd stage's settings do not parse"),
+    ({"kd": {"overrides": {"model.init_args.top_k": 0}}}, r"the kd stage's settings are refused: .*top_k=0 is invalid"),
+    ({"kd": {"overrides": {"model.init_args.top_k": 500}}}, r"top_k=500 is larger than the teacher's vocabulary"),
+    ({"hybrid": {"window": 24, "sink_tokens": 2, "chunk_size": 16}},
+     r"the align stage's settings are refused: model.init_args.hybrid.window=24 is not smaller than data.seq_len=24"),
+    ({"expert": {"overrides": {"trainer.strategy": "fsdp"}}}, r"the expert stage's settings are refused: trainer.strategy"),
+])
+def test_a_bad_stage_setting_is_refused_before_the_first_stage(tmp_path, monkeypatch, override, message):
+    import experiments.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "build_corpus", lambda *a, **k: pytest.fail("the corpus stage started"))
+    config = yaml.safe_load(tiny_config(tmp_path).read_text())
+    for key, value in override.items():
+        config[key] = {**config[key], **value}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises((ValueError, TypeError), match="(?s)" + message):
+        main(["--config", str(tmp_path / "bad.yaml")])
+    assert not (tmp_path / "run").exists()
+
+
 def tiny_config(root: Path) -> Path:
     teacher = write_teacher(root / "teacher")
     own = write_corpus(root / "own")

@@ -120,8 +120,8 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
                    "kd.checkpoint_every": 0},
         "points": [{"name": "window4", "hybrid.window": 4},
                    {"name": "window8", "hybrid.window": 8},
-                   # valid as a configuration, fails in its KD stage (after sharing window8's alignment)
-                   {"name": "broken", "hybrid.window": 8, "kd.overrides.model.init_args.top_k": 0}],
+                   # valid as a configuration, diverges in its KD stage (after sharing window8's alignment)
+                   {"name": "broken", "hybrid.window": 8, "kd.lr": 1.0e+30}],
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -135,8 +135,9 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
         config = yaml.safe_load((points / name / "config.yaml").read_text())
         assert config["hybrid"]["window"] == window and config["domains"] == [] and config["out"] == str(points / name)
     broken = json.loads((points / "broken" / "point.json").read_text())
-    assert "top_k=0 is invalid" in broken["error"] and broken["returncode"] != 0
-    assert "broken: FAILED" in out and "top_k=0 is invalid" in out
+    assert "NonFiniteLossError: training stopped at step 1" in broken["error"] and broken["returncode"] != 0
+    assert "is not finite" in broken["error"]
+    assert "broken: FAILED" in out and "training stopped at step 1" in out
     # the broken point's alignment is window8's, copied rather than trained again
     align = json.loads((points / "broken" / "align" / "stage.json").read_text())
     assert align["reused_from"] == str(points / "window8" / "align")
@@ -148,7 +149,7 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
 
     rows = {r["point"]: r for r in csv.DictReader((root / "sweep.csv").open())}
     assert set(rows) == {"window4", "window8", "broken"}
-    assert rows["broken"]["status"] == "failed" and "top_k=0" in rows["broken"]["error"]
+    assert rows["broken"]["status"] == "failed" and "is not finite" in rows["broken"]["error"]
     for name in ("window4", "window8"):
         heldout_all = json.loads((points / name / "heldout" / "heldout.json").read_text())
         heldout = heldout_all["kd"]
@@ -206,8 +207,9 @@ def test_a_point_process_runs_its_resolved_config_with_its_gpus(tmp_path, monkey
     calls = []
 
     class FakePopen:
-        def __init__(self, args, cwd, stdout, stderr, env):
+        def __init__(self, args, cwd, stdout, stderr, env, preexec_fn):
             calls.append((args, env))
+            assert preexec_fn is sweep.die_with_parent  # no orphan outlives a killed sweep
             self.returncode = 3
 
     monkeypatch.setattr(sweep.subprocess, "Popen", FakePopen)
@@ -256,3 +258,48 @@ def test_a_terminated_sweep_stops_its_running_points(tmp_path):
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive
     assert not (tmp_path / "sweep" / "points" / "only" / "point.json").exists()  # neither done nor failed
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_takes_its_point_down_and_a_rerun_resumes_the_point(tmp_path, monkeypatch, capsys):
+    """SIGKILL (a preempted job): the sweep cannot clean up, yet its running pipeline dies with it
+    (no orphan keeps writing), and the same command afterwards finishes the point from the stages
+    it had finished."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    monkeypatch.setenv("XDISTILL_CACHE", str(tmp_path / "cache"))
+    base = tiny_config(tmp_path)
+    spec = {"base": str(base), "out": str(tmp_path / "sweep"),
+            "common": {"domains": [], "expert_sources": None, "eval.students": ["kd"], "decode.prompt_length": 0},
+            "points": [{"name": "only", "kd.steps": 200, "kd.checkpoint_every": 4}]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "XDISTILL_CACHE": str(tmp_path / "cache")}
+    sweep_proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--config", str(path)], env=env,
+                                  cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.STDOUT)
+    point = tmp_path / "sweep" / "points" / "only"
+    deadline = time.time() + 300
+    while not (point / "kd" / "checkpoints" / "last.ckpt").is_file():  # killed during KD, after a checkpoint
+        assert sweep_proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    children = psutil.Process(sweep_proc.pid).children(recursive=True)
+    assert children
+    sweep_proc.send_signal(signal.SIGKILL)
+    sweep_proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    assert not (point / "point.json").exists() and not (point / "kd" / "stage.json").exists()
+
+    result = main(["--config", str(path)])
+    assert result["points"] == {"only": "done"}
+    log = (point / "log.txt").read_text()
+    assert log.count("] align: finished earlier") == 1 and log.count("] kd: done") == 1
+    # KD itself went on from its last checkpoint rather than from step 0
+    assert f"Restoring states from the checkpoint path at {point / 'kd' / 'checkpoints' / 'last.ckpt'}" in log
+    assert json.loads((point / "point.json").read_text())["status"] == "done"
