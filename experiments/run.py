@@ -73,7 +73,10 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
     student_ckpt = _get(model, "student_ckpt")
     family = _get(model, "student_family", "hybrid")
     hybrid = _get(model, "hybrid", {})
-    if student_ckpt and students_exist:
+    callbacks = _get(cfg, "trainer.callbacks", []) or []
+    merged_here = {str(Path(_get(cb, "init_args.out"))) for cb in callbacks
+                   if str(_get(cb, "class_path", "")).endswith("ModelMergeCallback") and _get(cb, "init_args.out")}
+    if student_ckpt and students_exist and str(Path(student_ckpt)) not in merged_here:  # (a merge writes it first)
         saved = _read_config(Path(student_ckpt))  # a missing or foreign folder is named here
         family = saved.get("family", "hybrid")
         hybrid = saved[FAMILY_SECTIONS[family]]

@@ -15,7 +15,6 @@ Gates are computed in float32 (float64 for float64 inputs).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._common import (
     LOG_ZERO, check_inputs, compute_dtype, default_scale, expand_kv, head_rms_norm, log_forget, mlstm_normalise,

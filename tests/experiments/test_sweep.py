@@ -228,11 +228,21 @@ def test_a_point_process_runs_its_resolved_config_with_its_gpus(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_a_terminated_sweep_stops_its_running_points(tmp_path):
+def start_sweep(spec: dict, path: Path, cache: Path):
+    """The sweep command as its own process (its output discarded)."""
     import os
-    import signal
     import subprocess
     import sys
+
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "XDISTILL_CACHE": str(cache)}
+    return subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--config", str(path)], env=env,
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+
+
+def test_a_terminated_sweep_stops_its_running_points(tmp_path):
+    import signal
 
     import psutil
 
@@ -241,11 +251,7 @@ def test_a_terminated_sweep_stops_its_running_points(tmp_path):
             "common": {"domains": [], "expert_sources": None, "decode.prompt_length": 0},
             "points": [{"name": "only", "align.steps": 50}]}
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "XDISTILL_CACHE": str(tmp_path / "cache")}
-    sweep_proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--config", str(path)], env=env,
-                                  cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT)
+    sweep_proc = start_sweep(spec, path, tmp_path / "cache")
     log = tmp_path / "sweep" / "points" / "only" / "log.txt"
     deadline = time.time() + 300
     while not (log.is_file() and "align ..." in log.read_text()):
@@ -265,10 +271,7 @@ def test_a_killed_sweep_takes_its_point_down_and_a_rerun_resumes_the_point(tmp_p
     """SIGKILL (a preempted job): the sweep cannot clean up, yet its running pipeline dies with it
     (no orphan keeps writing), and the same command afterwards finishes the point from the stages
     it had finished."""
-    import os
     import signal
-    import subprocess
-    import sys
 
     import psutil
 
@@ -278,11 +281,7 @@ def test_a_killed_sweep_takes_its_point_down_and_a_rerun_resumes_the_point(tmp_p
             "common": {"domains": [], "expert_sources": None, "eval.students": ["kd"], "decode.prompt_length": 0},
             "points": [{"name": "only", "kd.steps": 200, "kd.checkpoint_every": 4}]}
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "XDISTILL_CACHE": str(tmp_path / "cache")}
-    sweep_proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--config", str(path)], env=env,
-                                  cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.STDOUT)
+    sweep_proc = start_sweep(spec, path, tmp_path / "cache")
     point = tmp_path / "sweep" / "points" / "only"
     deadline = time.time() + 300
     while not (point / "kd" / "checkpoints" / "last.ckpt").is_file():  # killed during KD, after a checkpoint

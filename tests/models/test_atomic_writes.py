@@ -29,7 +29,6 @@ def done_versions(log: Path) -> list[int]:
 
 def check(kind: str, path: Path, last_done: int) -> int | None:
     """The version on disk (None if nothing yet), after checking every file is complete."""
-    from callbacks.eval import write_report  # noqa: F401  (same modules as the writer)
     from models import load_student
 
     if kind in ("student", "merged"):
@@ -99,8 +98,6 @@ def test_a_writer_killed_at_random_moments_leaves_the_old_or_the_new_complete_ar
 
 @pytest.mark.slow
 def test_a_killed_topk_cache_build_resumes_to_the_same_shards(tmp_path):
-    from transformers import PreTrainedTokenizerFast  # noqa: F401
-
     from tests.fixtures import write_teacher
 
     write_teacher(tmp_path / "teacher")
