@@ -126,8 +126,7 @@ def cached_teacher_scores(teacher, tokenizer, tasks: list[str], include_path=Non
     """The teacher's scores, computed once per (teacher weights, tasks, few-shot, limit, context
     length) and kept under <cache>/eval: every student of that teacher is compared with them."""
     from datamodules.eval_suite import SUITE_VERSION
-    from datamodules.topk_cache import teacher_fingerprint
-    from models.teacher import cache_dir as default_cache
+    from models.teacher import cache_dir as default_cache, teacher_fingerprint
 
     # the suite's version too: a rebuilt suite (new items) must not reuse old scores
     payload = [teacher_fingerprint(teacher), list(tasks), include_path, num_fewshot, limit, max_length, SUITE_VERSION]

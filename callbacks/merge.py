@@ -150,8 +150,7 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
                 value = origin + scale * delta
             merged[key] = value.to(SAFETENSORS_DTYPES.get(dtype, torch.float32))
     if out is None:
-        student, config = skeleton_from_folder(paths[0])
-        student.teacher_fingerprint = config.get("teacher_fingerprint")
+        student, _ = skeleton_from_folder(paths[0])
         student.load_state_dict(merged, strict=False)  # tied weights are stored once
         return student.eval()
 

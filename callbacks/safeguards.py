@@ -18,10 +18,6 @@ from models.checkpoint import atomic_file_write, unwritable_reason
 
 from .student_export import StudentExportCallback
 
-# errors of a full or read-only disk: reported with the folder and what was kept
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
 def check_checkpoint_file(path) -> Path:
     """Refuse a missing, truncated or foreign checkpoint by name before anything loads it (a torch
     checkpoint is a zip archive whose directory sits at its end, so a truncated one has none)."""
@@ -91,11 +87,14 @@ def _folders(trainer) -> dict[str, Path]:
     return folders
 
 
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's weights (tied tensors once)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def checkpoint_bytes(module: torch.nn.Module) -> int:
     """Bytes of one training checkpoint: every weight plus AdamW's two fp32 moments per trainable one."""
-    weights = sum(p.numel() * p.element_size() for p in module.parameters())
-    moments = sum(2 * p.numel() * 4 for p in module.parameters() if p.requires_grad)
-    return weights + moments
+    return weight_bytes(module) + sum(2 * p.numel() * 4 for p in module.parameters() if p.requires_grad)
 
 
 class OutputCheck(L.Callback):
@@ -122,7 +121,6 @@ class OutputCheck(L.Callback):
         if not trainer.is_global_zero or getattr(pl_module, "student", None) is None:
             return
         per_checkpoint = checkpoint_bytes(pl_module.student)
-        student = sum(p.numel() * p.element_size() for p in pl_module.student.parameters())
         need: dict[Path, float] = {}
         folders = _folders(trainer)
         for cb in trainer.callbacks:
@@ -133,8 +131,8 @@ class OutputCheck(L.Callback):
                     folder = folders["checkpoint.dirpath"]
                     need[folder] = need.get(folder, 0) + per_checkpoint * (kept + 1)
             elif isinstance(cb, StudentExportCallback):
-                folder = cb.target(trainer).parent
-                need[folder] = need.get(folder, 0) + 2 * student  # the new folder beside an old one
+                folder = folders["student_export.dirpath"]
+                need[folder] = need.get(folder, 0) + 2 * weight_bytes(pl_module.student)  # new beside old
         for folder, nbytes in need.items():
             free = shutil.disk_usage(_existing(folder)).free
             if free < self.margin * nbytes:

@@ -364,9 +364,7 @@ def build_corpus(teacher: str, cfg: CorpusConfig | None = None, out_dir: str | P
     import torch
 
     from models import load_teacher, load_tokenizer
-    from models.teacher import cache_dir
-
-    from .topk_cache import teacher_fingerprint
+    from models.teacher import cache_dir, teacher_fingerprint
 
     cfg = cfg or CorpusConfig()
     tokenizer = load_tokenizer(teacher)

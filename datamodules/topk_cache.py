@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.checkpoint import atomic_file_write
-from models.teacher import teacher_fingerprint  # noqa: F401  (re-exported: callers import it from here)
+from models.teacher import teacher_fingerprint
 
 from .tokenization import tokenizer_fingerprint
 

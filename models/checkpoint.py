@@ -183,7 +183,8 @@ def _check_shapes(student, weights: Path, cfg_file: Path):
 
 
 def skeleton_from_folder(path) -> tuple:
-    """An untrained student built from ``path/config.json`` (checked field by field), and that config."""
+    """An untrained student built from ``path/config.json`` (checked field by field, carrying the saved
+    teacher fingerprint), and that config."""
     from transformers import AutoConfig
 
     from .adapters import get_adapter
@@ -208,7 +209,9 @@ def skeleton_from_folder(path) -> tuple:
     else:
         family_config_class, student_class = HybridConfig, HybridStudent
     family_cfg = family_config_class.from_dict(config[FAMILY_SECTIONS[family]], source=str(cfg_file))
-    return student_class.skeleton(hf_config, family_cfg, saved_dtype), config
+    student = student_class.skeleton(hf_config, family_cfg, saved_dtype)
+    student.teacher_fingerprint = config.get("teacher_fingerprint")  # None: saved before fingerprints
+    return student, config
 
 
 def load_student(path, dtype: torch.dtype | None = None, device=None):
@@ -216,8 +219,7 @@ def load_student(path, dtype: torch.dtype | None = None, device=None):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    student, config = skeleton_from_folder(path)
-    student.teacher_fingerprint = config.get("teacher_fingerprint")  # None: saved before fingerprints
+    student, _ = skeleton_from_folder(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the student folder is incomplete")

@@ -184,12 +184,20 @@ def student_from_config(model_config, hybrid_config: HybridConfig, dtype: torch.
     """An untrained student skeleton from a teacher's model config (weights to be loaded)."""
     from transformers import AutoModelForCausalLM
 
-    return convert_to_hybrid(AutoModelForCausalLM.from_config(model_config, dtype=dtype), hybrid_config)
+    # a random model's fingerprint would be meaningless: the loader sets the saved one
+    return _swap_attention(AutoModelForCausalLM.from_config(model_config, dtype=dtype), hybrid_config)
 
 
 def convert_to_hybrid(teacher: nn.Module, cfg: HybridConfig | None = None) -> HybridStudent:
     """A new hybrid student from ``teacher`` (left untouched): every attention module becomes a
-    ``HybridAttention`` on copies of the teacher's q/k/v/o, except ``cfg.full_attention_layers``."""
+    ``HybridAttention`` on copies of the teacher's q/k/v/o, except ``cfg.full_attention_layers``.
+    The student records the teacher's fingerprint."""
+    student = _swap_attention(teacher, cfg)
+    student.teacher_fingerprint = teacher_fingerprint(teacher)
+    return student
+
+
+def _swap_attention(teacher: nn.Module, cfg: HybridConfig | None) -> HybridStudent:
     cfg = cfg or HybridConfig()
     if not isinstance(cfg, HybridConfig):
         raise TypeError(f"cfg must be a models.HybridConfig, got {type(cfg).__name__}")
@@ -210,7 +218,6 @@ def convert_to_hybrid(teacher: nn.Module, cfg: HybridConfig | None = None) -> Hy
         else:
             layer.self_attn = HybridAttention(layer.self_attn, adapter, shape, cfg, idx)
     student = HybridStudent(lm, copy.deepcopy(cfg))
-    student.teacher_fingerprint = teacher_fingerprint(teacher)
     student.train(teacher.training)
     return student
 
