@@ -67,10 +67,11 @@ def default_scale(scale, head_dim: int) -> float:
 
 
 def head_rms_norm(h: torch.Tensor, weight, eps: float) -> torch.Tensor:
-    """RMS normalisation over the last dim per head; h [B, H, T, Dv], weight [H, Dv] or None."""
-    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    """RMS normalisation over the last dim per head; h [B, H, T, Dv] (or [B, H, Dv] for one
+    decoding step), weight [H, Dv] or None."""
+    out = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
-        out = out * weight.to(out.dtype)[None, :, None, :]
+        out = out * weight.to(out.dtype).view(weight.shape[0], *([1] * (h.dim() - 3)), weight.shape[1])
     return out
 
 
@@ -110,8 +111,8 @@ def shared_norm_combine(num_a, den_a, a_max, num_o, den_o, m_o, g_gate):
 
 
 def mix_gate(combined_hm_normed, h_attn, g_gate):
-    g = torch.sigmoid(g_gate).unsqueeze(-1)
-    return g * combined_hm_normed + (1.0 - g) * h_attn
+    """g * norm(h^m) + (1 - g) * h^a with g = sigmoid(g_gate), as one lerp."""
+    return torch.lerp(h_attn, combined_hm_normed, torch.sigmoid(g_gate).unsqueeze(-1))
 
 
 def log_forget(f_gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    LOG_ZERO, check_inputs, compute_dtype, default_scale, head_rms_norm, mix_gate, mlstm_normalise,
-    shared_norm_combine,
+    LOG_ZERO, check_inputs, compute_dtype, default_scale, head_rms_norm, mix_gate, mlstm_normalise, shared_norm_combine,
 )
 
 
@@ -128,6 +127,11 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
     q [B, H, 1, Dqk], k [B, Hkv, 1, Dqk], v [B, Hkv, 1, Dv], gates [B, H, 1] (pre-activations),
     ``state`` from ``HybridState.empty`` / ``from_prefill`` / a previous step.
     Returns (out [B, H, 1, Dv] in q's dtype, new state).
+
+    Decoding runs this once per layer and token, where each tensor op costs microseconds of
+    dispatch on a handful of numbers: the step is written in as few ops as the maths allows
+    (fused addcmul and lerp, GQA by views, SDPA for the window), because that count, not
+    the FLOPs, is the student's cost per token beyond the matrix products it shares with its teacher.
     """
     check_inputs(q, k, v, i_gate, f_gate, g_gate, state.window, state.sink_tokens, state.mode, state.combine)
     if q.shape[2] != 1:
@@ -138,59 +142,62 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
     dt = state.C.dtype if state.has_memory else compute_dtype(q)
     scale = default_scale(scale, Dqk)
     t = state.pos
-    # Query heads grouped by the key/value head they read: [B, Hkv, G, D]; no key/value copies.
-    q_g = (q[:, :, 0].to(dt) * scale).view(B, Hkv, G, Dqk)
-    k1, v1 = k[:, :, 0], v[:, :, 0]
     new = replace(state, pos=t + 1)
     if state.has_attention:
         slot = state.slot_of(t)
+        slot_k = slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dqk)
+        slot_v = slot_k if Dv == Dqk else slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dv)
 
     if state.has_memory:
-        i1 = i_gate[:, :, 0].to(dt)
-        log_f = F.logsigmoid(f_gate[:, :, 0].to(dt))
+        # Query heads grouped by the key/value head they read: [B, Hkv, G, D], no key/value copies.
+        q_g = q.view(B, Hkv, G, Dqk).to(dt) * scale
+        i1 = i_gate.view(B, H).to(dt)
+        log_f = F.logsigmoid(f_gate.view(B, H).to(dt))
         if state.shared_norm:
             # the key leaving the window (if any) enters the memory of older keys
             logw = state.attn_logw + log_f.unsqueeze(-1)
-            evicted = state.attn_pos.gather(1, slot[:, None]).squeeze(1) >= 0
-            gate_in = logw.gather(2, slot[:, None, None].expand(B, H, 1)).squeeze(-1)
-            gate_in = torch.where(evicted[:, None], gate_in, torch.full_like(gate_in, LOG_ZERO))
-            k_in = state.attn_k.gather(2, slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dqk)).squeeze(2)
-            v_in = state.attn_v.gather(2, slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dv)).squeeze(2)
+            evicted = state.attn_pos.gather(1, slot[:, None]) >= 0  # [B, 1]
+            gate_in = logw.gather(2, slot.view(B, 1, 1).expand(B, H, 1)).view(B, H)
+            gate_in = gate_in.masked_fill(~evicted, LOG_ZERO)
+            k_in, v_in = state.attn_k.gather(2, slot_k), state.attn_v.gather(2, slot_v)
         else:
-            gate_in, k_in, v_in = i1, k1, v1
+            gate_in, k_in, v_in = i1, k, v
         m_carry = log_f + state.m
         m_new = torch.maximum(m_carry, gate_in)
         decay = torch.exp(m_carry - m_new).view(B, Hkv, G, 1)
-        w_in = torch.exp(gate_in - m_new).view(B, Hkv, G, 1)
-        k_in, v_in = k_in.to(dt)[:, :, None, :], v_in.to(dt)[:, :, None, :]  # [B, Hkv, 1, D]
-        C = decay.unsqueeze(-1) * state.C.view(B, Hkv, G, Dqk, Dv) + (w_in * k_in).unsqueeze(-1) * v_in.unsqueeze(-2)
-        n = decay * state.n.view(B, Hkv, G, Dqk) + w_in * k_in
+        k_w = torch.exp(gate_in - m_new).view(B, Hkv, G, 1) * k_in.to(dt)  # [B, Hkv, G, Dqk]
+        C = torch.addcmul(k_w.unsqueeze(-1) * v_in.to(dt).unsqueeze(-2), state.C.view(B, Hkv, G, Dqk, Dv),
+                          decay.unsqueeze(-1))
+        n = torch.addcmul(k_w, state.n.view(B, Hkv, G, Dqk), decay)
         new.C, new.n, new.m = C.view(B, H, Dqk, Dv), n.view(B, H, Dqk), m_new
-        num_m = (q_g.unsqueeze(-2) @ C).squeeze(-2).reshape(B, H, Dv)
-        den_m = (q_g * n).sum(-1).reshape(B, H)
+        num_m = (q_g.unsqueeze(-2) @ C).view(B, H, Dv)
+        den_m = (q_g.unsqueeze(-2) @ n.unsqueeze(-1)).view(B, H)
 
     if state.has_attention:
-        new.attn_k = state.attn_k.scatter(2, slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dqk), k1.unsqueeze(2))
-        new.attn_v = state.attn_v.scatter(2, slot.view(B, 1, 1, 1).expand(B, Hkv, 1, Dv), v1.unsqueeze(2))
+        new.attn_k = state.attn_k.scatter(2, slot_k, k)
+        new.attn_v = state.attn_v.scatter(2, slot_v, v)
         new.attn_pos = state.attn_pos.scatter(1, slot[:, None], t[:, None])
-        if state.shared_norm:
-            new.attn_logw = logw.scatter(2, slot[:, None, None].expand(B, H, 1), i1.unsqueeze(-1))
         # every filled slot is visible: sinks are < S <= t, the ring holds exactly (t - W, t]
-        scores = q_g @ new.attn_k.to(dt).transpose(-1, -2)  # [B, Hkv, G, S + W]
-        scores = scores.masked_fill((new.attn_pos < 0)[:, None, None, :], float("-inf"))
-        a_max = scores.amax(-1, keepdim=True)
-        w = torch.exp(scores - a_max)
-        num_a = (w @ new.attn_v.to(dt)).reshape(B, H, Dv)
-        den_a, a_max = w.sum(-1).reshape(B, H), a_max.reshape(B, H)
+        filled = (new.attn_pos >= 0).view(B, 1, 1, -1)
+        if state.shared_norm:
+            new.attn_logw = logw.scatter(2, slot.view(B, 1, 1).expand(B, H, 1), i1.unsqueeze(-1))
+            scores = (q_g @ new.attn_k.to(dt).transpose(-1, -2)).masked_fill(~filled, float("-inf"))
+            # softmax sums in units of their log-sum-exp: the denominator is 1
+            a_lse = torch.logsumexp(scores, -1, keepdim=True)
+            num_a = (torch.exp(scores - a_lse) @ new.attn_v.to(dt)).view(B, H, Dv)
+        else:
+            h_attn = F.scaled_dot_product_attention(
+                q.to(dt), new.attn_k.to(dt), new.attn_v.to(dt), attn_mask=filled, scale=scale, enable_gqa=True,
+            ).view(B, H, Dv)
 
     if state.mode == "mlstm":
-        out = mlstm_normalise(num_m, den_m, new.m, eps)
+        out = mlstm_normalise(num_m, den_m, m_new, eps)
     elif state.mode == "swa":
-        out = num_a / den_a.unsqueeze(-1)
+        out = h_attn
     elif state.shared_norm:
-        out = shared_norm_combine(num_a, den_a, a_max, num_m, den_m, new.m, g_gate[:, :, 0].to(dt))
+        out = shared_norm_combine(num_a, a_lse.new_ones(()), a_lse.view(B, H), num_m, den_m, m_new,
+                                  g_gate.view(B, H).to(dt))
     else:
-        h_mem = mlstm_normalise(num_m, den_m, new.m, eps)
-        normed = head_rms_norm(h_mem.unsqueeze(2), norm_weight, norm_eps).squeeze(2)
-        out = mix_gate(normed, num_a / den_a.unsqueeze(-1), g_gate[:, :, 0].to(dt))
+        normed = head_rms_norm(mlstm_normalise(num_m, den_m, m_new, eps), norm_weight, norm_eps)
+        out = mix_gate(normed, h_attn, g_gate.view(B, H).to(dt))
     return out.unsqueeze(2).to(q.dtype), new

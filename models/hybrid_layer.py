@@ -72,11 +72,11 @@ class HybridAttention(_TeacherProjections):
     def gates(self, hidden_states):
         """[B, T, hidden] -> i, f, g pre-activations [B, H, T] in float32 (i and f soft-capped)."""
         pre = self.hybrid_gates(hidden_states).float().transpose(1, 2)
-        i, f, g = pre.chunk(3, dim=1)
-        cap = self.cfg.gate_soft_cap
-        if cap > 0:
-            i, f = cap * torch.tanh(i / cap), cap * torch.tanh(f / cap)
-        return i, f, g
+        H, cap = self.shape.num_heads, self.cfg.gate_soft_cap
+        if cap > 0:  # i and f capped together: decoding pays per op, not per number
+            i_f = torch.tanh(pre[:, :2 * H] / cap) * cap
+            return i_f[:, :H], i_f[:, H:], pre[:, 2 * H:]
+        return pre.chunk(3, dim=1)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, decode_state=None, **kwargs):
         cfg = self.cfg
@@ -93,6 +93,8 @@ class HybridAttention(_TeacherProjections):
                     q, k, v, i, f, g, window=cfg.window, sink_tokens=cfg.sink_tokens, mode=cfg.mode,
                     combine=cfg.combine, backend=cfg.backend, chunk_size=cfg.chunk_size, return_state=True, **opts,
                 )
+            elif q.shape[2] == 1:  # the decoding step: no slicing, no concatenation
+                out, state = hybrid_attention_step(q, k, v, i, f, g, state, **opts)
             else:
                 steps = []
                 for t in range(q.shape[2]):

@@ -1,0 +1,907 @@
+"""Benchmarks: what a student costs against its teacher at inference and in training.
+
+    python -m experiments.bench --config configs/bench/smollm2-cpu.yaml decode    # ms/token, state vs KV cache
+    python -m experiments.bench --config configs/bench/smollm2-cpu.yaml prefill   # time to first token
+    python -m experiments.bench --config configs/bench/smollm2-cpu.yaml train     # tokens/s, peak memory per stage
+    python -m experiments.bench --config configs/bench/smollm2-cpu.yaml kernels   # the hybrid op's forms
+    python -m experiments.bench --config configs/bench/gpu.yaml decode            # on a GPU: bf16, to 64k
+
+Every key can be overridden on the command line (``--prompt_lengths '[256, 1024]' decode --steps 8``).
+Student and teacher are measured side by side in one process, each cell after warm-up, and every
+time is a median of repeats (decode: of single steps; prefill: of whole prompts). Each command prints
+a table and writes ``<what>.json`` (the machine, the settings and every row), ``<what>.md`` (the
+table) and ``<what>.png`` (time and memory against context length) to ``out_dir``; the JSON is
+rewritten after every cell, so an interrupted run keeps what it measured.
+
+Memory is the state a model carries between decoding steps (the teacher's KV cache, the student's
+constant-size state) and the peak of the process over the measured part: the CUDA allocator's peak
+on a GPU, the resident-set high-water mark on a CPU (reset before each cell through
+``/proc/self/clear_refs``; where that file is missing it is the process's lifetime peak, and the JSON
+says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import CLI
+from torch import nn
+
+from models import HybridConfig, HybridStudent, StudentLM, convert_to_hybrid, load_student, load_teacher, prefill
+from models.adapters import project_qkv
+from models.checkpoint import atomic_file_write
+
+DTYPES = ("float32", "bfloat16", "float16")
+MiB = 2**20
+
+
+# ---- the machine and its clocks ---------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device) -> dict:
+    """What the numbers were measured on: CPU, threads, GPU, library versions, code version."""
+    import transformers
+
+    from experiments.sweep import provenance
+
+    info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform(), **provenance()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    gpu = f", GPU {info['gpu']} ({info['gpu_memory_bytes'] / 2**30:.0f} GiB)" if info.get("gpu") else ""
+    return (f"{info['cpu']} ({info['logical_cpus']} logical CPUs, torch threads {info['torch_threads']}){gpu}; "
+            f"torch {info['torch']}, transformers {info['transformers']}, triton {info['triton']}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    """(result, seconds) of one call, the device drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+class PeakMemory:
+    """Peak memory of the process while the block runs (``.bytes``; ``.kind`` says what was read).
+
+    CUDA: the allocator's peak (``max_memory_allocated``). CPU on Linux: the resident-set high-water
+    mark ``VmHWM``, reset to the current resident set on entry by writing 5 to ``clear_refs``; the
+    peak therefore includes what was resident before (weights, caches) and any transient of the block.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes, self.kind = device, None, None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "cuda max_memory_allocated"
+        else:
+            try:
+                _CLEAR_REFS.write_text("5")
+                self.kind = "resident set high-water mark"
+            except OSError:
+                self.kind = "process lifetime peak resident set"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.bytes = _vm_hwm_bytes()
+        return False
+
+
+def _vm_hwm_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ---- the teacher's and the student's decoding -----------------------------------------------------
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes of a Hugging Face cache's keys and values (every layer)."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _teacher_forward(teacher, ids, cache=None):
+    # transformers 5 names the cache argument ``cache`` (``past_key_values`` is deprecated)
+    out = teacher(ids, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.cache
+
+
+class TeacherRunner:
+    """Prefill and greedy steps of a Hugging Face teacher with its own (dynamic) KV cache."""
+
+    kind = "teacher"
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, ids):
+        return _teacher_forward(self.model, ids)
+
+    def step(self, token, cache):
+        logits, cache = _teacher_forward(self.model, token[:, None], cache)
+        return logits, cache
+
+    @staticmethod
+    def repeat(cache, batch: int):
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    @staticmethod
+    def state_bytes(cache) -> int:
+        return kv_cache_bytes(cache)
+
+
+class StudentRunner:
+    """Prefill (chunkwise form) and recurrent greedy steps of a student from its decode state."""
+
+    kind = "student"
+
+    def __init__(self, model: StudentLM):
+        self.model = model
+
+    def prefill(self, ids):
+        return prefill(self.model, ids)
+
+    def step(self, token, state):
+        return self.model(token[:, None], decode_state=state).logits[:, -1], state
+
+    @staticmethod
+    def repeat(state, batch: int):
+        return state.index_select(torch.zeros(batch, dtype=torch.long, device=state.positions.device))
+
+    @staticmethod
+    def state_bytes(state) -> int:
+        return state.nbytes()
+
+
+class _ProjectionsOnly(nn.Module):
+    """A layer's q/k/v/o products and nothing else: the part of attention that teacher and student
+    share, so that a student running these in place of its attention decodes at the shared floor."""
+
+    def __init__(self, attention):
+        super().__init__()
+        self.inner = attention
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, decode_state=None, **kwargs):
+        inner = self.inner
+        q, _, _ = project_qkv(inner.adapter, inner, inner.shape, hidden_states)
+        B, H, T, D = q.shape
+        return inner.o_proj(q.transpose(1, 2).reshape(B, T, H * D)), None
+
+
+@contextlib.contextmanager
+def projections_only(student: HybridStudent):
+    """Temporarily replace every attention module of ``student`` by its q/k/v/o products alone."""
+    layers = student.lm.model.layers
+    originals = [layer.self_attn for layer in layers]
+    try:
+        for layer in layers:
+            layer.self_attn = _ProjectionsOnly(layer.self_attn)
+        yield student
+    finally:
+        for layer, attention in zip(layers, originals):
+            layer.self_attn = attention
+
+
+# ---- tables, JSON, figures --------------------------------------------------------------------------
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    return format(value, fmt)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec); missing values print as a dash."""
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
+             "|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    atomic_file_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def _figure(path: Path, title: str, panels):
+    """panels: [(y label, [(label, xs, ys, style)], log-y)] against context length (log2 x), or a
+    callable that draws two axes itself."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if callable(panels):  # a figure of its own kind (bars), two panels
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        panels(list(axes))
+        panels = []
+    else:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2))
+        axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (ylabel, series, log_y) in zip(axes, panels):
+        for label, xs, ys, style in series:
+            points = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, markersize=4)
+        ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_file_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
+def _train_figure(rows):
+    """Bars per stage: tokens/s and peak memory (a figure-drawing callback for ``_figure``)."""
+    measured = [r for r in rows if "tokens_per_s" in r]
+
+    def draw(axes):
+        names = [r["stage"] for r in measured]
+        for ax, key, label in zip(axes, ("tokens_per_s", "peak_mib"), ("tokens per second", "peak memory (MiB)")):
+            ax.bar(names, [r[key] for r in measured], color="tab:blue")
+            ax.set_ylabel(label)
+            ax.tick_params(axis="x", labelrotation=20)
+    return draw
+
+
+def _series(rows, model, batch, key, scale=1.0):
+    picked = sorted((r for r in rows if r["model"] == model and r["batch"] == batch), key=lambda r: r["prompt"])
+    return [r["prompt"] for r in picked], [None if r.get(key) is None else r[key] * scale for r in picked]
+
+
+# ---- FLOPs of a prefill ----------------------------------------------------------------------------
+
+def prefill_flops(config, hybrid: HybridConfig, prompt: int) -> dict:
+    """Multiply-add FLOPs (x2) of one prompt's forward, teacher vs hybrid student, and where they go.
+
+    Shared: every linear layer over all tokens (q/k/v/o, MLP; the gates for the student) and the
+    head for the last token only. Teacher attention: causal q.k and p.v, T(T+1)/2 pairs per head.
+    Student, as the chunkwise form computes it: each chunk of L queries against its band of
+    L + W - 1 keys plus the sinks (window branch), and the mLSTM's intra-chunk L x L products plus
+    one state read and one state update per token (memory branch).
+    """
+    d, L_layers = config.hidden_size, config.num_hidden_layers
+    H = config.num_attention_heads
+    Hkv = getattr(config, "num_key_value_heads", None) or H
+    D = getattr(config, "head_dim", None) or d // H
+    ff = config.intermediate_size
+    per_token_linear = L_layers * (d * H * D * 2 + d * Hkv * D * 2 + 3 * d * ff)
+    shared = 2 * prompt * per_token_linear + 2 * d * config.vocab_size
+    teacher_attention = L_layers * H * 4 * D * prompt * (prompt + 1) / 2
+    full = set(hybrid.full_attention_layers)
+    hybrid_layers = L_layers - len([i for i in full if i < L_layers])
+    chunk = min(hybrid.chunk_size, prompt)
+    window_keys = min(prompt, chunk + hybrid.window - 1) + hybrid.sink_tokens
+    student_window = 4 * H * D * prompt * window_keys if hybrid.mode != "mlstm" else 0
+    student_memory = (4 * H * D * prompt * chunk + 4 * H * D * D * prompt) if hybrid.mode != "swa" else 0
+    gates = 2 * prompt * d * 3 * H
+    student_attention = hybrid_layers * (student_window + student_memory + gates) \
+        + (L_layers - hybrid_layers) * H * 4 * D * prompt * (prompt + 1) / 2
+    return {"shared_flops": shared, "teacher_attention_flops": teacher_attention,
+            "student_attention_flops": student_attention, "teacher_flops": shared + teacher_attention,
+            "student_flops": shared + student_attention}
+
+
+# ---- the command ----------------------------------------------------------------------------------
+
+class Bench:
+    """Student against teacher: decode, prefill, training steps and the hybrid op's kernels."""
+
+    def __init__(self, teacher: str = "smollm2-135m-instruct", student: str | None = None,
+                 hybrid: HybridConfig = HybridConfig(), dtype: str = "float32", device: str = "auto",
+                 threads: int | None = None, prompt_lengths: list[int] = [256, 1024, 4096],
+                 batch_sizes: list[int] = [1, 8], max_batch_tokens: int | None = None,
+                 teacher_attention: str = "auto", seed: int = 0, out_dir: str = "runs/bench"):
+        """
+        Args:
+            teacher: the teacher (hub id, folder, or the embedded default).
+            student: a saved student folder (hybrid or Distil-xLSTM); None converts the teacher with
+                ``hybrid`` (an untrained student costs what a trained one does).
+            hybrid: the conversion settings when no student folder is given.
+            dtype: weights and activations: float32, bfloat16 or float16.
+            device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+            threads: torch CPU threads (None: torch's default).
+            prompt_lengths: context lengths in tokens (decode and prefill).
+            batch_sizes: sequences per step (decode and prefill).
+            max_batch_tokens: skip (and list as skipped) cells with batch x prompt above this.
+            teacher_attention: the teacher's attention implementation; ``auto`` picks
+                ``flash_attention_2`` on CUDA when flash-attn is installed, else ``sdpa``.
+            seed: seed of the random prompts.
+            out_dir: folder for ``<what>.json``, ``<what>.md`` and ``<what>.png``.
+        """
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; allowed values: {', '.join(DTYPES)}")
+        bad = [n for n in list(prompt_lengths) + list(batch_sizes) if not isinstance(n, int) or n < 1]
+        if bad or not prompt_lengths or not batch_sizes:
+            raise ValueError(f"prompt_lengths={prompt_lengths} and batch_sizes={batch_sizes} must be non-empty lists "
+                             "of integers >= 1")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here; use device=cpu or auto")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.teacher_name, self.student_path, self.hybrid = teacher, student, hybrid
+        self.dtype = getattr(torch, dtype)
+        self.prompt_lengths, self.batch_sizes = sorted(prompt_lengths), sorted(batch_sizes)
+        self.max_batch_tokens, self.seed = max_batch_tokens, seed
+        self.teacher_attention = teacher_attention
+        self.out_dir = Path(out_dir)
+        self.settings = {"teacher": teacher, "student": student, "hybrid": hybrid.to_dict(), "dtype": dtype,
+                         "device": str(self.device), "threads": torch.get_num_threads(),
+                         "prompt_lengths": self.prompt_lengths, "batch_sizes": self.batch_sizes,
+                         "max_batch_tokens": max_batch_tokens, "seed": seed}
+        self._models = None
+
+    # -- shared plumbing ---------------------------------------------------------------------------
+
+    def _attention_implementation(self) -> str:
+        if self.teacher_attention != "auto":
+            return self.teacher_attention
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is not None:
+                return "flash_attention_2"
+        return "sdpa"
+
+    def _loaded(self):
+        """(teacher, student), loaded once, in eval mode on the device."""
+        if self._models is None:
+            teacher = load_teacher(self.teacher_name, self.dtype, attn_implementation=self._attention_implementation())
+            if self.student_path:
+                student = load_student(self.student_path, dtype=self.dtype)
+            else:
+                student = convert_to_hybrid(teacher, self.hybrid)
+            self._models = (teacher.to(self.device).eval(), student.to(self.device).eval())
+            self.settings["teacher_attention"] = teacher.config._attn_implementation
+            self.settings["student_description"] = student.describe()
+            self.settings["teacher_parameter_bytes"] = parameter_bytes(teacher)
+            self.settings["student_parameter_bytes"] = parameter_bytes(student)
+        return self._models
+
+    def _prompt(self, length: int, vocab: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + length)
+        low = min(100, vocab // 2)  # past the special tokens of real vocabularies
+        return torch.randint(low, vocab, (1, length), generator=gen).to(self.device)
+
+    def _cells(self):
+        """(batch, prompt) pairs to measure, and those skipped by ``max_batch_tokens``."""
+        cells, skipped = [], []
+        for batch in self.batch_sizes:
+            for prompt in self.prompt_lengths:
+                too_big = self.max_batch_tokens is not None and batch * prompt > self.max_batch_tokens
+                (skipped if too_big else cells).append((batch, prompt))
+        return cells, skipped
+
+    def _payload(self, what: str, rows: list[dict], extra: dict) -> dict:
+        return {"benchmark": what, "machine": self._machine_info, "settings": self.settings, "rows": rows, **extra}
+
+    def _finish(self, what: str, payload: dict, table: str, title: str, panels) -> dict:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.out_dir / f"{what}.json", payload)
+        header = f"{title}\n\nMachine: {describe_machine(self._machine_info)}\n\n"
+        atomic_file_write(self.out_dir / f"{what}.md", lambda tmp: tmp.write_text(header + table + "\n"))
+        _figure(self.out_dir / f"{what}.png", f"{title}\n{describe_machine(self._machine_info)}", panels)
+        print(header + table)
+        print(f"\nwrote {self.out_dir / what}.json, .md, .png")
+        return payload
+
+    @property
+    def _machine_info(self) -> dict:
+        if not hasattr(self, "_machine"):
+            self._machine = machine_description(self.device)
+        return self._machine
+
+    # -- decode ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _decode_cell(self, runner, ids, batch: int, steps: int, warmup: int) -> dict:
+        logits, state = runner.prefill(ids)
+        if batch > 1:  # rows of one prefilled prompt: decoding costs the same whatever the rows hold
+            state = runner.repeat(state, batch)
+            logits = logits.expand(batch, -1)
+        token = logits.argmax(-1)
+        times = []
+        with PeakMemory(self.device) as peak:
+            for i in range(warmup + steps):
+                (logits, state), seconds = timed(lambda: runner.step(token, state), self.device)
+                token = logits.argmax(-1)
+                if i >= warmup:
+                    times.append(seconds)
+        q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+        return {"ms_per_step": 1e3 * median, "ms_p25": 1e3 * q1, "ms_p75": 1e3 * q3,
+                "tokens_per_s": batch / median, "state_bytes": runner.state_bytes(state),
+                "peak_bytes": peak.bytes, "peak_kind": peak.kind}
+
+    @torch.no_grad()
+    def _floor_cell(self, student, batch: int, steps: int, warmup: int) -> dict | None:
+        """The shared floor: the student with q/k/v/o products and no attention, one token at a time."""
+        if not isinstance(student, HybridStudent):
+            return None
+        token = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        times = []
+        with projections_only(student):
+            for i in range(warmup + steps):
+                _, seconds = timed(lambda: student(token, logits_to_keep=1), self.device)
+                if i >= warmup:
+                    times.append(seconds)
+        median = statistics.median(times)
+        return {"model": "floor", "batch": batch, "ms_per_step": 1e3 * median, "tokens_per_s": batch / median}
+
+    def decode(self, steps: int = 32, warmup: int = 4) -> dict:
+        """Time per decoding step and decode memory, student vs teacher, at every prompt length.
+
+        Each cell prefills one random prompt, repeats its cache/state over the batch, runs
+        ``warmup`` untimed greedy steps and reports the median (and quartiles) of ``steps`` timed
+        ones. The floor row is the shared part alone (q/k/v/o, MLPs, norms, head): the student's
+        and the teacher's distance from it is what their attention costs per token.
+
+        Args:
+            steps: timed decoding steps per cell.
+            warmup: untimed steps before them.
+        """
+        if steps < 1 or warmup < 0:
+            raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+        teacher, student = self._loaded()
+        runners = [TeacherRunner(teacher), StudentRunner(student)]
+        cells, skipped = self._cells()
+        rows, floors = [], []
+        extra = {"steps": steps, "warmup": warmup, "skipped": [{"batch": b, "prompt": p} for b, p in skipped]}
+        for batch in self.batch_sizes:
+            floor = self._floor_cell(student, batch, steps, warmup)
+            if floor:
+                floors.append(floor)
+        for n, (batch, prompt) in enumerate(cells):
+            ids = self._prompt(prompt, teacher.config.vocab_size)
+            # alternate who goes first, so a drifting machine does not favour one side
+            for runner in runners if n % 2 == 0 else runners[::-1]:
+                row = {"model": runner.kind, "batch": batch, "prompt": prompt}
+                try:
+                    row.update(self._decode_cell(runner, ids, batch, steps, warmup))
+                except torch.OutOfMemoryError as err:
+                    row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+                rows.append(row)
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            write_json(self.out_dir / "decode.json", self._payload("decode", rows, {**extra, "floor": floors}))
+        summary = decode_summary(rows, floors)
+        payload = self._payload("decode", rows, {**extra, "floor": floors, "summary": summary})
+        columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ms", "teacher ms/step", ".1f"),
+                   ("student_ms", "student ms/step", ".1f"), ("floor_ms", "shared floor ms", ".1f"),
+                   ("speedup", "student speed-up", ".2f"), ("student_over_floor_ms", "student − floor ms", ".1f"),
+                   ("teacher_over_floor_ms", "teacher − floor ms", ".1f"),
+                   ("teacher_kv_mib", "teacher KV cache MiB", ".1f"), ("student_state_mib", "student state MiB", ".2f"),
+                   ("state_ratio", "state / KV", ".3f"), ("teacher_peak_mib", "teacher peak MiB", ".0f"),
+                   ("student_peak_mib", "student peak MiB", ".0f")]
+        panels = []
+        time_series, memory_series = [], []
+        for batch in self.batch_sizes:
+            for model, style in (("teacher", "o--"), ("student", "s-")):
+                time_series.append((f"{model}, batch {batch}", *_series(rows, model, batch, "ms_per_step"), style))
+                memory_series.append((f"{model} {'KV cache' if model == 'teacher' else 'state'}, batch {batch}",
+                                      *_series(rows, model, batch, "state_bytes", 1 / MiB), style))
+            floor = next((f for f in floors if f["batch"] == batch), None)
+            if floor:
+                time_series.append((f"shared floor, batch {batch}", self.prompt_lengths,
+                                    [floor["ms_per_step"]] * len(self.prompt_lengths), ":"))
+        panels = [("ms per decoding step (median)", time_series, True),
+                  ("decode state (MiB)", memory_series, True)]
+        title = (f"Decode: {self.settings['student_description']} vs teacher {self.teacher_name} "
+                 f"({self.settings['dtype']}, teacher attention {self.settings['teacher_attention']})")
+        return self._finish("decode", payload, markdown_table(summary, columns), title, panels)
+
+    # -- prefill -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _prefill_cell(self, runner, ids, repeats: int, max_seconds: float) -> dict:
+        times, spent = [], 0.0
+        with PeakMemory(self.device) as peak:
+            while len(times) < repeats and (not times or spent < max_seconds):
+                (logits, state), seconds = timed(lambda: runner.prefill(ids), self.device)
+                logits.argmax(-1)  # the first token
+                times.append(seconds)
+                spent += seconds
+                del logits, state
+        median = statistics.median(times)
+        return {"ttft_s": median, "prefill_tokens_per_s": ids.numel() / median, "repeats": len(times),
+                "peak_bytes": peak.bytes, "peak_kind": peak.kind}
+
+    def prefill(self, repeats: int = 3, max_seconds: float = 60.0, warmup_tokens: int = 128) -> dict:
+        """Time to first token (prompt forward plus the first greedy token) and prefill tokens/s.
+
+        Args:
+            repeats: prompt forwards per cell (the median is reported).
+            max_seconds: stop repeating a cell once it has spent this long (at least one run).
+            warmup_tokens: length of one untimed prompt per model and batch before the cells.
+        """
+        if repeats < 1:
+            raise ValueError(f"repeats={repeats} must be >= 1")
+        teacher, student = self._loaded()
+        runners = [TeacherRunner(teacher), StudentRunner(student)]
+        cells, skipped = self._cells()
+        extra = {"repeats": repeats, "max_seconds": max_seconds,
+                 "skipped": [{"batch": b, "prompt": p} for b, p in skipped]}
+        for batch in self.batch_sizes:
+            warm = self._prompt(warmup_tokens, teacher.config.vocab_size).expand(batch, -1)
+            for runner in runners:
+                self._prefill_cell(runner, warm, 1, 0.0)
+        rows = []
+        for n, (batch, prompt) in enumerate(cells):
+            ids = self._prompt(prompt, teacher.config.vocab_size).expand(batch, -1).contiguous()
+            flops = prefill_flops(teacher.config, self._hybrid_config, prompt)
+            for runner in runners if n % 2 == 0 else runners[::-1]:
+                row = {"model": runner.kind, "batch": batch, "prompt": prompt,
+                       "flops": batch * flops[f"{runner.kind}_flops"]}
+                try:
+                    row.update(self._prefill_cell(runner, ids, repeats, max_seconds))
+                    row["achieved_gflops_per_s"] = row["flops"] / row["ttft_s"] / 1e9
+                except torch.OutOfMemoryError as err:
+                    row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+                rows.append(row)
+                gc.collect()
+            write_json(self.out_dir / "prefill.json", self._payload("prefill", rows, extra))
+        summary = prefill_summary(rows, teacher.config, self._hybrid_config)
+        payload = self._payload("prefill", rows, {**extra, "summary": summary})
+        columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ttft_s", "teacher TTFT s", ".2f"),
+                   ("student_ttft_s", "student TTFT s", ".2f"), ("ttft_ratio", "student / teacher", ".2f"),
+                   ("flops_ratio", "FLOPs student / teacher", ".2f"),
+                   ("teacher_attention_share", "teacher attention share of FLOPs", ".2f"),
+                   ("teacher_tokens_per_s", "teacher tok/s", ".0f"), ("student_tokens_per_s", "student tok/s", ".0f"),
+                   ("teacher_peak_mib", "teacher peak MiB", ".0f"), ("student_peak_mib", "student peak MiB", ".0f")]
+        time_series, memory_series = [], []
+        for batch in self.batch_sizes:
+            for model, style in (("teacher", "o--"), ("student", "s-")):
+                time_series.append((f"{model}, batch {batch}", *_series(rows, model, batch, "ttft_s"), style))
+                memory_series.append((f"{model} peak, batch {batch}", *_series(rows, model, batch, "peak_bytes", 1 / MiB),
+                                      style))
+        panels = [("time to first token (s, median)", time_series, True),
+                  ("peak process memory during prefill (MiB)", memory_series, True)]
+        title = (f"Prefill: {self.settings['student_description']} vs teacher {self.teacher_name} "
+                 f"({self.settings['dtype']}, teacher attention {self.settings['teacher_attention']})")
+        return self._finish("prefill", payload, markdown_table(summary, columns), title, panels)
+
+    @property
+    def _hybrid_config(self) -> HybridConfig:
+        _, student = self._loaded()
+        return student.family_config if isinstance(student, HybridStudent) else self.hybrid
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def train(self, seq_len: int = 256, batch: int = 4, steps: int = 3, warmup: int = 1, top_k: int = 64,
+              stages: list[str] = ["align", "kd", "kd_cached", "distil_xlstm_kd"]) -> dict:
+        """Tokens per second and peak memory of one optimizer step (forward, backward, AdamW) of each stage.
+
+        Stages: ``align`` (stage 1, new parameters, per-layer MSE against the frozen teacher),
+        ``kd`` (stage 2/3: all parameters, the teacher's top-k computed online), ``kd_cached``
+        (the same with the teacher's top-k read from a cache, so no teacher forward), and
+        ``distil_xlstm_kd`` (the Distil-xLSTM student's KD step).
+
+        Args:
+            seq_len: tokens per sequence.
+            batch: sequences per step.
+            steps: timed optimizer steps per stage (the median is reported).
+            warmup: untimed steps before them.
+            top_k: teacher tokens kept per position.
+            stages: which of the stages to measure.
+        """
+        unknown = sorted(set(stages) - set(TRAIN_STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; allowed values: {', '.join(TRAIN_STAGES)}")
+        teacher, _ = self._loaded()
+        vocab = teacher.config.vocab_size
+        gen = torch.Generator().manual_seed(self.seed)
+        ids = torch.randint(min(100, vocab // 2), vocab, (batch, seq_len), generator=gen).to(self.device)
+        rows = []
+        for stage in stages:
+            module, inputs = self._stage_module(stage, ids, top_k)
+            row = {"stage": stage, "seq_len": seq_len, "batch": batch,
+                   "trainable_parameters": sum(p.numel() for p in module.trainable_parameters())}
+            try:
+                row.update(_train_steps(module, inputs, steps, warmup, self.device))
+            except torch.OutOfMemoryError as err:
+                row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+            rows.append(row)
+            del module, inputs
+            gc.collect()
+            write_json(self.out_dir / "train.json", self._payload("train", rows, {"steps": steps, "warmup": warmup}))
+        for row in rows:
+            if "peak_bytes" in row:
+                row["peak_mib"] = row["peak_bytes"] / MiB
+        payload = self._payload("train", rows, {"steps": steps, "warmup": warmup})
+        columns = [("stage", "stage", ""), ("trainable_parameters", "trainable parameters", ",d"),
+                   ("tokens_per_s", "tokens/s", ".0f"), ("ms_per_step", "ms/step", ".0f"),
+                   ("peak_mib", "peak MiB", ".0f")]
+        title = (f"Training step per stage: batch {batch} x {seq_len} tokens, {self.settings['dtype']}, "
+                 f"top-{top_k}")
+        return self._finish("train", payload, markdown_table(rows, columns), title, _train_figure(rows))
+
+    def _stage_module(self, stage: str, ids, top_k: int):
+        from lightning_modules import AlignmentModule, SparseKDModule
+        from lightning_modules.losses import teacher_topk
+
+        dtype = str(self.dtype).removeprefix("torch.")
+        common = dict(teacher=self.teacher_name, teacher_dtype=dtype, hybrid=self.hybrid)
+        if stage == "align":
+            module = AlignmentModule(**common)
+        elif stage == "distil_xlstm_kd":
+            module = SparseKDModule(top_k=top_k, student_family="distil_xlstm", **common)
+        else:
+            module = SparseKDModule(top_k=top_k, student_ckpt=self.student_path, **common)
+        module.configure_model()
+        module.to(self.device)
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        if stage == "kd_cached":
+            with torch.no_grad():
+                top_ids, top_logprobs = teacher_topk(module.teacher(ids).logits, top_k)
+            batch.update(topk_ids=top_ids, topk_logprobs=top_logprobs)
+        return module, batch
+
+    # -- kernels -----------------------------------------------------------------------------------
+
+    def kernels(self, lengths: list[int] = [256, 1024, 4096], batch: int = 1, repeats: int = 5,
+                reference_max_length: int = 2048) -> dict:
+        """The hybrid op against the teacher's attention at the teacher's head shapes, one layer.
+
+        Rows: the hybrid op's chunkwise form (forward; forward + backward), its quadratic reference
+        (up to ``reference_max_length``), the mlstm_kernels chunkwise mLSTM (the memory branch
+        alone, its native torch form; on CUDA also its Triton kernel), causal SDPA (the teacher's
+        attention), and per-token decoding: the hybrid recurrent step against SDPA over a KV cache
+        of the same length.
+
+        Args:
+            lengths: sequence lengths.
+            batch: sequences.
+            repeats: timed calls per cell (median reported), after one untimed call.
+            reference_max_length: longest length for the quadratic reference.
+        """
+        import torch.nn.functional as F
+        from mlstm_kernels.torch import get_mlstm_kernel
+
+        from kernels import hybrid_attention, hybrid_attention_step
+
+        teacher, student = self._loaded()
+        config, hybrid = teacher.config, self._hybrid_config
+        H = config.num_attention_heads
+        Hkv = getattr(config, "num_key_value_heads", None) or H
+        D = getattr(config, "head_dim", None) or config.hidden_size // H
+        opts = dict(window=hybrid.window, sink_tokens=hybrid.sink_tokens, mode=hybrid.mode, combine=hybrid.combine,
+                    chunk_size=hybrid.chunk_size, norm_weight=torch.ones(H, D, device=self.device))
+        mlstm_names = ["chunkwise--native_autograd"]
+        if self.device.type == "cuda" and _power_of_two(D):
+            mlstm_names.append("chunkwise--triton_limit_chunk")
+        rows = []
+
+        def measure(name, length, fn, backward=False, per_token=False):
+            row = {"op": name, "length": length, "batch": batch}
+            try:
+                fn()  # warm-up (and Triton compilation)
+                times = [timed(fn, self.device)[1] for _ in range(repeats)]
+                median = statistics.median(times)
+                row.update(ms=1e3 * median, tokens_per_s=(batch if per_token else batch * length) / median)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                row["error"] = str(err).splitlines()[0][:200]
+            rows.append(row)
+            gc.collect()
+
+        gen = torch.Generator().manual_seed(self.seed)
+        for T in sorted(lengths):
+            def rand(*shape, shift=0.0):
+                return (torch.randn(*shape, generator=gen) + shift).to(self.device, self.dtype)
+
+            q, k, v = rand(batch, H, T, D), rand(batch, Hkv, T, D), rand(batch, Hkv, T, D)
+            i, f, g = (rand(batch, H, T).float(), rand(batch, H, T, shift=3.0).float(),
+                       rand(batch, H, T, shift=-2.0).float())
+            leaves = [x.detach().requires_grad_(True) for x in (q, k, v, i, f, g)]
+
+            def forward_backward(op):
+                def run():
+                    for x in leaves:
+                        x.grad = None
+                    op(*leaves).float().square().sum().backward()
+                return run
+
+            with torch.no_grad():
+                measure("hybrid chunkwise (forward)", T, lambda: hybrid_attention(q, k, v, i, f, g, **opts))
+                if T <= reference_max_length:
+                    measure("hybrid reference, quadratic (forward)", T,
+                            lambda: hybrid_attention(q, k, v, i, f, g, backend="reference", **opts))
+                measure("teacher causal SDPA (forward)", T, lambda: F.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=True))
+                qh, kh, vh = q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+                for name in mlstm_names:
+                    kernel = get_mlstm_kernel(name)
+                    pad = (-T) % 64
+                    padded = [F.pad(x, (0, 0, 0, pad)) for x in (qh, kh, vh)]
+                    gates = [F.pad(i, (0, pad), value=-1e4), F.pad(f, (0, pad), value=1e4)]
+                    measure(f"mlstm_kernels {name} (forward, memory branch only)", T,
+                            lambda: kernel(q=padded[0], k=padded[1], v=padded[2], i=gates[0], f=gates[1],
+                                           chunk_size=64))
+            measure("hybrid chunkwise (forward + backward)", T,
+                    forward_backward(lambda *x: hybrid_attention(*x, **opts)))
+            measure("teacher causal SDPA (forward + backward)", T, forward_backward(
+                lambda q_, k_, v_, *gates: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True, enable_gqa=True)))
+            with torch.no_grad():
+                _, state = hybrid_attention(q, k, v, i, f, g, return_state=True, **opts)
+                one = [x[:, :, -1:].contiguous() for x in (q, k, v, i, f, g)]
+                step_opts = {key: opts[key] for key in ("norm_weight",)}
+                measure("hybrid recurrent step (one token after T)", T,
+                        lambda: hybrid_attention_step(*one, state, **step_opts), per_token=True)
+                measure("teacher SDPA step over a KV cache of T", T, lambda: F.scaled_dot_product_attention(
+                    one[0], k, v, enable_gqa=True), per_token=True)
+        payload = self._payload("kernels", rows, {"heads": H, "kv_heads": Hkv, "head_dim": D, "repeats": repeats})
+        ops = list(dict.fromkeys(r["op"] for r in rows))
+        table_rows = []
+        for op in ops:
+            cells = {r["length"]: r for r in rows if r["op"] == op}
+            table_rows.append({"op": op, **{f"T{T}": cells[T].get("ms", cells[T].get("error")) if T in cells else None
+                                            for T in sorted(lengths)}})
+        columns = [("op", "op (one layer)", "")] + [(f"T{T}", f"ms at T={T}", ".3f") for T in sorted(lengths)]
+        series = []
+        for n, op in enumerate(ops):
+            picked = sorted((r for r in rows if r["op"] == op), key=lambda r: r["length"])
+            series.append((op, [r["length"] for r in picked], [r.get("ms") for r in picked],
+                           ("s-" if op.startswith("hybrid") else "o--")))
+        title = (f"Hybrid op vs the teacher's attention, one layer: {H} heads ({Hkv} key/value), head dim {D}, "
+                 f"batch {batch}, {self.settings['dtype']}, {hybrid.describe()}")
+        return self._finish("kernels", payload, markdown_table(table_rows, columns), title,
+                            [("ms per call (median)", series, True)])
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+TRAIN_STAGES = ("align", "kd", "kd_cached", "distil_xlstm_kd")
+
+
+def _train_steps(module, batch: dict, steps: int, warmup: int, device: torch.device) -> dict:
+    """Median time of ``steps`` optimizer steps (after ``warmup``) and the peak memory over them."""
+    module.train()
+    module.log = module.log_dict = lambda *args, **kwargs: None  # no Trainer here: nothing to log to
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-6)
+
+    def one_step():
+        loss = module.training_step(batch, 0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        one_step()
+    with PeakMemory(device) as peak:
+        times = [timed(one_step, device)[1] for _ in range(steps)]
+    median = statistics.median(times)
+    return {"ms_per_step": 1e3 * median, "tokens_per_s": batch["input_ids"].numel() / median,
+            "peak_bytes": peak.bytes, "peak_kind": peak.kind}
+
+
+def _pair(rows, batch, prompt):
+    found = {r["model"]: r for r in rows if r["batch"] == batch and r["prompt"] == prompt}
+    return found.get("teacher", {}), found.get("student", {})
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _mib(value):
+    return None if value is None else value / MiB
+
+
+def decode_summary(rows: list[dict], floors: list[dict]) -> list[dict]:
+    """One line per (batch, prompt): both models' step times, the floor, speed-up, state sizes."""
+    out = []
+    for batch, prompt in dict.fromkeys((r["batch"], r["prompt"]) for r in rows):
+        teacher, student = _pair(rows, batch, prompt)
+        floor = next((f["ms_per_step"] for f in floors if f["batch"] == batch), None)
+        t_ms, s_ms = teacher.get("ms_per_step"), student.get("ms_per_step")
+        out.append({
+            "batch": batch, "prompt": prompt, "teacher_ms": t_ms, "student_ms": s_ms, "floor_ms": floor,
+            "speedup": _ratio(t_ms, s_ms),
+            "student_over_floor_ms": None if s_ms is None or floor is None else s_ms - floor,
+            "teacher_over_floor_ms": None if t_ms is None or floor is None else t_ms - floor,
+            "teacher_kv_mib": _mib(teacher.get("state_bytes")), "student_state_mib": _mib(student.get("state_bytes")),
+            "state_ratio": _ratio(student.get("state_bytes"), teacher.get("state_bytes")),
+            "teacher_peak_mib": _mib(teacher.get("peak_bytes")), "student_peak_mib": _mib(student.get("peak_bytes")),
+            "errors": [r["error"] for r in (teacher, student) if "error" in r] or None,
+        })
+    return out
+
+
+def prefill_summary(rows: list[dict], config, hybrid: HybridConfig) -> list[dict]:
+    out = []
+    for batch, prompt in dict.fromkeys((r["batch"], r["prompt"]) for r in rows):
+        teacher, student = _pair(rows, batch, prompt)
+        flops = prefill_flops(config, hybrid, prompt)
+        out.append({
+            "batch": batch, "prompt": prompt, "teacher_ttft_s": teacher.get("ttft_s"),
+            "student_ttft_s": student.get("ttft_s"), "ttft_ratio": _ratio(student.get("ttft_s"), teacher.get("ttft_s")),
+            "flops_ratio": flops["student_flops"] / flops["teacher_flops"],
+            "teacher_attention_share": flops["teacher_attention_flops"] / flops["teacher_flops"],
+            "teacher_tokens_per_s": teacher.get("prefill_tokens_per_s"),
+            "student_tokens_per_s": student.get("prefill_tokens_per_s"),
+            "teacher_peak_mib": _mib(teacher.get("peak_bytes")), "student_peak_mib": _mib(student.get("peak_bytes")),
+            "errors": [r["error"] for r in (teacher, student) if "error" in r] or None,
+        })
+    return out
+
+
+def main(args: list[str] | None = None):
+    return CLI(Bench, args=args, as_positional=False, allow_abbrev=False)
+
+
+if __name__ == "__main__":
+    main()
