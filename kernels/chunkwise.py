@@ -32,12 +32,18 @@ def _pad_time(x, pad, value=0.0):
     return torch.cat([x, x.new_full(shape, value)], dim=2)
 
 
-def mlstm_chunkwise(q, k, v, i_gate, log_f, *, scale, chunk_size):
+def mlstm_chunkwise(q, k, v, i_gate, log_f, *, scale, chunk_size, initial=None):
     """Unnormalised chunkwise mLSTM read-out.
 
     q, k [B,H,T,D], v [B,H,T,Dv] (same dtype), i_gate and log_f [B,H,T] in the compute dtype.
     Returns num [B,H,T,Dv], den [B,H,T], m [B,H,T] (true sums = exp(m) * (num, den), m the exact
     row max of log weights) and the final state (C [B,H,D,Dv], n [B,H,D], m [B,H]) after position T-1.
+    ``initial``: the state (C, n, m) before position 0 (a previous segment's final state), or None.
+
+    Every chunk's own products (its L x L block, its contribution to the state) are computed for
+    all chunks at once; only the state entering each chunk is carried by a loop, a scaled sum of
+    two [D, Dv] matrices per chunk. On a CPU each op costs microseconds of dispatch whatever its
+    size, so this count of ops, not the FLOPs, is what a per-chunk loop of products pays.
     """
     B, H, T, D = q.shape
     Dv = v.shape[-1]
@@ -55,73 +61,96 @@ def mlstm_chunkwise(q, k, v, i_gate, log_f, *, scale, chunk_size):
     tril = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     log_intra = (b.unsqueeze(-1) - b.unsqueeze(-2) + i_gate.unsqueeze(-2)).masked_fill(~tril, float("-inf"))
     intra_max = log_intra.amax(-1)  # finite: key s = t is always present
-    log_to_end = b[..., -1:] - b + i_gate  # weight of key s at the end of its chunk
 
-    C = q.new_zeros(B, H, D, Dv)
-    n = q.new_zeros(B, H, D)
-    m_state = q.new_full((B, H), LOG_ZERO)
-    nums, dens, ms = [], [], []
+    # Each chunk's contribution to the state at its end, in units of exp(its own max weight).
+    log_to_end = b[..., -1:] - b + i_gate
+    chunk_max = log_to_end.amax(-1)  # [B,H,N]
+    k_w = k * torch.exp(log_to_end - chunk_max.unsqueeze(-1)).unsqueeze(-1)
+    chunk_C = k_w.transpose(-1, -2) @ v  # [B,H,N,D,Dv]
+    chunk_n = k_w.sum(-2)  # [B,H,N,D]
+
+    # Stabiliser of the state entering each chunk: m_c = max(m_{c-1} + F_{c-1}, chunk_max_{c-1}).
+    chunk_decay = b[..., -1]  # [B,H,N]: log forget over each whole chunk
+    C0, n0, m0 = initial if initial is not None else (q.new_zeros(B, H, D, Dv), q.new_zeros(B, H, D),
+                                                      q.new_full((B, H), LOG_ZERO))
+    m_in = [m0]
     for c in range(N):
-        qc, kc, vc = q[:, :, c], k[:, :, c], v[:, :, c]
-        m_inter = m_state.unsqueeze(-1) + b[:, :, c]
-        m_t = torch.maximum(m_inter, intra_max[:, :, c])
-        w_inter = torch.exp(m_inter - m_t)
-        w_intra = torch.exp(log_intra[:, :, c] - m_t.unsqueeze(-1)) * (qc @ kc.transpose(-1, -2))
-        nums.append(w_inter.unsqueeze(-1) * (qc @ C) + w_intra @ vc)
-        dens.append(w_inter * (qc @ n.unsqueeze(-1)).squeeze(-1) + w_intra.sum(-1))
-        ms.append(m_t)
-        m_carry = m_state + b[:, :, c, -1]
-        m_new = torch.maximum(m_carry, log_to_end[:, :, c].amax(-1))
-        decay = torch.exp(m_carry - m_new)
-        k_w = kc * torch.exp(log_to_end[:, :, c] - m_new.unsqueeze(-1)).unsqueeze(-1)
-        C = decay[..., None, None] * C + k_w.transpose(-1, -2) @ vc
-        n = decay.unsqueeze(-1) * n + k_w.sum(-2)
-        m_state = m_new
-    num = torch.stack(nums, 2).reshape(B, H, N * L, Dv)[:, :, :T]
-    den = torch.stack(dens, 2).reshape(B, H, N * L)[:, :, :T]
-    m = torch.stack(ms, 2).reshape(B, H, N * L)[:, :, :T]
-    return num, den, m, (C, n, m_state)
+        m_in.append(torch.maximum(m_in[-1] + chunk_decay[:, :, c], chunk_max[:, :, c]))
+    m_in = torch.stack(m_in, 2)  # [B,H,N+1]: entering chunk c, and after the last
+    carry = torch.exp(m_in[..., :-1] + chunk_decay - m_in[..., 1:])  # old state's weight per chunk
+    fresh = torch.exp(chunk_max - m_in[..., 1:])  # the chunk's own contribution's weight
+    C_in, n_in = [C0], [n0]
+    for c in range(N):
+        C_in.append(torch.addcmul(fresh[:, :, c, None, None] * chunk_C[:, :, c], C_in[-1], carry[:, :, c, None, None]))
+        n_in.append(torch.addcmul(fresh[:, :, c, None] * chunk_n[:, :, c], n_in[-1], carry[:, :, c, None]))
+    C_all, n_all = torch.stack(C_in[:-1], 2), torch.stack(n_in[:-1], 2)  # entering each chunk
+
+    m_inter = m_in[..., :-1].unsqueeze(-1) + b  # [B,H,N,L]
+    m_t = torch.maximum(m_inter, intra_max)
+    w_inter = torch.exp(m_inter - m_t)
+    w_intra = torch.exp(log_intra - m_t.unsqueeze(-1)) * (q @ k.transpose(-1, -2))
+    num = w_inter.unsqueeze(-1) * (q @ C_all) + w_intra @ v
+    den = w_inter * (q @ n_all.unsqueeze(-1)).squeeze(-1) + w_intra.sum(-1)
+    num = num.reshape(B, H, N * L, Dv)[:, :, :T]
+    den = den.reshape(B, H, N * L)[:, :, :T]
+    m = m_t.reshape(B, H, N * L)[:, :, :T]
+    return num, den, m, (C_in[-1], n_in[-1], m_in[..., -1])
 
 
-def swa_chunkwise(q, k, v, *, window, sink_tokens, scale, chunk_size):
+def swa_chunkwise(q, k, v, sink_k, sink_v, *, window, sink_tokens, scale, chunk_size, start=0, key_start=0):
     """Unnormalised softmax over sinks + the last ``window`` keys, chunk by chunk.
 
-    q, k [B,H,T,D], v [B,H,T,Dv]. Returns num [B,H,T,Dv], den [B,H,T], a_max [B,H,T] (exact row max).
+    q [B,H,Tq,D]: the queries at positions start .. start + Tq - 1. k [B,H,Tk,D], v [B,H,Tk,Dv]:
+    the keys at positions key_start .. key_start + Tk - 1, covering every window key of these
+    queries (key_start <= start - window + 1, or 0) up to start + Tq - 1. sink_k, sink_v
+    [B,H,S,D]: the keys at positions 0 .. S - 1 with S = min(sink_tokens, start + Tq).
+    Returns num [B,H,Tq,Dv], den [B,H,Tq], a_max [B,H,Tq] (exact row max).
     """
-    B, H, T, D = q.shape
+    B, H, Tq, D = q.shape
     Dv = v.shape[-1]
     L = chunk_size
-    pad = (-T) % L
-    Tp = T + pad
+    pad = (-Tq) % L
+    Tp = Tq + pad
     N = Tp // L
-    # Keys visible to chunk c lie in [c*L - P, c*L + L); P never needs to exceed the sequence.
-    P = min(window - 1, Tp - L)
+    # Keys visible to chunk c lie in [start + c*L - P, start + c*L + L); P never needs to reach
+    # before position 0.
+    P = min(window - 1, start + Tp - L)
+    first = start - P  # position of band key 0 (before key_start: zeros stand in, masked below)
+    lo, hi = max(first, key_start), start + Tq
+    if key_start > max(first, 0) or key_start + k.shape[2] < hi:
+        raise ValueError(f"keys cover positions {key_start}..{key_start + k.shape[2] - 1}; queries "
+                         f"{start}..{start + Tq - 1} need {max(first, 0)}..{hi - 1}")
+
+    def band_source(x):
+        parts = [x.new_zeros(B, H, lo - first, x.shape[-1])] if lo > first else []
+        parts.append(x[:, :, lo - key_start:hi - key_start])
+        if pad:
+            parts.append(x.new_zeros(B, H, pad, x.shape[-1]))
+        return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
     qc = (_pad_time(q, pad) * scale).view(B, H, N, L, D)
-    kp = torch.cat([k.new_zeros(B, H, P, D), _pad_time(k, pad)], 2)
-    vp = torch.cat([v.new_zeros(B, H, P, Dv), _pad_time(v, pad)], 2)
-    k_band = kp.unfold(2, L + P, L).transpose(-1, -2)  # [B,H,N,L+P,D]
-    v_band = vp.unfold(2, L + P, L).transpose(-1, -2)
-    t_pos = torch.arange(Tp, device=q.device).view(N, L, 1)
-    j_pos = (torch.arange(N, device=q.device) * L - P).view(N, 1, 1) + torch.arange(L + P, device=q.device)
+    k_band = band_source(k).unfold(2, L + P, L).transpose(-1, -2)  # [B,H,N,L+P,D]
+    v_band = band_source(v).unfold(2, L + P, L).transpose(-1, -2)
+    t_pos = (start + torch.arange(Tp, device=q.device)).view(N, L, 1)
+    j_pos = (first + torch.arange(N, device=q.device) * L).view(N, 1, 1) + torch.arange(L + P, device=q.device)
     band_ok = (j_pos >= sink_tokens) & (j_pos <= t_pos) & (t_pos - j_pos < window)  # [N,L,L+P]
     scores = (qc @ k_band.transpose(-1, -2)).masked_fill(~band_ok, float("-inf"))
-    values = v_band
-    if sink_tokens > 0:
-        S = min(sink_tokens, T)
+    S = sink_k.shape[2]
+    if S > 0:
         sink_ok = torch.arange(S, device=q.device).view(1, 1, S) <= t_pos  # [N,L,S]
-        sink_scores = torch.einsum("bhnld,bhsd->bhnls", qc, k[:, :, :S]).masked_fill(~sink_ok, float("-inf"))
+        sink_scores = torch.einsum("bhnld,bhsd->bhnls", qc, sink_k).masked_fill(~sink_ok, float("-inf"))
         scores = torch.cat([sink_scores, scores], -1)
     a_max = scores.amax(-1)
     a_max = torch.where(torch.isinf(a_max), torch.zeros_like(a_max), a_max)  # padded rows only
     w = torch.exp(scores - a_max.unsqueeze(-1))
-    if sink_tokens > 0:
-        num = w[..., :S] @ v[:, :, :S].unsqueeze(2) + w[..., S:] @ values
+    if S > 0:
+        num = w[..., :S] @ sink_v.unsqueeze(2) + w[..., S:] @ v_band
     else:
-        num = w @ values
+        num = w @ v_band
     return (
-        num.reshape(B, H, Tp, Dv)[:, :, :T],
-        w.sum(-1).reshape(B, H, Tp)[:, :, :T],
-        a_max.reshape(B, H, Tp)[:, :, :T],
+        num.reshape(B, H, Tp, Dv)[:, :, :Tq],
+        w.sum(-1).reshape(B, H, Tp)[:, :, :Tq],
+        a_max.reshape(B, H, Tp)[:, :, :Tq],
     )
 
 
@@ -141,48 +170,92 @@ def _delayed_stream(k, v, i_gate, log_f, window, sink_tokens):
     return k_old, v_old, i_old
 
 
+# Largest temporary a segment may create, in elements (4 MiB in float32). Whole-sequence
+# temporaries grow with T (the window scores are T x (chunk + window)); past glibc's 32 MiB mmap
+# threshold each one is fresh pages from the kernel, zeroed and faulted in on every call, which
+# on a CPU costs as much as the arithmetic. Bounded segments stay in the allocator and the caches:
+# on 2 EPYC cores one SmolLM2 layer at batch 8 x 2k took 280 ms in 256-token segments against
+# 714 ms whole. Segments of fewer than 4 chunks pay more in per-op dispatch than they save.
+SEGMENT_ELEMENTS = 1 << 20
+MIN_SEGMENT_CHUNKS = 4
+
+
+def segment_tokens_for(B, H, window, sink_tokens, chunk_size, qk_dim, v_dim) -> int:
+    """Tokens per segment: a multiple of the chunk size whose largest temporary stays under
+    ``SEGMENT_ELEMENTS`` (window scores: chunk + window + sinks per query; mLSTM: chunk x chunk
+    and one [Dqk, Dv] state per chunk)."""
+    per_token = B * H * max(chunk_size + window - 1 + sink_tokens, qk_dim * v_dim // chunk_size, chunk_size, qk_dim)
+    return max(MIN_SEGMENT_CHUNKS, SEGMENT_ELEMENTS // per_token // chunk_size) * chunk_size
+
+
 def hybrid_attention_chunkwise(
     q, k, v, i_gate, f_gate, g_gate, *, window, sink_tokens, mode="hybrid", combine="gate",
     chunk_size=64, scale=None, norm_weight=None, norm_eps=1e-6, eps=1e-6, return_state=False,
+    segment_tokens=None,
 ):
     """Chunkwise hybrid attention; same arguments and result as ``kernels.reference.hybrid_attention``.
 
     With ``return_state=True`` also returns the ``HybridState`` after the last position, from
     which ``kernels.recurrent.hybrid_attention_step`` continues.
+
+    The sequence is processed in segments of ``segment_tokens`` queries (a multiple of
+    ``chunk_size``; None picks the longest whose temporaries stay bounded, see
+    ``SEGMENT_ELEMENTS``), the mLSTM state carried from one to the next and each segment's window
+    reading the keys before it: memory beyond the inputs and outputs does not grow with T.
     """
     B, H, Hkv, T, Dqk, Dv = check_inputs(q, k, v, i_gate, f_gate, g_gate, window, sink_tokens, mode, combine)
     out_dtype, dt = q.dtype, compute_dtype(q)
     scale = default_scale(scale, Dqk)
-    k_kv, v_kv = k, v
-    qf, kf, vf = q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt)
     L = chunk_size
-
-    state_mem = None
-    out = None
-    if mode != "mlstm":
-        num_a, den_a, a_max = swa_chunkwise(qf, kf, vf, window=window, sink_tokens=sink_tokens, scale=scale, chunk_size=L)
+    if segment_tokens is None:
+        segment_tokens = segment_tokens_for(B, H, window, sink_tokens, L, Dqk, Dv)
+    elif segment_tokens < L or segment_tokens % L:
+        raise ValueError(f"segment_tokens={segment_tokens} is invalid; allowed values: a multiple of "
+                         f"chunk_size={L}, or None")
+    shared_norm = mode == "hybrid" and combine == "shared_norm"
     if mode != "swa":
         i_f = i_gate.to(dt)
         log_f = log_forget(f_gate, dt)
-        if mode == "hybrid" and combine == "shared_norm":
-            k_old, v_old, i_old = _delayed_stream(kf, vf, i_f, log_f, window, sink_tokens)
-            num_o, den_o, m_o, state_mem = mlstm_chunkwise(qf, k_old, v_old, i_old, log_f, scale=scale, chunk_size=L)
-            out = shared_norm_combine(num_a, den_a, a_max, num_o, den_o, m_o, g_gate.to(dt))
+        if shared_norm:
+            # keys older than the window form a delayed mLSTM stream (built for the whole
+            # sequence: a shift, [B, Hkv, T, D])
+            k_mem, v_mem, i_mem = _delayed_stream(k, v, i_f, log_f, window, sink_tokens)
         else:
-            num, den, m, state_mem = mlstm_chunkwise(qf, kf, vf, i_f, log_f, scale=scale, chunk_size=L)
-            h_mem = mlstm_normalise(num, den, m, eps)
-    if out is None:
+            k_mem, v_mem, i_mem = k, v, i_f
+
+    state_mem, outs = None, []
+    for s0 in range(0, T, segment_tokens):
+        s1 = min(T, s0 + segment_tokens)
+        qf = q[:, :, s0:s1].to(dt)
+        if mode != "mlstm":
+            k0, S = max(0, s0 - window + 1), min(sink_tokens, s1)
+
+            def heads(x):  # GQA key/value heads as the query heads that read them
+                return expand_kv(x, H).to(dt)
+
+            num_a, den_a, a_max = swa_chunkwise(
+                qf, heads(k[:, :, k0:s1]), heads(v[:, :, k0:s1]), heads(k[:, :, :S]), heads(v[:, :, :S]),
+                window=window, sink_tokens=sink_tokens, scale=scale, chunk_size=L, start=s0, key_start=k0)
+        if mode != "swa":
+            num, den, m, state_mem = mlstm_chunkwise(
+                qf, expand_kv(k_mem[:, :, s0:s1], H).to(dt), expand_kv(v_mem[:, :, s0:s1], H).to(dt),
+                i_mem[:, :, s0:s1], log_f[:, :, s0:s1], scale=scale, chunk_size=L, initial=state_mem)
+        g_seg = g_gate[:, :, s0:s1].to(dt) if g_gate is not None else None
         if mode == "mlstm":
-            out = h_mem
+            out = mlstm_normalise(num, den, m, eps)
         elif mode == "swa":
             out = num_a / den_a.unsqueeze(-1)
+        elif shared_norm:
+            out = shared_norm_combine(num_a, den_a, a_max, num, den, m, g_seg)
         else:
-            out = mix_gate(head_rms_norm(h_mem, norm_weight, norm_eps), num_a / den_a.unsqueeze(-1), g_gate.to(dt))
-    out = out.to(out_dtype)
+            h_mem = mlstm_normalise(num, den, m, eps)
+            out = mix_gate(head_rms_norm(h_mem, norm_weight, norm_eps), num_a / den_a.unsqueeze(-1), g_seg)
+        outs.append(out.to(out_dtype))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     if not return_state:
         return out
     state = HybridState.from_prefill(
-        k_kv, v_kv, i_gate, f_gate, state_mem, num_heads=H, window=window, sink_tokens=sink_tokens,
+        k, v, i_gate, f_gate, state_mem, num_heads=H, window=window, sink_tokens=sink_tokens,
         mode=mode, combine=combine, compute_dtype=dt,
     )
     return out, state

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import HybridState, hybrid_attention, hybrid_attention_step
+from kernels import hybrid_attention, hybrid_attention_step
 from kernels._common import head_rms_norm
 
 from .adapters import AttentionShape, FamilyAdapter, project_qkv

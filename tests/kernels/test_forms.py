@@ -143,3 +143,35 @@ def test_extreme_gate_preactivations_give_finite_outputs_and_gradients_in_every_
     # and the forms still agree there
     for form in ("chunkwise", "recurrent"):
         assert rel_err(outputs[form], outputs["parallel"]) < 1e-4, form
+
+
+@pytest.mark.parametrize("segment", [16, 48])
+@pytest.mark.parametrize("window,sinks", [(1, 0), (16, 4), (40, 3)])
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_segmented_chunkwise_equals_reference_with_gradients_and_state(segment, window, sinks, mode, combine):
+    """Long prompts run in segments (bounded temporaries): the mLSTM state crosses each boundary,
+    and each segment's window reaches back into the previous ones; nothing may change."""
+    T = 131
+    inputs = make_inputs(2, 4, 2, T, 8, 6, seed=segment + window)
+    for x in inputs.values():
+        x.requires_grad_(True)
+    kw = dict(window=window, sink_tokens=sinks, mode=mode, combine=combine)
+    upstream = torch.randn(2, 4, T, 6, dtype=torch.float64)
+    unused = {"swa": ("i_gate", "f_gate", "g_gate"), "mlstm": ("g_gate",)}.get(mode, ())
+    used = [x for name, x in inputs.items() if name not in unused]
+    ref = reference.hybrid_attention(**inputs, **kw)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), used)
+    out, state = hybrid_attention_chunkwise(**inputs, chunk_size=16, segment_tokens=segment, return_state=True, **kw)
+    grads = torch.autograd.grad((out * upstream).sum(), used)
+    assert rel_err(out, ref) < 1e-10
+    for g, rg in zip(grads, ref_grads):
+        assert (g - rg).norm() <= 1e-9 * rg.norm() + 1e-12
+    _, whole = hybrid_attention_chunkwise(**inputs, chunk_size=16, return_state=True, **kw)
+    for name, tensor in whole.tensors().items():
+        assert rel_err(state.tensors()[name], tensor) < 1e-10, name
+
+
+def test_segment_length_must_be_a_multiple_of_the_chunk():
+    inputs = make_inputs(1, 2, 2, 40, 8, 8)
+    with pytest.raises(ValueError, match="segment_tokens=24 is invalid.*multiple of chunk_size=16"):
+        hybrid_attention_chunkwise(**inputs, window=8, sink_tokens=2, chunk_size=16, segment_tokens=24)
