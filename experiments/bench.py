@@ -4,6 +4,7 @@
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml prefill   # time to first token
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml train     # tokens/s, peak memory per stage
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml kernels   # the hybrid op's forms
+    python -m experiments.bench --config configs/bench/smollm2-cpu.yaml kd_memory # top-k vs dense KD loss
     python -m experiments.bench --config configs/bench/gpu.yaml decode            # on a GPU: bf16, to 64k
 
 Every key can be overridden on the command line (``--prompt_lengths '[256, 1024]' decode --steps 8``).
@@ -94,6 +95,19 @@ def timed(fn, device: torch.device):
     result = fn()
     synchronize(device)
     return result, time.perf_counter() - start
+
+
+# What running out of memory raises: CUDA's own error, and the CPU allocator's RuntimeError
+# ("DefaultCPUAllocator: can't allocate memory"); out_of_memory() tells the latter from other errors.
+OUT_OF_MEMORY = (torch.OutOfMemoryError, RuntimeError)
+
+
+def out_of_memory(err: BaseException) -> str:
+    """The row's error text for an allocation failure; any other error is raised again."""
+    text = str(err)
+    if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text:
+        return f"out of memory: {text.splitlines()[0][:200]}"
+    raise err
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -468,7 +482,7 @@ class Bench:
 
     @torch.no_grad()
     def _decode_cell(self, runner, ids, batch: int, steps: int, warmup: int) -> dict:
-        logits, state = runner.prefill(ids)
+        (logits, state), prefill_seconds = timed(lambda: runner.prefill(ids), self.device)
         if batch > 1:  # rows of one prefilled prompt: decoding costs the same whatever the rows hold
             state = runner.repeat(state, batch)
             logits = logits.expand(batch, -1)
@@ -483,7 +497,7 @@ class Bench:
         q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
         return {"ms_per_step": 1e3 * median, "ms_p25": 1e3 * q1, "ms_p75": 1e3 * q3,
                 "tokens_per_s": batch / median, "state_bytes": runner.state_bytes(state),
-                "peak_bytes": peak.bytes, "peak_kind": peak.kind}
+                "peak_bytes": peak.bytes, "peak_kind": peak.kind, "prefill_s": prefill_seconds}
 
     @torch.no_grad()
     def _floor_cell(self, student, batch: int, steps: int, warmup: int) -> dict | None:
@@ -503,7 +517,8 @@ class Bench:
     def decode(self, steps: int = 32, warmup: int = 4) -> dict:
         """Time per decoding step and decode memory, student vs teacher, at every prompt length.
 
-        Each cell prefills one random prompt, repeats its cache/state over the batch, runs
+        Each cell prefills one random prompt (timed once: ``prefill_s``; the ``prefill`` command
+        takes medians), repeats its cache/state over the batch, runs
         ``warmup`` untimed greedy steps and reports the median (and quartiles) of ``steps`` timed
         ones. The floor row is the shared part alone (q/k/v/o, MLPs, norms, head): the student's
         and the teacher's distance from it is what their attention costs per token.
@@ -530,8 +545,8 @@ class Bench:
                 row = {"model": runner.kind, "batch": batch, "prompt": prompt}
                 try:
                     row.update(self._decode_cell(runner, ids, batch, steps, warmup))
-                except torch.OutOfMemoryError as err:
-                    row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+                except OUT_OF_MEMORY as err:
+                    row["error"] = out_of_memory(err)
                 rows.append(row)
                 gc.collect()
                 if self.device.type == "cuda":
@@ -546,7 +561,6 @@ class Bench:
                    ("teacher_kv_mib", "teacher KV cache MiB", ".1f"), ("student_state_mib", "student state MiB", ".2f"),
                    ("state_ratio", "state / KV", ".3f"), ("teacher_peak_mib", "teacher peak MiB", ".0f"),
                    ("student_peak_mib", "student peak MiB", ".0f")]
-        panels = []
         time_series, memory_series = [], []
         for batch in self.batch_sizes:
             for model, style in (("teacher", "o--"), ("student", "s-")):
@@ -608,8 +622,8 @@ class Bench:
                 try:
                     row.update(self._prefill_cell(runner, ids, repeats, max_seconds))
                     row["achieved_gflops_per_s"] = row["flops"] / row["ttft_s"] / 1e9
-                except torch.OutOfMemoryError as err:
-                    row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+                except OUT_OF_MEMORY as err:
+                    row["error"] = out_of_memory(err)
                 rows.append(row)
                 gc.collect()
             write_json(self.out_dir / "prefill.json", self._payload("prefill", rows, extra))
@@ -671,8 +685,8 @@ class Bench:
                    "trainable_parameters": sum(p.numel() for p in module.trainable_parameters())}
             try:
                 row.update(_train_steps(module, inputs, steps, warmup, self.device))
-            except torch.OutOfMemoryError as err:
-                row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+            except OUT_OF_MEMORY as err:
+                row["error"] = out_of_memory(err)
             rows.append(row)
             del module, inputs
             gc.collect()
@@ -708,6 +722,42 @@ class Bench:
                 top_ids, top_logprobs = teacher_topk(module.teacher(ids).logits, top_k)
             batch.update(topk_ids=top_ids, topk_logprobs=top_logprobs)
         return module, batch
+
+    def kd_memory(self, seq_len: int = 256, batch: int = 4, top_k: int = 64) -> dict:
+        """Peak memory of the KD loss (forward and backward) fed the teacher's top-k ids and
+        log-probabilities, as a cache delivers them, against dense teacher logits. Each variant
+        runs in a fresh process and reports the peak resident memory the loss added.
+
+        Args:
+            seq_len: tokens per sequence.
+            batch: sequences.
+            top_k: teacher tokens kept per position.
+        """
+        import subprocess
+        import sys
+
+        teacher, _ = self._loaded()
+        vocab = teacher.config.vocab_size
+        rows = []
+        for variant in ("topk", "dense"):
+            code = (f"from experiments.bench import kd_loss_peak; "
+                    f"print(kd_loss_peak({variant!r}, {batch}, {seq_len}, {vocab}, {top_k}))")
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            added = int(done.stdout.strip().splitlines()[-1])
+            rows.append({"teacher_input": f"top-{top_k} ids + log-probs" if variant == "topk" else "dense logits",
+                         "variant": variant, "peak_added_bytes": added, "peak_added_mib": added / MiB})
+        logits_mib = batch * seq_len * vocab * 4 / MiB
+        payload = self._payload("kd_memory", rows, {"seq_len": seq_len, "batch": batch, "top_k": top_k,
+                                                    "vocab": vocab, "logits_tensor_mib": logits_mib})
+        columns = [("teacher_input", "teacher input", ""), ("peak_added_mib", "peak added MiB", ".0f")]
+        title = (f"KD loss memory: batch {batch} x {seq_len} tokens, vocabulary {vocab} "
+                 f"(one float32 logits tensor = {logits_mib:.0f} MiB)")
+
+        def draw(axes):
+            axes[0].bar([r["teacher_input"] for r in rows], [r["peak_added_mib"] for r in rows], color="tab:blue")
+            axes[0].set_ylabel("peak memory added by the loss (MiB)")
+            axes[1].axis("off")
+        return self._finish("kd_memory", payload, markdown_table(rows, columns), title, draw)
 
     # -- kernels -----------------------------------------------------------------------------------
 
@@ -751,8 +801,8 @@ class Bench:
                 times = [timed(fn, self.device)[1] for _ in range(repeats)]
                 median = statistics.median(times)
                 row.update(ms=1e3 * median, tokens_per_s=(batch if per_token else batch * length) / median)
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                row["error"] = str(err).splitlines()[0][:200]
+            except OUT_OF_MEMORY as err:
+                row["error"] = out_of_memory(err)
             rows.append(row)
             gc.collect()
 
@@ -818,6 +868,26 @@ class Bench:
                  f"batch {batch}, {self.settings['dtype']}, {hybrid.describe()}")
         return self._finish("kernels", payload, markdown_table(table_rows, columns), title,
                             [("ms per call (median)", series, True)])
+
+
+def kd_loss_peak(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> int:
+    """Peak resident memory added by the KD loss and its backward, in bytes (run in a fresh process)."""
+    import resource
+
+    from lightning_modules.losses import dense_kd_loss, sparse_kd_loss, teacher_topk
+
+    torch.manual_seed(0)
+    student = torch.randn(batch, seq_len, vocab, requires_grad=True)
+    if variant == "topk":  # what a cache delivers: ids and log-probs only
+        ids, logprobs = teacher_topk(torch.randn(1, seq_len, vocab), k)
+        ids, logprobs = ids.expand(batch, -1, -1).contiguous(), logprobs.expand(batch, -1, -1).contiguous()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if variant == "topk":
+        loss = sparse_kd_loss(student, ids, logprobs, 2.0)
+    else:
+        loss = dense_kd_loss(student, torch.randn(batch, seq_len, vocab), 2.0)
+    loss.backward()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
 
 
 def _power_of_two(n: int) -> bool:

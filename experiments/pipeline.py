@@ -405,12 +405,20 @@ def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: Eva
 
 
 def decode_stage(folder: Path, teacher: str, student: str, settings: DecodeSettings) -> dict:
-    from experiments.measure_decode import measure
+    """The decode benchmark (``experiments.bench``) at one prompt length, batch 1; its JSON,
+    table and figure go to ``folder``."""
+    from experiments.bench import Bench
 
-    rows = measure(teacher=teacher, student=student, prompt_lengths=[settings.prompt_length],
-                   new_tokens=settings.new_tokens, warmup=settings.warmup, threads=torch.get_num_threads(),
-                   out=str(folder / "decode.json"))
-    return rows[0]
+    payload = Bench(teacher=teacher, student=student, prompt_lengths=[settings.prompt_length], batch_sizes=[1],
+                    out_dir=str(folder)).decode(steps=settings.new_tokens, warmup=settings.warmup)
+    rows = {r["model"]: r for r in payload["rows"]}
+    summary = payload["summary"][0]
+    return {"prompt": settings.prompt_length, "batch": 1, "teacher_ms_per_token": summary["teacher_ms"],
+            "student_ms_per_token": summary["student_ms"], "decode_speedup": summary["speedup"],
+            "shared_floor_ms_per_token": summary["floor_ms"],
+            "teacher_kv_cache_bytes": rows["teacher"]["state_bytes"],
+            "student_state_bytes": rows["student"]["state_bytes"],
+            "teacher_prefill_s": rows["teacher"]["prefill_s"], "student_prefill_s": rows["student"]["prefill_s"]}
 
 
 # ---- the report -------------------------------------------------------------------------------

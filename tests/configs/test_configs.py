@@ -12,6 +12,7 @@ CONFIGS = sorted(Path("configs").rglob("*.yaml"))
 STAGES = [p for p in CONFIGS if p.parent.name == "stages"]
 PIPELINES = [p for p in CONFIGS if p.parent.name == "experiments"]
 SWEEPS = [p for p in CONFIGS if p.parent.name == "sweeps"]
+BENCH = [p for p in CONFIGS if p.parent.name == "bench"]  # parsed by tests/experiments/test_bench.py
 
 
 def test_there_are_configs_and_each_starts_with_its_command():
@@ -21,7 +22,7 @@ def test_there_are_configs_and_each_starts_with_its_command():
         assert first.startswith("# python -m experiments."), f"{path} must open with the command that runs it"
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p not in PIPELINES + SWEEPS], ids=str)
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p not in PIPELINES + SWEEPS + BENCH], ids=str)
 def test_config_instantiates(path, tmp_path):
     needs_gpu = "gpu" in path.read_text() and not torch.cuda.is_available()
     if needs_gpu:
