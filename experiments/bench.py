@@ -870,8 +870,18 @@ class Bench:
                             [("ms per call (median)", series, True)])
 
 
+def _vm_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
 def kd_loss_peak(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> int:
-    """Peak resident memory added by the KD loss and its backward, in bytes (run in a fresh process)."""
+    """Peak resident memory the KD loss and its backward add to what is resident before them
+    (the student's logits and, for ``topk``, the teacher's ids and log-probs), in bytes. Run it in
+    a fresh process: on Linux the high-water mark is reset first, elsewhere the lifetime peak is
+    compared before and after."""
     import resource
 
     from lightning_modules.losses import dense_kd_loss, sparse_kd_loss, teacher_topk
@@ -881,13 +891,17 @@ def kd_loss_peak(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> 
     if variant == "topk":  # what a cache delivers: ids and log-probs only
         ids, logprobs = teacher_topk(torch.randn(1, seq_len, vocab), k)
         ids, logprobs = ids.expand(batch, -1, -1).contiguous(), logprobs.expand(batch, -1, -1).contiguous()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if variant == "topk":
-        loss = sparse_kd_loss(student, ids, logprobs, 2.0)
-    else:
-        loss = dense_kd_loss(student, torch.randn(batch, seq_len, vocab), 2.0)
-    loss.backward()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    with PeakMemory(torch.device("cpu")) as peak:
+        if peak.kind == "resident set high-water mark":
+            before = _vm_rss_bytes()
+        else:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
+        if variant == "topk":
+            loss = sparse_kd_loss(student, ids, logprobs, 2.0)
+        else:  # the teacher's logits are part of what the dense loss needs in memory
+            loss = dense_kd_loss(student, torch.randn(batch, seq_len, vocab), 2.0)
+        loss.backward()
+    return peak.bytes - before
 
 
 def _power_of_two(n: int) -> bool:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    LOG_ZERO, check_inputs, compute_dtype, default_scale, head_rms_norm, mix_gate, mlstm_normalise, shared_norm_combine,
+    LOG_ZERO, check_inputs, compute_dtype, default_scale, head_rms_norm, mix_gate, mlstm_normalise,
+    shared_norm_combine,
 )
 
 

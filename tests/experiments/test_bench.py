@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.bench import Bench, PeakMemory, main, prefill_flops, projections_only
+from experiments.bench import Bench, PeakMemory, kd_loss_peak, main, prefill_flops, projections_only
 from models import HybridConfig, convert_to_hybrid, load_teacher
 from tests.conftest import TINY
 from tests.fixtures import write_teacher
@@ -177,3 +177,21 @@ def test_peak_memory_sees_an_allocation_and_resets_between_blocks():
         assert big.bytes - small.bytes > 0.9 * size
     else:  # no clear_refs: a lifetime peak, which cannot go down
         assert big.bytes >= size
+
+
+def test_kd_memory_writes_both_variants(teacher_dir, tmp_path):
+    payload = bench(teacher_dir, tmp_path).kd_memory(seq_len=32, batch=2, top_k=4)
+    written = read_outputs(tmp_path, "kd_memory")
+    assert written == json.loads(json.dumps(payload))
+    assert [r["variant"] for r in written["rows"]] == ["topk", "dense"]
+    assert written["logits_tensor_mib"] == pytest.approx(2 * 32 * TINY["vocab_size"] * 4 / 2**20)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak memory")
+def test_dense_kd_loss_peak_holds_at_least_the_teacher_logits_and_more_than_top_k():
+    batch, seq_len, vocab = 2, 128, 20000
+    teacher_logits = batch * seq_len * vocab * 4  # allocated inside the measured block by the dense variant
+    dense = kd_loss_peak("dense", batch, seq_len, vocab, 8)
+    top_k = kd_loss_peak("topk", batch, seq_len, vocab, 8)
+    assert dense >= teacher_logits
+    assert top_k < dense
