@@ -639,8 +639,8 @@ class Bench:
         for batch in self.batch_sizes:
             for model, style in (("teacher", "o--"), ("student", "s-")):
                 time_series.append((f"{model}, batch {batch}", *_series(rows, model, batch, "ttft_s"), style))
-                memory_series.append((f"{model} peak, batch {batch}", *_series(rows, model, batch, "peak_bytes", 1 / MiB),
-                                      style))
+                peaks = _series(rows, model, batch, "peak_bytes", 1 / MiB)
+                memory_series.append((f"{model} peak, batch {batch}", *peaks, style))
         panels = [("time to first token (s, median)", time_series, True),
                   ("peak process memory during prefill (MiB)", memory_series, True)]
         title = (f"Prefill: {self.settings['student_description']} vs teacher {self.teacher_name} "
@@ -733,17 +733,11 @@ class Bench:
             batch: sequences.
             top_k: teacher tokens kept per position.
         """
-        import subprocess
-        import sys
-
         teacher, _ = self._loaded()
         vocab = teacher.config.vocab_size
         rows = []
         for variant in ("topk", "dense"):
-            code = (f"from experiments.bench import kd_loss_peak; "
-                    f"print(kd_loss_peak({variant!r}, {batch}, {seq_len}, {vocab}, {top_k}))")
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            added = int(done.stdout.strip().splitlines()[-1])
+            added = kd_loss_peak_in_fresh_process(variant, batch, seq_len, vocab, top_k)
             rows.append({"teacher_input": f"top-{top_k} ids + log-probs" if variant == "topk" else "dense logits",
                          "variant": variant, "peak_added_bytes": added, "peak_added_mib": added / MiB})
         logits_mib = batch * seq_len * vocab * 4 / MiB
@@ -902,6 +896,18 @@ def kd_loss_peak(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> 
             loss = dense_kd_loss(student, torch.randn(batch, seq_len, vocab), 2.0)
         loss.backward()
     return peak.bytes - before
+
+
+def kd_loss_peak_in_fresh_process(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> int:
+    """``kd_loss_peak`` in a new interpreter: a long-lived process reuses freed pages without
+    growing its resident set, which would hide what the loss allocates."""
+    import subprocess
+    import sys
+
+    call = f"kd_loss_peak({variant!r}, {batch}, {seq_len}, {vocab}, {k})"
+    code = f"from experiments.bench import kd_loss_peak; print({call})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
 
 
 def _power_of_two(n: int) -> bool:
