@@ -616,18 +616,23 @@ class Bench:
         for n, (batch, prompt) in enumerate(cells):
             ids = self._prompt(prompt, teacher.config.vocab_size).expand(batch, -1).contiguous()
             flops = prefill_flops(teacher.config, self._hybrid_config, prompt)
+            if not isinstance(student, HybridStudent):  # the FLOPs model covers hybrid students only
+                flops["student_flops"] = None
             for runner in runners if n % 2 == 0 else runners[::-1]:
                 row = {"model": runner.kind, "batch": batch, "prompt": prompt,
-                       "flops": batch * flops[f"{runner.kind}_flops"]}
+                       "flops": None if flops[f"{runner.kind}_flops"] is None
+                       else batch * flops[f"{runner.kind}_flops"]}
                 try:
                     row.update(self._prefill_cell(runner, ids, repeats, max_seconds))
-                    row["achieved_gflops_per_s"] = row["flops"] / row["ttft_s"] / 1e9
+                    if row["flops"] is not None:
+                        row["achieved_gflops_per_s"] = row["flops"] / row["ttft_s"] / 1e9
                 except OUT_OF_MEMORY as err:
                     row["error"] = out_of_memory(err)
                 rows.append(row)
                 gc.collect()
             write_json(self.out_dir / "prefill.json", self._payload("prefill", rows, extra))
-        summary = prefill_summary(rows, teacher.config, self._hybrid_config)
+        summary = prefill_summary(rows, teacher.config,
+                                  self._hybrid_config if isinstance(student, HybridStudent) else None)
         payload = self._payload("prefill", rows, {**extra, "summary": summary})
         columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ttft_s", "teacher TTFT s", ".2f"),
                    ("student_ttft_s", "student TTFT s", ".2f"), ("ttft_ratio", "student / teacher", ".2f"),
@@ -776,7 +781,7 @@ class Bench:
 
         from kernels import hybrid_attention, hybrid_attention_step
 
-        teacher, student = self._loaded()
+        teacher, _ = self._loaded()
         config, hybrid = teacher.config, self._hybrid_config
         H = config.num_attention_heads
         Hkv = getattr(config, "num_key_value_heads", None) or H
@@ -788,7 +793,7 @@ class Bench:
             mlstm_names.append("chunkwise--triton_limit_chunk")
         rows = []
 
-        def measure(name, length, fn, backward=False, per_token=False):
+        def measure(name, length, fn, per_token=False):
             row = {"op": name, "length": length, "batch": batch}
             try:
                 fn()  # warm-up (and Triton compilation)
@@ -971,15 +976,17 @@ def decode_summary(rows: list[dict], floors: list[dict]) -> list[dict]:
     return out
 
 
-def prefill_summary(rows: list[dict], config, hybrid: HybridConfig) -> list[dict]:
+def prefill_summary(rows: list[dict], config, hybrid: HybridConfig | None) -> list[dict]:
+    """One line per (batch, prompt): both models' TTFT and throughput, and the FLOPs ratio
+    (``hybrid`` None: a student the FLOPs model does not cover)."""
     out = []
     for batch, prompt in dict.fromkeys((r["batch"], r["prompt"]) for r in rows):
         teacher, student = _pair(rows, batch, prompt)
-        flops = prefill_flops(config, hybrid, prompt)
+        flops = prefill_flops(config, hybrid or HybridConfig(), prompt)
         out.append({
             "batch": batch, "prompt": prompt, "teacher_ttft_s": teacher.get("ttft_s"),
             "student_ttft_s": student.get("ttft_s"), "ttft_ratio": _ratio(student.get("ttft_s"), teacher.get("ttft_s")),
-            "flops_ratio": flops["student_flops"] / flops["teacher_flops"],
+            "flops_ratio": flops["student_flops"] / flops["teacher_flops"] if hybrid is not None else None,
             "teacher_attention_share": flops["teacher_attention_flops"] / flops["teacher_flops"],
             "teacher_tokens_per_s": teacher.get("prefill_tokens_per_s"),
             "student_tokens_per_s": student.get("prefill_tokens_per_s"),

@@ -197,3 +197,17 @@ def test_dense_kd_loss_peak_holds_at_least_the_teacher_logits_and_more_than_top_
     top_k = kd_loss_peak_in_fresh_process("topk", batch, seq_len, vocab, 8)
     assert dense >= teacher_logits
     assert top_k < dense
+
+
+def test_a_distil_xlstm_student_folder_is_measured_without_floor_or_flops_model(teacher_dir, tmp_path):
+    from models import distil_xlstm_from_teacher, save_student
+
+    folder = save_student(distil_xlstm_from_teacher(load_teacher(str(teacher_dir))), tmp_path / "student")
+    runs = bench(teacher_dir, tmp_path / "out", student=str(folder), prompt_lengths=[8], batch_sizes=[1])
+    decode = runs.decode(steps=1, warmup=0)
+    assert decode["floor"] == [] and {r["model"] for r in decode["rows"]} == {"teacher", "student"}
+    assert decode["summary"][0]["student_state_mib"] > 0 and decode["summary"][0]["floor_ms"] is None
+    prefill = runs.prefill(repeats=1, warmup_tokens=4)
+    student_row = next(r for r in prefill["rows"] if r["model"] == "student")
+    assert student_row["flops"] is None and "achieved_gflops_per_s" not in student_row
+    assert prefill["summary"][0]["flops_ratio"] is None and prefill["summary"][0]["student_ttft_s"] > 0
