@@ -441,6 +441,8 @@ class Bench:
             self._models = (teacher.to(self.device).eval(), student.to(self.device).eval())
             self.settings["teacher_attention"] = teacher.config._attn_implementation
             self.settings["student_description"] = student.describe()
+            # what was measured: a saved student's own configuration, not the conversion default
+            self.settings["hybrid"] = student.family_config.to_dict() if isinstance(student, HybridStudent) else None
             self.settings["teacher_parameter_bytes"] = parameter_bytes(teacher)
             self.settings["student_parameter_bytes"] = parameter_bytes(student)
         return self._models
