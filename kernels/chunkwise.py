@@ -223,22 +223,21 @@ def hybrid_attention_chunkwise(
         else:
             k_mem, v_mem, i_mem = k, v, i_f
 
+    def heads(x):  # GQA key/value heads as the query heads that read them, in the compute dtype
+        return expand_kv(x, H).to(dt)
+
     state_mem, outs = None, []
     for s0 in range(0, T, segment_tokens):
         s1 = min(T, s0 + segment_tokens)
         qf = q[:, :, s0:s1].to(dt)
         if mode != "mlstm":
             k0, S = max(0, s0 - window + 1), min(sink_tokens, s1)
-
-            def heads(x):  # GQA key/value heads as the query heads that read them
-                return expand_kv(x, H).to(dt)
-
             num_a, den_a, a_max = swa_chunkwise(
                 qf, heads(k[:, :, k0:s1]), heads(v[:, :, k0:s1]), heads(k[:, :, :S]), heads(v[:, :, :S]),
                 window=window, sink_tokens=sink_tokens, scale=scale, chunk_size=L, start=s0, key_start=k0)
         if mode != "swa":
             num, den, m, state_mem = mlstm_chunkwise(
-                qf, expand_kv(k_mem[:, :, s0:s1], H).to(dt), expand_kv(v_mem[:, :, s0:s1], H).to(dt),
+                qf, heads(k_mem[:, :, s0:s1]), heads(v_mem[:, :, s0:s1]),
                 i_mem[:, :, s0:s1], log_f[:, :, s0:s1], scale=scale, chunk_size=L, initial=state_mem)
         g_seg = g_gate[:, :, s0:s1].to(dt) if g_gate is not None else None
         if mode == "mlstm":
