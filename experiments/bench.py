@@ -24,6 +24,7 @@ says so).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -147,13 +148,21 @@ class PeakMemory:
         return False
 
 
-def _vm_hwm_bytes() -> int:
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (``VmHWM``, ``VmRSS``) in bytes; None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _vm_hwm_bytes() -> int:
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -461,6 +470,42 @@ class Bench:
                 (skipped if too_big else cells).append((batch, prompt))
         return cells, skipped
 
+    def _side_by_side(self, what: str, measure, extra: dict) -> list[dict]:
+        """Rows of both models in every (batch, prompt) cell: ``measure(runner, batch, prompt, ids)``
+        returns a row's numbers. Who goes first alternates, so a drifting machine does not favour
+        one side; an allocation failure becomes the row's error; the JSON is rewritten after each
+        cell, so an interrupted run keeps what it measured."""
+        teacher, student = self._loaded()
+        runners = [TeacherRunner(teacher), StudentRunner(student)]
+        rows = []
+        for n, (batch, prompt) in enumerate(self._cells()[0]):
+            ids = self._prompt(prompt, teacher.config.vocab_size)
+            for runner in runners if n % 2 == 0 else runners[::-1]:
+                row = {"model": runner.kind, "batch": batch, "prompt": prompt}
+                try:
+                    row.update(measure(runner, batch, prompt, ids))
+                except OUT_OF_MEMORY as err:
+                    row["error"] = out_of_memory(err)
+                rows.append(row)
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            write_json(self.out_dir / f"{what}.json", self._payload(what, rows, extra))
+        return rows
+
+    def _model_series(self, rows, key: str, scale: float = 1.0, names: dict | None = None) -> list:
+        """Plot series of teacher (dashed) and student (solid) per batch size, labelled by ``names``."""
+        names = names or {"teacher": "teacher", "student": "student"}
+        return [(f"{names[model]}, batch {batch}", *_series(rows, model, batch, key, scale), style)
+                for batch in self.batch_sizes for model, style in (("teacher", "o--"), ("student", "s-"))]
+
+    def _title(self, what: str) -> str:
+        return (f"{what}: {self.settings['student_description']} vs teacher {self.teacher_name} "
+                f"({self.settings['dtype']}, teacher attention {self.settings['teacher_attention']})")
+
+    def _skipped(self) -> list[dict]:
+        return [{"batch": b, "prompt": p} for b, p in self._cells()[1]]
+
     def _payload(self, what: str, rows: list[dict], extra: dict) -> dict:
         return {"benchmark": what, "machine": self._machine_info, "settings": self.settings, "rows": rows, **extra}
 
@@ -474,11 +519,9 @@ class Bench:
         print(f"\nwrote {self.out_dir / what}.json, .md, .png")
         return payload
 
-    @property
+    @functools.cached_property
     def _machine_info(self) -> dict:
-        if not hasattr(self, "_machine"):
-            self._machine = machine_description(self.device)
-        return self._machine
+        return machine_description(self.device)
 
     # -- decode ------------------------------------------------------------------------------------
 
@@ -531,31 +574,17 @@ class Bench:
         """
         if steps < 1 or warmup < 0:
             raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
-        teacher, student = self._loaded()
-        runners = [TeacherRunner(teacher), StudentRunner(student)]
-        cells, skipped = self._cells()
-        rows, floors = [], []
-        extra = {"steps": steps, "warmup": warmup, "skipped": [{"batch": b, "prompt": p} for b, p in skipped]}
-        for batch in self.batch_sizes:
-            floor = self._floor_cell(student, batch, steps, warmup)
-            if floor:
-                floors.append(floor)
-        for n, (batch, prompt) in enumerate(cells):
-            ids = self._prompt(prompt, teacher.config.vocab_size)
-            # alternate who goes first, so a drifting machine does not favour one side
-            for runner in runners if n % 2 == 0 else runners[::-1]:
-                row = {"model": runner.kind, "batch": batch, "prompt": prompt}
-                try:
-                    row.update(self._decode_cell(runner, ids, batch, steps, warmup))
-                except OUT_OF_MEMORY as err:
-                    row["error"] = out_of_memory(err)
-                rows.append(row)
-                gc.collect()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-            write_json(self.out_dir / "decode.json", self._payload("decode", rows, {**extra, "floor": floors}))
+        _, student = self._loaded()
+        floors = [floor for batch in self.batch_sizes
+                  if (floor := self._floor_cell(student, batch, steps, warmup)) is not None]
+        extra = {"steps": steps, "warmup": warmup, "skipped": self._skipped(), "floor": floors}
+
+        def measure(runner, batch, prompt, ids):
+            return self._decode_cell(runner, ids, batch, steps, warmup)
+
+        rows = self._side_by_side("decode", measure, extra)
         summary = decode_summary(rows, floors)
-        payload = self._payload("decode", rows, {**extra, "floor": floors, "summary": summary})
+        payload = self._payload("decode", rows, {**extra, "summary": summary})
         columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ms", "teacher ms/step", ".1f"),
                    ("student_ms", "student ms/step", ".1f"), ("floor_ms", "shared floor ms", ".1f"),
                    ("speedup", "student speed-up", ".2f"), ("student_over_floor_ms", "student − floor ms", ".1f"),
@@ -563,21 +592,14 @@ class Bench:
                    ("teacher_kv_mib", "teacher KV cache MiB", ".1f"), ("student_state_mib", "student state MiB", ".2f"),
                    ("state_ratio", "state / KV", ".3f"), ("teacher_peak_mib", "teacher peak MiB", ".0f"),
                    ("student_peak_mib", "student peak MiB", ".0f")]
-        time_series, memory_series = [], []
-        for batch in self.batch_sizes:
-            for model, style in (("teacher", "o--"), ("student", "s-")):
-                time_series.append((f"{model}, batch {batch}", *_series(rows, model, batch, "ms_per_step"), style))
-                memory_series.append((f"{model} {'KV cache' if model == 'teacher' else 'state'}, batch {batch}",
-                                      *_series(rows, model, batch, "state_bytes", 1 / MiB), style))
-            floor = next((f for f in floors if f["batch"] == batch), None)
-            if floor:
-                time_series.append((f"shared floor, batch {batch}", self.prompt_lengths,
-                                    [floor["ms_per_step"]] * len(self.prompt_lengths), ":"))
+        flat = len(self.prompt_lengths)
+        time_series = self._model_series(rows, "ms_per_step") + [
+            (f"shared floor, batch {f['batch']}", self.prompt_lengths, [f["ms_per_step"]] * flat, ":") for f in floors]
+        memory_series = self._model_series(rows, "state_bytes", 1 / MiB,
+                                           {"teacher": "teacher KV cache", "student": "student state"})
         panels = [("ms per decoding step (median)", time_series, True),
                   ("decode state (MiB)", memory_series, True)]
-        title = (f"Decode: {self.settings['student_description']} vs teacher {self.teacher_name} "
-                 f"({self.settings['dtype']}, teacher attention {self.settings['teacher_attention']})")
-        return self._finish("decode", payload, markdown_table(summary, columns), title, panels)
+        return self._finish("decode", payload, markdown_table(summary, columns), self._title("Decode"), panels)
 
     # -- prefill -----------------------------------------------------------------------------------
 
@@ -606,35 +628,23 @@ class Bench:
         if repeats < 1:
             raise ValueError(f"repeats={repeats} must be >= 1")
         teacher, student = self._loaded()
-        runners = [TeacherRunner(teacher), StudentRunner(student)]
-        cells, skipped = self._cells()
-        extra = {"repeats": repeats, "max_seconds": max_seconds,
-                 "skipped": [{"batch": b, "prompt": p} for b, p in skipped]}
         for batch in self.batch_sizes:
             warm = self._prompt(warmup_tokens, teacher.config.vocab_size).expand(batch, -1)
-            for runner in runners:
+            for runner in (TeacherRunner(teacher), StudentRunner(student)):
                 self._prefill_cell(runner, warm, 1, 0.0)
-        rows = []
-        for n, (batch, prompt) in enumerate(cells):
-            ids = self._prompt(prompt, teacher.config.vocab_size).expand(batch, -1).contiguous()
-            flops = prefill_flops(teacher.config, self._hybrid_config, prompt)
-            if not isinstance(student, HybridStudent):  # the FLOPs model covers hybrid students only
-                flops["student_flops"] = None
-            for runner in runners if n % 2 == 0 else runners[::-1]:
-                row = {"model": runner.kind, "batch": batch, "prompt": prompt,
-                       "flops": None if flops[f"{runner.kind}_flops"] is None
-                       else batch * flops[f"{runner.kind}_flops"]}
-                try:
-                    row.update(self._prefill_cell(runner, ids, repeats, max_seconds))
-                    if row["flops"] is not None:
-                        row["achieved_gflops_per_s"] = row["flops"] / row["ttft_s"] / 1e9
-                except OUT_OF_MEMORY as err:
-                    row["error"] = out_of_memory(err)
-                rows.append(row)
-                gc.collect()
-            write_json(self.out_dir / "prefill.json", self._payload("prefill", rows, extra))
-        summary = prefill_summary(rows, teacher.config,
-                                  self._hybrid_config if isinstance(student, HybridStudent) else None)
+        hybrid = self._hybrid_config  # None: a student the FLOPs model does not cover
+
+        def measure(runner, batch, prompt, ids):
+            row = self._prefill_cell(runner, ids.expand(batch, -1).contiguous(), repeats, max_seconds)
+            row["flops"] = None
+            if runner.kind == "teacher" or hybrid is not None:
+                flops = prefill_flops(teacher.config, hybrid or self.hybrid, prompt)[f"{runner.kind}_flops"]
+                row.update(flops=batch * flops, achieved_gflops_per_s=batch * flops / row["ttft_s"] / 1e9)
+            return row
+
+        extra = {"repeats": repeats, "max_seconds": max_seconds, "skipped": self._skipped()}
+        rows = self._side_by_side("prefill", measure, extra)
+        summary = prefill_summary(rows, teacher.config, hybrid)
         payload = self._payload("prefill", rows, {**extra, "summary": summary})
         columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ttft_s", "teacher TTFT s", ".2f"),
                    ("student_ttft_s", "student TTFT s", ".2f"), ("ttft_ratio", "student / teacher", ".2f"),
@@ -642,22 +652,17 @@ class Bench:
                    ("teacher_attention_share", "teacher attention share of FLOPs", ".2f"),
                    ("teacher_tokens_per_s", "teacher tok/s", ".0f"), ("student_tokens_per_s", "student tok/s", ".0f"),
                    ("teacher_peak_mib", "teacher peak MiB", ".0f"), ("student_peak_mib", "student peak MiB", ".0f")]
-        time_series, memory_series = [], []
-        for batch in self.batch_sizes:
-            for model, style in (("teacher", "o--"), ("student", "s-")):
-                time_series.append((f"{model}, batch {batch}", *_series(rows, model, batch, "ttft_s"), style))
-                peaks = _series(rows, model, batch, "peak_bytes", 1 / MiB)
-                memory_series.append((f"{model} peak, batch {batch}", *peaks, style))
-        panels = [("time to first token (s, median)", time_series, True),
-                  ("peak process memory during prefill (MiB)", memory_series, True)]
-        title = (f"Prefill: {self.settings['student_description']} vs teacher {self.teacher_name} "
-                 f"({self.settings['dtype']}, teacher attention {self.settings['teacher_attention']})")
-        return self._finish("prefill", payload, markdown_table(summary, columns), title, panels)
+        panels = [("time to first token (s, median)", self._model_series(rows, "ttft_s"), True),
+                  ("peak process memory during prefill (MiB)",
+                   self._model_series(rows, "peak_bytes", 1 / MiB,
+                                      {"teacher": "teacher peak", "student": "student peak"}), True)]
+        return self._finish("prefill", payload, markdown_table(summary, columns), self._title("Prefill"), panels)
 
     @property
-    def _hybrid_config(self) -> HybridConfig:
+    def _hybrid_config(self) -> HybridConfig | None:
+        """The hybrid student's own configuration; None for another student family."""
         _, student = self._loaded()
-        return student.family_config if isinstance(student, HybridStudent) else self.hybrid
+        return student.family_config if isinstance(student, HybridStudent) else None
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -784,7 +789,7 @@ class Bench:
         from kernels import hybrid_attention, hybrid_attention_step
 
         teacher, _ = self._loaded()
-        config, hybrid = teacher.config, self._hybrid_config
+        config, hybrid = teacher.config, self._hybrid_config or self.hybrid
         H = config.num_attention_heads
         Hkv = getattr(config, "num_key_value_heads", None) or H
         D = getattr(config, "head_dim", None) or config.hidden_size // H
@@ -871,13 +876,6 @@ class Bench:
                             [("ms per call (median)", series, True)])
 
 
-def _vm_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmRSS in /proc/self/status")
-
-
 def kd_loss_peak(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> int:
     """Peak resident memory the KD loss and its backward add to what is resident before them
     (the student's logits and, for ``topk``, the teacher's ids and log-probs), in bytes. Run it in
@@ -894,7 +892,7 @@ def kd_loss_peak(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> 
         ids, logprobs = ids.expand(batch, -1, -1).contiguous(), logprobs.expand(batch, -1, -1).contiguous()
     with PeakMemory(torch.device("cpu")) as peak:
         if peak.kind == "resident set high-water mark":
-            before = _vm_rss_bytes()
+            before = _proc_status_bytes("VmRSS")
         else:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
         if variant == "topk":
