@@ -911,7 +911,10 @@ def kd_loss_peak_in_fresh_process(variant: str, batch: int, seq_len: int, vocab:
 
     call = f"kd_loss_peak({variant!r}, {batch}, {seq_len}, {vocab}, {k})"
     code = f"from experiments.bench import kd_loss_peak; print({call})"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Every block of 64 KiB or more gets its own mapping, returned to the system when freed: the
+    # resident set then follows the live tensors, instead of whichever freed pages glibc reuses.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return int(done.stdout.strip().splitlines()[-1])
 
 
