@@ -132,11 +132,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.kind = "cuda max_memory_allocated"
         else:
-            try:
-                _CLEAR_REFS.write_text("5")
-                self.kind = "resident set high-water mark"
-            except OSError:
-                self.kind = "process lifetime peak resident set"
+            self.kind = ("resident set high-water mark" if _reset_vm_hwm()
+                         else "process lifetime peak resident set")
         return self
 
     def __exit__(self, *exc):
@@ -157,6 +154,25 @@ def _proc_status_bytes(field: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+# Pages the resident set may shrink by between the reset and the read (allocator trimming).
+_RESET_SLACK_BYTES = 8 * 2**20
+
+
+def _reset_vm_hwm() -> bool:
+    """Reset the resident-set high-water mark to the current resident set; True if it took effect.
+
+    Some kernels and sandboxes (gVisor, seen on CI) accept the write to ``clear_refs`` and leave
+    ``VmHWM`` where it was, so the reset is checked: right after it the mark must not stand above
+    the resident set. Where it does, callers get the lifetime peak and must say so.
+    """
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    peak, resident = _proc_status_bytes("VmHWM"), _proc_status_bytes("VmRSS")
+    return peak is not None and resident is not None and peak <= resident + _RESET_SLACK_BYTES
 
 
 def _vm_hwm_bytes() -> int:
