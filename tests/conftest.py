@@ -1,6 +1,17 @@
-import pytest
+import os
+
 import torch
-import transformers as tf
+
+# Triton picks compiled or interpreted execution when a kernel is decorated, i.e. when its module is
+# first imported, and any test (the benchmarks' mlstm_kernels rows, the hybrid layer with
+# backend="triton") may import Triton modules: so the interpreter is chosen here, before anything
+# else loads. Without CUDA the Triton kernels run in Triton's CPU interpreter (slow, small shapes);
+# with CUDA they compile, and tests/kernels/test_triton.py runs them on the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402  (after the Triton mode is chosen)
+import transformers as tf  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=97, max_position_embeddings=1024, rope_theta=10000.0)

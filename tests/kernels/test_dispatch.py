@@ -36,9 +36,37 @@ def test_bad_gqa_grouping_and_gate_shape():
         call(i_gate=torch.randn(1, 2, 4))
 
 
-def test_triton_backend_says_why_it_is_unavailable():
-    with pytest.raises(ValueError, match="triton"):
+def test_triton_backend_without_cuda_or_interpreter_names_the_reason(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: the Triton backend is available")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' cannot run here: it needs a CUDA device") as err:
         call(backend="triton")
+    assert "backend='torch'" in str(err.value)
+
+
+@pytest.mark.parametrize("inputs,reason", [
+    (dict(q=torch.randn(1, 2, 5, 4), k=torch.randn(1, 2, 5, 4)), "q/k head dim 4 is outside 16..256"),
+    (dict(v=torch.randn(1, 2, 5, 300)), "v head dim 300 is outside 16..256"),
+    (dict(q=torch.randn(1, 2, 5, 16, dtype=torch.float64), k=torch.randn(1, 2, 5, 16, dtype=torch.float64),
+          v=torch.randn(1, 2, 5, 16, dtype=torch.float64)), "dtype torch.float64 is not supported"),
+])
+def test_triton_backend_refuses_unsupported_inputs_with_the_reason(inputs, reason):
+    full = dict(q=torch.randn(1, 2, 5, 16), k=torch.randn(1, 2, 5, 16), v=torch.randn(1, 2, 5, 16))
+    full.update(inputs)
+    with pytest.raises(ValueError, match="backend='triton'") as err:
+        call(backend="triton", **full)
+    assert reason in str(err.value)
+
+
+def test_auto_picks_triton_only_on_cuda():
+    assert kernels.resolve_backend("auto", torch.device("cpu"), torch.float32, 64, 64, 64) == "torch"
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        assert kernels.resolve_backend("auto", cuda, torch.bfloat16, 64, 64, 64) == "triton"
+        # what Triton cannot serve falls back to the torch path rather than failing
+        assert kernels.resolve_backend("auto", cuda, torch.float64, 64, 64, 64) == "torch"
+        assert kernels.resolve_backend("auto", cuda, torch.float32, 8, 8, 64) == "torch"
 
 
 def test_auto_uses_chunkwise_and_matches_reference():

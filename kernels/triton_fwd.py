@@ -1,0 +1,183 @@
+"""Triton forward kernel of the hybrid op: one program per (query chunk, batch x head).
+
+Each program computes, for its ``L`` queries:
+- the mLSTM read-out: the intra-chunk part (an L x L block of gated q.k weights) plus the state
+  entering the chunk (C, n, m), which ``mlstm_kernels``' own Triton kernel materialises per chunk;
+- the windowed softmax over the keys j with t - window < j <= t and the sink keys j < sink_tokens,
+  flash-attention style (online maximum, one key block of L at a time, only the blocks that
+  hold a window or sink key of this chunk);
+- the combination (``gate``: per-head RMS norm of h^m and the sigmoid mix; ``shared_norm``: one
+  normaliser over both branches' masses), with the branch sums and stabilisers stored for the
+  backward kernels.
+
+Every sum is kept in units of exp(its own row stabiliser), as ``kernels.reference`` documents.
+Tensors are [B * H, T_padded, D] contiguous, T_padded a multiple of L.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# What the op computes, a constexpr of every kernel.
+MODE_MLSTM, MODE_SWA, MODE_GATE, MODE_SHARED_NORM = 0, 1, 2, 3
+# exp(-m) is capped at e^60 (kernels._common.MAX_NEG_LOG_FLOOR).
+MAX_NEG_LOG_FLOOR = 60.0
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr):
+    """a @ b with fp32 accumulation; operands rounded to the inputs' dtype (tensor cores for
+    16-bit inputs), full fp32 products for fp32 inputs."""
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def _logsigmoid(x):
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _attention_block(num, den, row_max, q_scaled, offs_t, block, window, sink_tokens, K, V, row_base,
+                     offs_d, mask_d, offs_v, mask_v, D: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr):
+    """One key block of the online softmax: returns the updated (num, den, row max)."""
+    offs_j = block * L + tl.arange(0, L)
+    k = tl.load(K + (row_base + offs_j)[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    v = tl.load(V + (row_base + offs_j)[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+    scores = _dot(q_scaled, tl.trans(k.to(tl.float32)), DOT_DTYPE)
+    scores = tl.where(attention_mask(offs_t, offs_j, window, sink_tokens), scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with no key yet
+    weights = tl.exp(scores - safe_max[:, None])
+    carry = tl.exp(row_max - safe_max)
+    den = den * carry + tl.sum(weights, 1)
+    num = num * carry[:, None] + _dot(weights, v.to(tl.float32), DOT_DTYPE)
+    return num, den, new_max
+
+
+@triton.jit
+def attention_mask(offs_t, offs_j, window, sink_tokens):
+    """[queries, keys] bool: query t reads key j if j <= t and (t - j < window or j < sink_tokens)."""
+    dist = offs_t[:, None] - offs_j[None, :]
+    return (dist >= 0) & ((dist < window) | (offs_j[None, :] < sink_tokens))
+
+
+@triton.jit
+def key_blocks(chunk, window, sink_tokens, L: tl.constexpr):
+    """The key blocks chunk ``chunk``'s queries read: [0, sink_blocks) for the sinks, then
+    [band_first, chunk] for the window. Blocks before band_first hold no window key of any query
+    of the chunk, so only sinks are read there."""
+    band_first = tl.maximum(chunk * L - window + 1, 0) // L
+    sink_blocks = tl.minimum((sink_tokens + L - 1) // L, band_first)
+    return sink_blocks, band_first
+
+
+@triton.jit
+def _attention_blocks(q_scaled, offs_t, chunk, window, sink_tokens, K, V, row_base,
+                      offs_d, mask_d, offs_v, mask_v,
+                      D: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Online softmax of L queries over their window and sink keys.
+    Returns (num [L, BLOCK_DV], den [L], row max [L]): num / den is the attention output."""
+    row_max = tl.full([L], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([L], dtype=tl.float32)
+    num = tl.zeros([L, BLOCK_DV], dtype=tl.float32)
+    sink_blocks, band_first = key_blocks(chunk, window, sink_tokens, L)
+    for block in range(0, sink_blocks):
+        num, den, row_max = _attention_block(num, den, row_max, q_scaled, offs_t, block, window, sink_tokens,
+                                             K, V, row_base, offs_d, mask_d, offs_v, mask_v, D, DV, L, DOT_DTYPE)
+    for block in range(band_first, chunk + 1):
+        num, den, row_max = _attention_block(num, den, row_max, q_scaled, offs_t, block, window, sink_tokens,
+                                             K, V, row_base, offs_d, mask_d, offs_v, mask_v, D, DV, L, DOT_DTYPE)
+    return num, den, row_max
+
+
+@triton.jit
+def shared_norm_scales(max_a, den_a, max_m, den_m, log_g):
+    """Weights of the two branches' sums under one normaliser (kernels._common.shared_norm_combine):
+    the unit is the larger of the actual log masses, so the shared denominator lies in [1, 2].
+    Returns (scale_a, scale_o, |den_m|). Rows with no key older than the window have mass 0."""
+    mass_o = tl.abs(den_m)
+    log_mass_o = tl.where(mass_o > 0, max_m + log_g + tl.log(tl.maximum(mass_o, 1e-38)), float("-inf"))
+    unit = tl.maximum(max_a + tl.log(den_a), log_mass_o)
+    return tl.exp(max_a - unit), tl.exp(max_m + log_g - unit), mass_o
+
+
+@triton.jit
+def hybrid_fwd_kernel(
+    Q, KA, VA, KM, VM, IG, FG, GG, NORM_W,
+    C_STATES, N_STATES, M_STATES,
+    OUT, NUM_A, DEN_A, MAX_A, NUM_M, DEN_M, MAX_M,
+    T_padded, NC, H, scale, window, sink_tokens, norm_eps, eps,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, L: tl.constexpr,
+    MODE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_t = chunk * L + tl.arange(0, L)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = tl.arange(0, BLOCK_DV)
+    mask_d, mask_v = offs_d < D, offs_v < DV
+    row_base = bh * T_padded
+    q = tl.load(Q + (row_base + offs_t)[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    q_scaled = q.to(tl.float32) * scale
+
+    if MODE != MODE_MLSTM:
+        num_a, den_a, max_a = _attention_blocks(
+            q_scaled, offs_t, chunk, window, sink_tokens, KA, VA, row_base, offs_d, mask_d, offs_v, mask_v,
+            D, DV, L, BLOCK_DV, DOT_DTYPE)
+        tl.store(NUM_A + (row_base + offs_t)[:, None] * DV + offs_v[None, :], num_a, mask=mask_v[None, :])
+        tl.store(DEN_A + row_base + offs_t, den_a)
+        tl.store(MAX_A + row_base + offs_t, max_a)
+
+    if MODE != MODE_SWA:
+        log_f = _logsigmoid(tl.load(FG + row_base + offs_t).to(tl.float32))
+        cum_f = tl.cumsum(log_f, 0)
+        i_gate = tl.load(IG + row_base + offs_t).to(tl.float32)
+        offs_s = chunk * L + tl.arange(0, L)
+        k = tl.load(KM + (row_base + offs_s)[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        v = tl.load(VM + (row_base + offs_s)[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+        causal = tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]
+        log_w = tl.where(causal, cum_f[:, None] - cum_f[None, :] + i_gate[None, :], float("-inf"))
+        state_max = tl.load(M_STATES + bh * (NC + 1) + chunk)
+        inter_log = state_max + cum_f
+        max_m = tl.maximum(inter_log, tl.max(log_w, 1))
+        w_inter = tl.exp(inter_log - max_m)
+        weights = tl.exp(log_w - max_m[:, None]) * _dot(q_scaled, tl.trans(k.to(tl.float32)), DOT_DTYPE)
+        state_rows = bh * (NC + 1) * D + chunk * D + offs_d
+        C = tl.load(C_STATES + state_rows[:, None] * DV + offs_v[None, :],
+                    mask=mask_d[:, None] & mask_v[None, :], other=0.0)
+        n = tl.load(N_STATES + state_rows, mask=mask_d, other=0.0)
+        num_m = w_inter[:, None] * _dot(q_scaled, C, DOT_DTYPE) + _dot(weights, v.to(tl.float32), DOT_DTYPE)
+        den_m = w_inter * tl.sum(q_scaled * n[None, :], 1) + tl.sum(weights, 1)
+        tl.store(NUM_M + (row_base + offs_t)[:, None] * DV + offs_v[None, :], num_m, mask=mask_v[None, :])
+        tl.store(DEN_M + row_base + offs_t, den_m)
+        tl.store(MAX_M + row_base + offs_t, max_m)
+
+    if MODE == MODE_SWA:
+        out = num_a / den_a[:, None]
+    elif MODE == MODE_SHARED_NORM:
+        g = tl.load(GG + row_base + offs_t).to(tl.float32)
+        log_g = _logsigmoid(g)
+        scale_a, scale_o, mass_o = shared_norm_scales(max_a, den_a, max_m, den_m, log_g)
+        out = (scale_a[:, None] * num_a + scale_o[:, None] * num_m) / (scale_a * den_a + scale_o * mass_o)[:, None]
+    else:
+        floor = tl.exp(tl.minimum(-max_m, MAX_NEG_LOG_FLOOR))
+        h_m = num_m / (tl.maximum(tl.abs(den_m), floor) + eps)[:, None]
+        if MODE == MODE_MLSTM:
+            out = h_m
+        else:
+            rms = 1.0 / tl.sqrt(tl.sum(h_m * h_m, 1) / DV + norm_eps)
+            y = h_m * rms[:, None]
+            if HAS_NORM_WEIGHT:
+                w = tl.load(NORM_W + (bh % H) * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+                y = y * w[None, :]
+            mix = tl.sigmoid(tl.load(GG + row_base + offs_t).to(tl.float32))
+            h_a = num_a / den_a[:, None]
+            out = h_a + mix[:, None] * (y - h_a)
+    tl.store(OUT + (row_base + offs_t)[:, None] * DV + offs_v[None, :], out.to(OUT.dtype.element_ty),
+             mask=mask_v[None, :])

@@ -1,0 +1,188 @@
+"""Invariant 4: the Triton kernels equal the reference on the output and every input gradient.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py),
+in float32 and float16; bf16 and large shapes are ``gpu``-marked. The reference runs in float64 on
+the same (rounded) inputs, so the error measured is the kernels' own.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import kernels
+from kernels import HybridState, hybrid_attention_step, reference
+from tests.kernels.conftest import triton_device
+
+VARIANTS = [("hybrid", "gate"), ("hybrid", "shared_norm"), ("mlstm", "gate"), ("swa", "gate")]
+LENGTHS = [1, 63, 64, 65, 130]
+# relative RMS error allowed per dtype; gradients that are zero in theory (q's at T = 1, where the
+# normalised memory output does not depend on q but through eps, whose weight depends on the
+# stabiliser, which mlstm_kernels' state recurrence chooses differently) are held to an absolute floor
+RATIO = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+ABS_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+NAMES = ("q", "k", "v", "i_gate", "f_gate", "g_gate", "norm_weight")
+
+
+def _cases():
+    """Every variant at every length; batch, heads (with GQA), head dims, window, sinks and chunk
+    size cycle so that each value of each meets every variant."""
+    cases = []
+    for n, ((mode, combine), T) in enumerate(itertools.product(VARIANTS, LENGTHS)):
+        B = (1, 2)[n % 2]
+        H, Hkv = ((1, 1), (3, 1), (3, 3))[n % 3]
+        D, Dv = ((16, 16), (32, 32), (16, 32), (32, 16))[(n // 2) % 4]
+        window = (16, 64)[(n // 3) % 2]
+        sinks = (0, 4)[(n // 5) % 2 ^ n % 2]
+        chunk = (16, 64)[(n // 4) % 2]
+        cases.append(pytest.param(B, H, Hkv, T, D, Dv, window, sinks, mode, combine, chunk,
+                                  id=f"{mode}-{combine}-B{B}-H{H}x{Hkv}-T{T}-D{D}x{Dv}-W{window}-S{sinks}-L{chunk}"))
+    return cases
+
+
+def make_leaves(B, H, Hkv, T, D, Dv, dtype, seed):
+    """Inputs rounded to ``dtype``: returned as float64 leaves for the reference and ``dtype``
+    leaves for the kernels, both requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    values = dict(q=r(B, H, T, D), k=r(B, Hkv, T, D), v=r(B, Hkv, T, Dv), i_gate=r(B, H, T),
+                  f_gate=r(B, H, T) + 2.0, g_gate=r(B, H, T), norm_weight=torch.rand(H, Dv, generator=g,
+                                                                                      dtype=torch.float64) + 0.5)
+    rounded = {n: x.to(dtype).to(torch.float64) for n, x in values.items()}
+    ref = {n: x.clone().requires_grad_(True) for n, x in rounded.items()}
+    low = {n: x.to(dtype).to(triton_device()).requires_grad_(True) for n, x in rounded.items()}
+    return ref, low
+
+
+def assert_close(name, got, ref, dtype):
+    got = got.detach().double().cpu()
+    assert torch.isfinite(got).all(), f"{name}: not finite"
+    err = (got - ref).norm()
+    scale = ref.norm()
+    rms = err / got.numel() ** 0.5
+    assert err <= RATIO[dtype] * scale or rms <= ABS_FLOOR[dtype], (
+        f"{name}: relative RMS error {(err / scale.clamp_min(1e-30)).item():.2e} > {RATIO[dtype]:.0e} "
+        f"(RMS error {rms.item():.2e})")
+
+
+def check_against_reference(B, H, Hkv, T, D, Dv, window, sinks, mode, combine, chunk, dtype, seed=0):
+    ref_in, low_in = make_leaves(B, H, Hkv, T, D, Dv, dtype, seed)
+    kw = dict(window=window, sink_tokens=sinks, mode=mode, combine=combine)
+    upstream = torch.randn(B, H, T, Dv, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    ref_out = reference.hybrid_attention(**ref_in, **kw)
+    (ref_out * upstream).sum().backward()
+    out = kernels.hybrid_attention(**low_in, **kw, backend="triton", chunk_size=chunk)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    (out.double() * upstream.to(out.device)).sum().backward()
+    assert_close("out", out, ref_out.detach(), dtype)
+    for name in NAMES:
+        used = ref_in[name].grad is not None
+        if not used:  # mix gate outside mode="hybrid", norm weight outside combine="gate"
+            assert low_in[name].grad is None or not low_in[name].grad.abs().any(), name
+            continue
+        assert low_in[name].grad is not None, f"{name}: no gradient"
+        assert_close(f"d{name}", low_in[name].grad, ref_in[name].grad, dtype)
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,Dv,window,sinks,mode,combine,chunk", _cases())
+def test_triton_equals_reference_float32(B, H, Hkv, T, D, Dv, window, sinks, mode, combine, chunk,
+                                         nan_filled_empty):
+    check_against_reference(B, H, Hkv, T, D, Dv, window, sinks, mode, combine, chunk, torch.float32, seed=T + B)
+
+
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+@pytest.mark.parametrize("T,sinks", [(65, 4), (130, 0)])
+def test_triton_equals_reference_float16(mode, combine, T, sinks, nan_filled_empty):
+    check_against_reference(2, 3, 1, T, 16, 32, 16, sinks, mode, combine, 32, torch.float16, seed=T)
+
+
+@pytest.mark.parametrize("D,Dv", [(24, 40), (48, 16)])
+def test_head_dims_that_are_not_powers_of_two(D, Dv, nan_filled_empty):
+    check_against_reference(1, 2, 1, 70, D, Dv, 16, 4, "hybrid", "gate", 32, torch.float32)
+
+
+def _relative_error(got, ref):
+    return ((got.detach().double().cpu() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("i_bias,f_bias", [(8.0, 4.0), (-8.0, -4.0), (0.0, 8.0)])
+@pytest.mark.parametrize("mode,combine", VARIANTS[:3])
+def test_extreme_gates_as_accurate_as_the_torch_path(i_bias, f_bias, mode, combine):
+    """Strong writes and long memory make large, cancelling sums: float32 itself loses digits there,
+    so the kernels are held to the torch chunkwise path's float32 error on the same inputs."""
+    ref_in, _ = make_leaves(1, 2, 1, 80, 16, 16, torch.float32, seed=7)
+    with torch.no_grad():
+        ref_in["i_gate"] += i_bias
+        ref_in["f_gate"] += f_bias
+    kw = dict(window=16, sink_tokens=2, mode=mode, combine=combine)
+    upstream = torch.randn(1, 2, 80, 16, dtype=torch.float64)
+    ref_out = reference.hybrid_attention(**ref_in, **kw)
+    (ref_out * upstream).sum().backward()
+    errors = {}
+    for backend, device in (("torch", torch.device("cpu")), ("triton", triton_device())):
+        leaves = {n: x.detach().float().to(device).requires_grad_(True) for n, x in ref_in.items()}
+        out = kernels.hybrid_attention(**leaves, **kw, backend=backend, chunk_size=16)
+        (out.double() * upstream.to(device)).sum().backward()
+        assert torch.isfinite(out).all() and all(torch.isfinite(leaves[n].grad).all() for n in NAMES[:5])
+        errors[backend] = [_relative_error(out, ref_out)] + [
+            _relative_error(leaves[n].grad, ref_in[n].grad) for n in NAMES[:5]]
+    for name, triton_err, torch_err in zip(("out",) + NAMES[:5], errors["triton"], errors["torch"]):
+        assert triton_err <= max(3 * torch_err, RATIO[torch.float32]), (name, triton_err, torch_err)
+
+
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_triton_prefill_state_continues_with_recurrent_steps(mode, combine):
+    """The state the Triton prefill returns, stepped on, gives the reference's later outputs."""
+    ref_in, low_in = make_leaves(1, 3, 1, 90, 16, 16, torch.float32, seed=3)
+    kw = dict(window=16, sink_tokens=4, mode=mode, combine=combine)
+    prefix = 70
+    with torch.no_grad():
+        ref = reference.hybrid_attention(**{n: ref_in[n] for n in NAMES}, **kw)
+        inputs = {n: x.detach() for n, x in low_in.items()}
+        head = {n: inputs[n][:, :, :prefix] for n in NAMES[:6]}
+        out, state = kernels.hybrid_attention(**head, **kw, backend="triton", chunk_size=32, return_state=True,
+                                              norm_weight=inputs["norm_weight"])
+        assert isinstance(state, HybridState)
+        outs = [out]
+        for t in range(prefix, 90):
+            step = {n: inputs[n][:, :, t:t + 1] for n in NAMES[:6]}
+            out, state = hybrid_attention_step(*step.values(), state, norm_weight=inputs["norm_weight"])
+            outs.append(out)
+    assert_close("prefill + steps", torch.cat(outs, 2), ref, torch.float32)
+
+
+def test_student_layer_runs_triton_when_configured(tiny_teacher):
+    """HybridConfig.backend="triton" routes the student's layers through the kernels: same logits and
+    gradients as the torch path."""
+    from models import HybridConfig, convert_to_hybrid
+
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("torch", "triton"):
+        student = convert_to_hybrid(tiny_teacher, HybridConfig(window=16, sink_tokens=2, chunk_size=16,
+                                                               backend=backend))
+        logits = student(ids).logits
+        logits.square().mean().backward()
+        gates = [p.grad for n, p in student.named_parameters() if "hybrid_gates" in n]
+        results[backend] = (logits.detach(), gates)
+    torch_logits, torch_gates = results["torch"]
+    triton_logits, triton_gates = results["triton"]
+    assert_close("logits", triton_logits.double(), torch_logits.double(), torch.float32)
+    assert len(triton_gates) == len(torch_gates) > 0
+    for got, ref in zip(triton_gates, torch_gates):
+        assert_close("gate weights' gradient", got.double(), ref.double(), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+@pytest.mark.parametrize("T", [63, 1000])
+def test_bfloat16_on_gpu(mode, combine, T):
+    check_against_reference(2, 4, 2, T, 64, 64, 64, 4, mode, combine, 64, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_long_sequence_on_gpu(mode, combine):
+    check_against_reference(1, 3, 1, 2049, 64, 64, 128, 4, mode, combine, 64, torch.float32)
