@@ -11,7 +11,7 @@ from torch import nn
 
 import experiments.bench as bench_module
 from experiments.bench import (
-    Bench, PeakMemory, kd_loss_peak_in_fresh_process, main, prefill_flops, projections_only,
+    Bench, PeakMemory, kd_loss_peak_in_fresh_process, main, op_floor, prefill_flops, projections_only,
 )
 from models import HybridConfig, convert_to_hybrid, load_teacher
 from tests.conftest import TINY
@@ -124,11 +124,34 @@ def test_kernels_table_has_every_op_at_every_length(teacher_dir, tmp_path):
     rows = payload["rows"]
     assert not [r for r in rows if "error" in r]
     ops = {r["op"] for r in rows}
-    assert {"hybrid chunkwise (forward)", "hybrid chunkwise (forward + backward)",
-            "teacher causal SDPA (forward)", "hybrid recurrent step (one token after T)"} <= ops
-    reference = [r["length"] for r in rows if r["op"].startswith("hybrid reference")]
-    assert reference == [16]
+    assert {"hybrid chunkwise torch (forward)", "hybrid chunkwise torch (forward + backward)",
+            "teacher causal SDPA (forward)", "teacher causal SDPA (forward + backward)",
+            "mlstm_kernels chunkwise--native_autograd (forward + backward)",
+            "hybrid recurrent step (one token after T)"} <= ops
+    reference = [(r["length"], r["pass"]) for r in rows if r["op"].startswith("hybrid reference")]
+    assert reference == [(16, "forward"), (16, "backward")]
     assert (payload["heads"], payload["kv_heads"], payload["head_dim"]) == (H, HKV, D)
+    # no GPU: the Triton rows are not timed, and the table says why
+    assert payload["triton"] == "the timed Triton rows need CUDA"
+    assert not [r for r in rows if "Triton" in r["op"]]
+    assert "not timed (the timed Triton rows need CUDA)" in (tmp_path / "kernels.md").read_text()
+    for r in rows:
+        assert r["gflop"] > 0 and r["floor_mb"] > 0 and r["gflop_per_s"] > 0
+
+
+def test_op_floor_matches_hand_counts():
+    hybrid = HybridConfig(window=2, sink_tokens=1, chunk_size=2)
+    # causal SDPA, one head, T = 3, head dim 2: 6 (query, key) pairs, each q.k and p.v = 4 multiply-adds
+    sdpa = op_floor("sdpa forward", 1, 1, 1, 3, 2, 2, hybrid, 4)
+    assert sdpa == {"flops": 48, "bytes": (6 + 12 + 6) * 4}
+    # hybrid: window branch 3 queries x (2 window + 1 sink keys) x 4 multiply-adds; memory branch per
+    # query: a chunk of 2 keys over (D + Dv) / 2 ... = 2 multiply-adds x 2 keys, state read + update 2 x 4
+    hybrid_forward = op_floor("hybrid forward", 1, 1, 1, 3, 2, 2, hybrid, 4)
+    assert hybrid_forward["flops"] == 2 * 3 * 3 * 4 + 2 * 3 * (2 * 4 / 2 + 2 * 4)
+    assert hybrid_forward["bytes"] == (6 + 12 + 6) * 4 + 3 * 3 * 4
+    backward = op_floor("hybrid backward", 1, 1, 1, 3, 2, 2, hybrid, 4)
+    assert backward["flops"] == 3 * hybrid_forward["flops"]
+    assert backward["bytes"] == 2 * hybrid_forward["bytes"] + 6 * 4
 
 
 def test_command_line_and_shipped_configs(teacher_dir, tmp_path, capsys):
