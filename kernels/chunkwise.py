@@ -154,7 +154,7 @@ def swa_chunkwise(q, k, v, sink_k, sink_v, *, window, sink_tokens, scale, chunk_
     )
 
 
-def _delayed_stream(k, v, i_gate, log_f, window, sink_tokens):
+def delayed_stream(k, v, i_gate, log_f, window, sink_tokens):
     """Keys older than the window as an ordinary mLSTM stream: key j arrives at j + window."""
     T = k.shape[2]
     cum = log_f.to(torch.float64).cumsum(-1)
@@ -219,7 +219,7 @@ def hybrid_attention_chunkwise(
         if shared_norm:
             # keys older than the window form a delayed mLSTM stream (built for the whole
             # sequence: a shift, [B, Hkv, T, D])
-            k_mem, v_mem, i_mem = _delayed_stream(k, v, i_f, log_f, window, sink_tokens)
+            k_mem, v_mem, i_mem = delayed_stream(k, v, i_f, log_f, window, sink_tokens)
         else:
             k_mem, v_mem, i_mem = k, v, i_f
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .triton_fwd import (
     MAX_NEG_LOG_FLOOR, MODE_MLSTM, MODE_SHARED_NORM, MODE_SWA, _dot, _logsigmoid, attention_mask, key_blocks,
-    shared_norm_scales,
+    head_columns, load_state, load_tile, shared_norm_scales, state_rows, store_tile,
 )
 
 
@@ -122,19 +122,17 @@ def mlstm_bwd_kernel(
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     offs = chunk * L + tl.arange(0, L)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_DV)
-    mask_d, mask_v = offs_d < D, offs_v < DV
+    offs_d, mask_d, offs_v, mask_v = head_columns(D, DV, BLOCK_D, BLOCK_DV)
     rows = bh * T_padded + offs
-    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0).to(tl.float32)
-    k = tl.load(KM + rows[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0).to(tl.float32)
-    v = tl.load(VM + rows[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
+    q = load_tile(Q, rows, offs_d, mask_d, D).to(tl.float32)
+    k = load_tile(KM, rows, offs_d, mask_d, D).to(tl.float32)
+    v = load_tile(VM, rows, offs_v, mask_v, DV).to(tl.float32)
     q_scaled = q * scale
     log_f = _logsigmoid(tl.load(FG + rows).to(tl.float32))
     cum_f = tl.cumsum(log_f, 0)
     i_gate = tl.load(IG + rows).to(tl.float32)
     max_m = tl.load(MAX_M + rows)
-    dnum = tl.load(DNUM_M + rows[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+    dnum = load_tile(DNUM_M, rows, offs_v, mask_v, DV)
     dden = tl.load(DDEN_M + rows)
 
     # intra-chunk: weights w[t, s] = exp(F_t - F_s + i_s - m_t) for s <= t
@@ -150,26 +148,24 @@ def mlstm_bwd_kernel(
     # the state entering this chunk, read by every query of it with weight exp(m_c + F_t - m_t)
     state_max = tl.load(M_STATES + bh * (NC + 1) + chunk)
     w_inter = tl.exp(state_max + cum_f - max_m)
-    state_rows = bh * (NC + 1) * D + chunk * D + offs_d
-    C = tl.load(C_STATES + state_rows[:, None] * DV + offs_v[None, :], mask=mask_d[:, None] & mask_v[None, :],
-                other=0.0)
-    n = tl.load(N_STATES + state_rows, mask=mask_d, other=0.0)
+    C, n = load_state(C_STATES, N_STATES, bh, chunk, NC, offs_d, mask_d, offs_v, mask_v, D, DV)
     dq += (_dot(dnum, tl.trans(C), DOT_DTYPE) + dden[:, None] * n[None, :]) * (w_inter * scale)[:, None]
 
     # this chunk's keys enter the state after it with weight exp(F_end - F_s + i_s - m_{c+1})
     next_max = tl.load(M_STATES + bh * (NC + 1) + chunk + 1)
     cum_end = tl.sum(log_f, 0)
     w_state = tl.exp(cum_end - cum_f + i_gate - next_max)
-    next_rows = bh * (NC + 1) * D + (chunk + 1) * D + offs_d
-    dC = tl.load(DC_STATES + next_rows[:, None] * (DV + 1) + offs_v[None, :], mask=mask_d[:, None] & mask_v[None, :],
+    # the gradient of that state: C's in columns :DV of DC_STATES, n's in column DV
+    rows_next = state_rows(bh, chunk + 1, NC, offs_d, D)
+    dC = tl.load(DC_STATES + rows_next[:, None] * (DV + 1) + offs_v[None, :], mask=mask_d[:, None] & mask_v[None, :],
                  other=0.0)
-    dn = tl.load(DC_STATES + next_rows * (DV + 1) + DV, mask=mask_d, other=0.0)
+    dn = tl.load(DC_STATES + rows_next * (DV + 1) + DV, mask=mask_d, other=0.0)
     dk += (_dot(v, tl.trans(dC), DOT_DTYPE) + dn[None, :]) * w_state[:, None]
     dv += _dot(k, dC, DOT_DTYPE) * w_state[:, None]
 
-    tl.store(DQ + rows[:, None] * D + offs_d[None, :], dq, mask=mask_d[None, :])
-    tl.store(DK + rows[:, None] * D + offs_d[None, :], dk, mask=mask_d[None, :])
-    tl.store(DV_OUT + rows[:, None] * DV + offs_v[None, :], dv, mask=mask_v[None, :])
+    store_tile(DQ, rows, offs_d, mask_d, D, dq)
+    store_tile(DK, rows, offs_d, mask_d, D, dk)
+    store_tile(DV_OUT, rows, offs_v, mask_v, DV, dv)
     # every weight is exp(F_t - F_s + i_s): position u's log-decay gradient is the sum over the
     # weights it reads as a query (q.dq) minus those it is read with as a key (k.dk = dL/d i_u)
     d_input_gate = tl.sum(k * dk, 1)
@@ -192,8 +188,8 @@ def _attention_dq_block(dq, q_scaled, offs_t, block, max_a, dnum, dden, window, 
                         offs_d, mask_d, offs_v, mask_v, D: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
                         DOT_DTYPE: tl.constexpr):
     offs_j = block * L + tl.arange(0, L)
-    k = tl.load(K + (row_base + offs_j)[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-    v = tl.load(V + (row_base + offs_j)[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+    k = load_tile(K, row_base + offs_j, offs_d, mask_d, D)
+    v = load_tile(V, row_base + offs_j, offs_v, mask_v, DV)
     k = k.to(tl.float32)
     _, d_scores = _attention_grad_block(q_scaled, k, v.to(tl.float32), offs_t, offs_j, max_a, dnum, dden,
                                         window, sink_tokens, DOT_DTYPE)
@@ -210,14 +206,12 @@ def attention_bwd_dq_kernel(
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     offs_t = chunk * L + tl.arange(0, L)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_DV)
-    mask_d, mask_v = offs_d < D, offs_v < DV
+    offs_d, mask_d, offs_v, mask_v = head_columns(D, DV, BLOCK_D, BLOCK_DV)
     row_base = bh * T_padded
     rows = row_base + offs_t
-    q_scaled = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0).to(tl.float32) * scale
+    q_scaled = load_tile(Q, rows, offs_d, mask_d, D).to(tl.float32) * scale
     max_a = tl.load(MAX_A + rows)
-    dnum = tl.load(DNUM_A + rows[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+    dnum = load_tile(DNUM_A, rows, offs_v, mask_v, DV)
     dden = tl.load(DDEN_A + rows)
     dq = tl.zeros([L, BLOCK_D], dtype=tl.float32)
     sink_blocks, band_first = key_blocks(chunk, window, sink_tokens, L)
@@ -227,7 +221,7 @@ def attention_bwd_dq_kernel(
     for block in range(band_first, chunk + 1):
         dq = _attention_dq_block(dq, q_scaled, offs_t, block, max_a, dnum, dden, window, sink_tokens, KA, VA,
                                  row_base, offs_d, mask_d, offs_v, mask_v, D, DV, L, DOT_DTYPE)
-    tl.store(DQ + rows[:, None] * D + offs_d[None, :], dq * scale, mask=mask_d[None, :])
+    store_tile(DQ, rows, offs_d, mask_d, D, dq * scale)
 
 
 @triton.jit
@@ -240,12 +234,10 @@ def attention_bwd_dkdv_kernel(
     block = tl.program_id(0)
     bh = tl.program_id(1)
     offs_j = block * L + tl.arange(0, L)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_DV)
-    mask_d, mask_v = offs_d < D, offs_v < DV
+    offs_d, mask_d, offs_v, mask_v = head_columns(D, DV, BLOCK_D, BLOCK_DV)
     row_base = bh * T_padded
-    k = tl.load(KA + (row_base + offs_j)[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-    v = tl.load(VA + (row_base + offs_j)[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+    k = load_tile(KA, row_base + offs_j, offs_d, mask_d, D)
+    v = load_tile(VA, row_base + offs_j, offs_v, mask_v, DV)
     k, v = k.to(tl.float32), v.to(tl.float32)
     dk = tl.zeros([L, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([L, BLOCK_DV], dtype=tl.float32)
@@ -255,14 +247,14 @@ def attention_bwd_dkdv_kernel(
     for chunk in range(block, last + 1):
         offs_t = chunk * L + tl.arange(0, L)
         rows = row_base + offs_t
-        q_scaled = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        q_scaled = load_tile(Q, rows, offs_d, mask_d, D)
         q_scaled = q_scaled.to(tl.float32) * scale
         max_a = tl.load(MAX_A + rows)
-        dnum = tl.load(DNUM_A + rows[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+        dnum = load_tile(DNUM_A, rows, offs_v, mask_v, DV)
         dden = tl.load(DDEN_A + rows)
         p, d_scores = _attention_grad_block(q_scaled, k, v, offs_t, offs_j, max_a, dnum, dden,
                                             window, sink_tokens, DOT_DTYPE)
         dk += _dot(tl.trans(d_scores), q_scaled, DOT_DTYPE)
         dv += _dot(tl.trans(p), dnum, DOT_DTYPE)
-    tl.store(DK + (row_base + offs_j)[:, None] * D + offs_d[None, :], dk, mask=mask_d[None, :])
-    tl.store(DV_OUT + (row_base + offs_j)[:, None] * DV + offs_v[None, :], dv, mask=mask_v[None, :])
+    store_tile(DK, row_base + offs_j, offs_d, mask_d, D, dk)
+    store_tile(DV_OUT, row_base + offs_j, offs_v, mask_v, DV, dv)

@@ -26,6 +26,40 @@ MAX_NEG_LOG_FLOOR = 60.0
 
 
 @triton.jit
+def head_columns(D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Column offsets and masks of the q/k head dim and the v head dim (blocks are powers of two)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = tl.arange(0, BLOCK_DV)
+    return offs_d, offs_d < D, offs_v, offs_v < DV
+
+
+@triton.jit
+def load_tile(P, rows, offs, mask, WIDTH: tl.constexpr):
+    """[len(rows), len(offs)] float32 tile of a row-major [*, WIDTH] tensor; masked columns read 0."""
+    return tl.load(P + rows[:, None] * WIDTH + offs[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(P, rows, offs, mask, WIDTH: tl.constexpr, value):
+    tl.store(P + rows[:, None] * WIDTH + offs[None, :], value.to(P.dtype.element_ty), mask=mask[None, :])
+
+
+@triton.jit
+def state_rows(bh, chunk, NC, offs_d, D: tl.constexpr):
+    """Rows of the state entering chunk ``chunk`` in mlstm_kernels' layout, [BH, (NC + 1) * D, ...]."""
+    return bh * (NC + 1) * D + chunk * D + offs_d
+
+
+@triton.jit
+def load_state(C_STATES, N_STATES, bh, chunk, NC, offs_d, mask_d, offs_v, mask_v, D: tl.constexpr,
+               DV: tl.constexpr):
+    """The mLSTM state entering chunk ``chunk``: C [BLOCK_D, BLOCK_DV] and n [BLOCK_D], float32."""
+    rows = state_rows(bh, chunk, NC, offs_d, D)
+    C = tl.load(C_STATES + rows[:, None] * DV + offs_v[None, :], mask=mask_d[:, None] & mask_v[None, :], other=0.0)
+    return C, tl.load(N_STATES + rows, mask=mask_d, other=0.0)
+
+
+@triton.jit
 def _dot(a, b, DOT_DTYPE: tl.constexpr):
     """a @ b with fp32 accumulation; operands rounded to the inputs' dtype (tensor cores for
     16-bit inputs), full fp32 products for fp32 inputs."""
@@ -46,8 +80,8 @@ def _attention_block(num, den, row_max, q_scaled, offs_t, block, window, sink_to
                      DOT_DTYPE: tl.constexpr):
     """One key block of the online softmax: returns the updated (num, den, row max)."""
     offs_j = block * L + tl.arange(0, L)
-    k = tl.load(K + (row_base + offs_j)[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-    v = tl.load(V + (row_base + offs_j)[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+    k = load_tile(K, row_base + offs_j, offs_d, mask_d, D)
+    v = load_tile(V, row_base + offs_j, offs_v, mask_v, DV)
     scores = _dot(q_scaled, tl.trans(k.to(tl.float32)), DOT_DTYPE)
     scores = tl.where(attention_mask(offs_t, offs_j, window, sink_tokens), scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -119,18 +153,16 @@ def hybrid_fwd_kernel(
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     offs_t = chunk * L + tl.arange(0, L)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_DV)
-    mask_d, mask_v = offs_d < D, offs_v < DV
+    offs_d, mask_d, offs_v, mask_v = head_columns(D, DV, BLOCK_D, BLOCK_DV)
     row_base = bh * T_padded
-    q = tl.load(Q + (row_base + offs_t)[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    q = load_tile(Q, row_base + offs_t, offs_d, mask_d, D)
     q_scaled = q.to(tl.float32) * scale
 
     if MODE != MODE_MLSTM:
         num_a, den_a, max_a = _attention_blocks(
             q_scaled, offs_t, chunk, window, sink_tokens, KA, VA, row_base, offs_d, mask_d, offs_v, mask_v,
             D, DV, L, BLOCK_DV, DOT_DTYPE)
-        tl.store(NUM_A + (row_base + offs_t)[:, None] * DV + offs_v[None, :], num_a, mask=mask_v[None, :])
+        store_tile(NUM_A, row_base + offs_t, offs_v, mask_v, DV, num_a)
         tl.store(DEN_A + row_base + offs_t, den_a)
         tl.store(MAX_A + row_base + offs_t, max_a)
 
@@ -139,8 +171,8 @@ def hybrid_fwd_kernel(
         cum_f = tl.cumsum(log_f, 0)
         i_gate = tl.load(IG + row_base + offs_t).to(tl.float32)
         offs_s = chunk * L + tl.arange(0, L)
-        k = tl.load(KM + (row_base + offs_s)[:, None] * D + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-        v = tl.load(VM + (row_base + offs_s)[:, None] * DV + offs_v[None, :], mask=mask_v[None, :], other=0.0)
+        k = load_tile(KM, row_base + offs_s, offs_d, mask_d, D)
+        v = load_tile(VM, row_base + offs_s, offs_v, mask_v, DV)
         causal = tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]
         log_w = tl.where(causal, cum_f[:, None] - cum_f[None, :] + i_gate[None, :], float("-inf"))
         state_max = tl.load(M_STATES + bh * (NC + 1) + chunk)
@@ -148,13 +180,10 @@ def hybrid_fwd_kernel(
         max_m = tl.maximum(inter_log, tl.max(log_w, 1))
         w_inter = tl.exp(inter_log - max_m)
         weights = tl.exp(log_w - max_m[:, None]) * _dot(q_scaled, tl.trans(k.to(tl.float32)), DOT_DTYPE)
-        state_rows = bh * (NC + 1) * D + chunk * D + offs_d
-        C = tl.load(C_STATES + state_rows[:, None] * DV + offs_v[None, :],
-                    mask=mask_d[:, None] & mask_v[None, :], other=0.0)
-        n = tl.load(N_STATES + state_rows, mask=mask_d, other=0.0)
+        C, n = load_state(C_STATES, N_STATES, bh, chunk, NC, offs_d, mask_d, offs_v, mask_v, D, DV)
         num_m = w_inter[:, None] * _dot(q_scaled, C, DOT_DTYPE) + _dot(weights, v.to(tl.float32), DOT_DTYPE)
         den_m = w_inter * tl.sum(q_scaled * n[None, :], 1) + tl.sum(weights, 1)
-        tl.store(NUM_M + (row_base + offs_t)[:, None] * DV + offs_v[None, :], num_m, mask=mask_v[None, :])
+        store_tile(NUM_M, row_base + offs_t, offs_v, mask_v, DV, num_m)
         tl.store(DEN_M + row_base + offs_t, den_m)
         tl.store(MAX_M + row_base + offs_t, max_m)
 
@@ -179,5 +208,4 @@ def hybrid_fwd_kernel(
             mix = tl.sigmoid(tl.load(GG + row_base + offs_t).to(tl.float32))
             h_a = num_a / den_a[:, None]
             out = h_a + mix[:, None] * (y - h_a)
-    tl.store(OUT + (row_base + offs_t)[:, None] * DV + offs_v[None, :], out.to(OUT.dtype.element_ty),
-             mask=mask_v[None, :])
+    store_tile(OUT, row_base + offs_t, offs_v, mask_v, DV, out)

@@ -22,7 +22,7 @@ from mlstm_kernels.torch.chunkwise.triton_xl_chunk.bw_recurrent import mlstm_chu
 from mlstm_kernels.torch.chunkwise.triton_xl_chunk.fw_recurrent import mlstm_chunkwise__recurrent_fw_C
 
 from ._common import LOG_ZERO, check_inputs, default_scale, expand_kv, log_forget
-from .chunkwise import _delayed_stream
+from .chunkwise import delayed_stream
 from .recurrent import HybridState
 from .triton_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, combine_bwd_kernel, mlstm_bwd_kernel
 from .triton_fwd import MODE_GATE, MODE_MLSTM, MODE_SHARED_NORM, MODE_SWA, hybrid_fwd_kernel
@@ -223,7 +223,7 @@ def hybrid_attention_triton(
         f = f_gate
         if code == MODE_SHARED_NORM:
             # keys older than the window: an ordinary mLSTM stream, key j arriving at j + window
-            k_m, v_m, i_m = _delayed_stream(k_e, v_e, i_gate.float(), log_forget(f_gate, torch.float32),
+            k_m, v_m, i_m = delayed_stream(k_e, v_e, i_gate.float(), log_forget(f_gate, torch.float32),
                                             window, sink_tokens)
         else:
             k_m, v_m, i_m = k_e, v_e, i_gate
