@@ -19,10 +19,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# What the op computes, a constexpr of every kernel.
-MODE_MLSTM, MODE_SWA, MODE_GATE, MODE_SHARED_NORM = 0, 1, 2, 3
+from ._common import MAX_NEG_LOG_FLOOR as MAX_NEG_LOG_FLOOR_VALUE
+
+# What the op computes, a constexpr of every kernel. Compiled kernels may read module globals only
+# when they are tl.constexpr (Triton's interpreter reads any global, so only compiling shows it).
+MODE_MLSTM, MODE_SWA, MODE_GATE, MODE_SHARED_NORM = (tl.constexpr(code) for code in range(4))
 # exp(-m) is capped at e^60 (kernels._common.MAX_NEG_LOG_FLOOR).
-MAX_NEG_LOG_FLOOR = 60.0
+MAX_NEG_LOG_FLOOR = tl.constexpr(MAX_NEG_LOG_FLOOR_VALUE)
 
 
 @triton.jit

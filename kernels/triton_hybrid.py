@@ -34,11 +34,12 @@ PAD_FORGET_GATE = 1e4
 
 
 def mode_code(mode: str, combine: str) -> int:
+    """The kernels' MODE constexpr for a mode and combination."""
     if mode == "mlstm":
-        return MODE_MLSTM
+        return MODE_MLSTM.value
     if mode == "swa":
-        return MODE_SWA
-    return MODE_SHARED_NORM if combine == "shared_norm" else MODE_GATE
+        return MODE_SWA.value
+    return (MODE_SHARED_NORM if combine == "shared_norm" else MODE_GATE).value
 
 
 def _pad(x, pad, value=0.0):
