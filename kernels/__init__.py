@@ -35,8 +35,8 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, qk_dim: 
         if not TRITON_MIN_DIM <= dim <= TRITON_MAX_DIM:
             return (f"{name} {dim} is outside {TRITON_MIN_DIM}..{TRITON_MAX_DIM} (Triton's matrix products "
                     "need at least 16); use backend='torch'")
-    if not TRITON_MIN_DIM <= chunk_size <= 128:
-        return f"chunk_size={chunk_size} is outside 16..128 for the Triton kernels; use 16, 32, 64 or 128"
+    if not (is_power_of_two(chunk_size) and TRITON_MIN_DIM <= chunk_size <= 128):
+        return f"chunk_size={chunk_size} is not a power of two in 16..128; use 16, 32, 64 or 128"
     return None
 
 

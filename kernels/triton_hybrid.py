@@ -83,7 +83,11 @@ class HybridAttentionTriton(torch.autograd.Function):
         Tp = T + pad
         NC = Tp // L
         has_attn, has_mem = mode != MODE_MLSTM, mode != MODE_SWA
-        q, k_a, v_a, k_m, v_m = (_pad(x, pad) for x in (q, k_a, v_a, k_m, v_m))
+        # with combine="gate" both branches read the same keys and values: pad (and save) them once
+        same_k, same_v = k_m is k_a and k_a is not None, v_m is v_a and v_a is not None
+        q, k_a, v_a = _pad(q, pad), _pad(k_a, pad), _pad(v_a, pad)
+        k_m = k_a if same_k else _pad(k_m, pad)
+        v_m = v_a if same_v else _pad(v_m, pad)
         i_m, f, g = _pad(i_m, pad, LOG_ZERO), _pad(f, pad, PAD_FORGET_GATE), _pad(g, pad)
         f32 = dict(device=q.device, dtype=torch.float32)
         placeholder = q.new_empty(1)
@@ -210,7 +214,12 @@ def hybrid_attention_triton(
         ``norm_weight`` receives its gradient. The mLSTM stabiliser is treated as a constant in
         the backward (it cancels in the output except through ``eps``), as ``mlstm_kernels`` does.
     """
+    from . import triton_unavailable_reason
+
     B, H, Hkv, T, Dqk, Dv = check_inputs(q, k, v, i_gate, f_gate, g_gate, window, sink_tokens, mode, combine)
+    reason = triton_unavailable_reason(q.device, q.dtype, Dqk, Dv, chunk_size)
+    if reason is not None:
+        raise ValueError(f"backend='triton' cannot run here: {reason}")
     scale = default_scale(scale, Dqk)
     code = mode_code(mode, combine)
     k_e, v_e = expand_kv(k, H), expand_kv(v, H)  # autograd sums each GQA group's gradients

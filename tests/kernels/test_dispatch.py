@@ -59,6 +59,16 @@ def test_triton_backend_refuses_unsupported_inputs_with_the_reason(inputs, reaso
     assert reason in str(err.value)
 
 
+def test_triton_function_called_directly_checks_its_inputs_too():
+    from kernels.triton_hybrid import hybrid_attention_triton
+
+    inputs = make_inputs(1, 2, 2, 5, 16, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="chunk_size=48 is not a power of two in 16..128"):
+        hybrid_attention_triton(**inputs, window=4, sink_tokens=1, chunk_size=48)
+    with pytest.raises(ValueError, match="chunk_size=8 is not a power of two in 16..128"):
+        kernels.hybrid_attention(**inputs, window=4, sink_tokens=1, backend="triton", chunk_size=8)
+
+
 def test_auto_picks_triton_only_on_cuda():
     assert kernels.resolve_backend("auto", torch.device("cpu"), torch.float32, 64, 64, 64) == "torch"
     if torch.cuda.is_available():
