@@ -156,21 +156,22 @@ def test_student_layer_runs_triton_when_configured(tiny_teacher):
     gradients as the torch path."""
     from models import HybridConfig, convert_to_hybrid
 
-    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    device = triton_device()
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0)).to(device)
     results = {}
     for backend in ("torch", "triton"):
-        student = convert_to_hybrid(tiny_teacher, HybridConfig(window=16, sink_tokens=2, chunk_size=16,
-                                                               backend=backend))
+        student = convert_to_hybrid(tiny_teacher.to(device), HybridConfig(window=16, sink_tokens=2, chunk_size=16,
+                                                                          backend=backend))
         logits = student(ids).logits
         logits.square().mean().backward()
         gates = [p.grad for n, p in student.named_parameters() if "hybrid_gates" in n]
         results[backend] = (logits.detach(), gates)
     torch_logits, torch_gates = results["torch"]
     triton_logits, triton_gates = results["triton"]
-    assert_close("logits", triton_logits.double(), torch_logits.double(), torch.float32)
+    assert_close("logits", triton_logits.double(), torch_logits.double().cpu(), torch.float32)
     assert len(triton_gates) == len(torch_gates) > 0
     for got, ref in zip(triton_gates, torch_gates):
-        assert_close("gate weights' gradient", got.double(), ref.double(), torch.float32)
+        assert_close("gate weights' gradient", got.double(), ref.double().cpu(), torch.float32)
 
 
 @pytest.mark.gpu
