@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .triton_fwd import (
-    MAX_NEG_LOG_FLOOR, MODE_MLSTM, MODE_SHARED_NORM, MODE_SWA, _dot, _logsigmoid, attention_mask, key_blocks,
-    head_columns, load_state, load_tile, shared_norm_scales, state_rows, store_tile,
+    MODE_MLSTM, MODE_SHARED_NORM, MODE_SWA, _dot, _logsigmoid, attention_mask, head_columns, head_norm, key_blocks,
+    load_state, load_tile, mlstm_read_out, shared_norm_output, state_rows, store_tile,
 )
 
 
@@ -40,24 +40,21 @@ def combine_bwd_kernel(
     mask_v = offs_v < DV
     real = offs_t < T  # padded rows get zero gradients
     rows = bh * T_padded + offs_t
-    vec_ptr = rows[:, None] * DV + offs_v[None, :]
-    dout = tl.load(DOUT + vec_ptr, mask=mask_v[None, :] & real[:, None], other=0.0).to(tl.float32)
+    dout = tl.load(DOUT + rows[:, None] * DV + offs_v[None, :], mask=mask_v[None, :] & real[:, None],
+                   other=0.0).to(tl.float32)
 
     if MODE != MODE_MLSTM:
-        num_a = tl.load(NUM_A + vec_ptr, mask=mask_v[None, :], other=0.0)
+        num_a = load_tile(NUM_A, rows, offs_v, mask_v, DV)
         den_a = tl.load(DEN_A + rows)
     if MODE != MODE_SWA:
-        num_m = tl.load(NUM_M + vec_ptr, mask=mask_v[None, :], other=0.0)
+        num_m = load_tile(NUM_M, rows, offs_v, mask_v, DV)
         den_m = tl.load(DEN_M + rows)
         max_m = tl.load(MAX_M + rows)
 
     if MODE == MODE_SHARED_NORM:
-        max_a = tl.load(MAX_A + rows)
         g = tl.load(GG + rows).to(tl.float32)
-        log_g = _logsigmoid(g)
-        scale_a, scale_o, mass_o = shared_norm_scales(max_a, den_a, max_m, den_m, log_g)
-        total = scale_a * den_a + scale_o * mass_o
-        out = (scale_a[:, None] * num_a + scale_o[:, None] * num_m) / total[:, None]
+        out, scale_a, scale_o, mass_o, total = shared_norm_output(
+            num_a, den_a, tl.load(MAX_A + rows), num_m, den_m, max_m, _logsigmoid(g))
         dout_out = tl.sum(dout * out, 1)
         dnum_a = dout * (scale_a / total)[:, None]
         dden_a = -scale_a * dout_out / total
@@ -68,9 +65,7 @@ def combine_bwd_kernel(
         tl.store(DG + rows, d_log_g * (1.0 - tl.sigmoid(g)))
     else:
         if MODE != MODE_SWA:
-            floor = tl.exp(tl.minimum(-max_m, MAX_NEG_LOG_FLOOR))
-            norm_m = tl.maximum(tl.abs(den_m), floor) + eps
-            h_m = num_m / norm_m[:, None]
+            h_m, norm_m, floor = mlstm_read_out(num_m, den_m, max_m, eps)
         if MODE == MODE_SWA:
             dh_a = dout
         elif MODE == MODE_MLSTM:
@@ -79,12 +74,7 @@ def combine_bwd_kernel(
             g = tl.load(GG + rows).to(tl.float32)
             mix = tl.sigmoid(g)
             h_a = num_a / den_a[:, None]
-            rms = 1.0 / tl.sqrt(tl.sum(h_m * h_m, 1) / DV + norm_eps)
-            y_unit = h_m * rms[:, None]
-            if HAS_NORM_WEIGHT:
-                w = tl.load(NORM_W + (bh % H) * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-            else:
-                w = tl.where(mask_v, 1.0, 0.0)
+            y_unit, rms, w = head_norm(h_m, NORM_W, bh, H, offs_v, mask_v, norm_eps, DV, HAS_NORM_WEIGHT)
             y = y_unit * w[None, :]
             dy = dout * mix[:, None]
             dh_a = dout - dy
@@ -102,10 +92,10 @@ def combine_bwd_kernel(
             sign_m = tl.where(den_m < 0, -1.0, 1.0)
             dden_m = tl.where(through_den, -tl.sum(dh_m * h_m, 1) / norm_m * sign_m, 0.0)
     if MODE != MODE_MLSTM:
-        tl.store(DNUM_A + vec_ptr, dnum_a, mask=mask_v[None, :])
+        store_tile(DNUM_A, rows, offs_v, mask_v, DV, dnum_a)
         tl.store(DDEN_A + rows, dden_a)
     if MODE != MODE_SWA:
-        tl.store(DNUM_M + vec_ptr, dnum_m, mask=mask_v[None, :])
+        store_tile(DNUM_M, rows, offs_v, mask_v, DV, dnum_m)
         tl.store(DDEN_M + rows, dden_m)
 
 
@@ -124,9 +114,9 @@ def mlstm_bwd_kernel(
     offs = chunk * L + tl.arange(0, L)
     offs_d, mask_d, offs_v, mask_v = head_columns(D, DV, BLOCK_D, BLOCK_DV)
     rows = bh * T_padded + offs
-    q = load_tile(Q, rows, offs_d, mask_d, D).to(tl.float32)
-    k = load_tile(KM, rows, offs_d, mask_d, D).to(tl.float32)
-    v = load_tile(VM, rows, offs_v, mask_v, DV).to(tl.float32)
+    q = load_tile(Q, rows, offs_d, mask_d, D)
+    k = load_tile(KM, rows, offs_d, mask_d, D)
+    v = load_tile(VM, rows, offs_v, mask_v, DV)
     q_scaled = q * scale
     log_f = _logsigmoid(tl.load(FG + rows).to(tl.float32))
     cum_f = tl.cumsum(log_f, 0)
@@ -184,14 +174,21 @@ def _attention_grad_block(q_scaled, k, v, offs_t, offs_j, max_a, dnum, dden, win
 
 
 @triton.jit
+def _attention_query_rows(Q, MAX_A, DNUM_A, DDEN_A, rows, offs_d, mask_d, offs_v, mask_v, scale,
+                          D: tl.constexpr, DV: tl.constexpr):
+    """What the attention backward reads of a query chunk: scaled q, row max, d num_a, d den_a."""
+    q_scaled = load_tile(Q, rows, offs_d, mask_d, D) * scale
+    return q_scaled, tl.load(MAX_A + rows), load_tile(DNUM_A, rows, offs_v, mask_v, DV), tl.load(DDEN_A + rows)
+
+
+@triton.jit
 def _attention_dq_block(dq, q_scaled, offs_t, block, max_a, dnum, dden, window, sink_tokens, K, V, row_base,
                         offs_d, mask_d, offs_v, mask_v, D: tl.constexpr, DV: tl.constexpr, L: tl.constexpr,
                         DOT_DTYPE: tl.constexpr):
     offs_j = block * L + tl.arange(0, L)
     k = load_tile(K, row_base + offs_j, offs_d, mask_d, D)
     v = load_tile(V, row_base + offs_j, offs_v, mask_v, DV)
-    k = k.to(tl.float32)
-    _, d_scores = _attention_grad_block(q_scaled, k, v.to(tl.float32), offs_t, offs_j, max_a, dnum, dden,
+    _, d_scores = _attention_grad_block(q_scaled, k, v, offs_t, offs_j, max_a, dnum, dden,
                                         window, sink_tokens, DOT_DTYPE)
     return dq + _dot(d_scores, k, DOT_DTYPE)
 
@@ -209,10 +206,8 @@ def attention_bwd_dq_kernel(
     offs_d, mask_d, offs_v, mask_v = head_columns(D, DV, BLOCK_D, BLOCK_DV)
     row_base = bh * T_padded
     rows = row_base + offs_t
-    q_scaled = load_tile(Q, rows, offs_d, mask_d, D).to(tl.float32) * scale
-    max_a = tl.load(MAX_A + rows)
-    dnum = load_tile(DNUM_A, rows, offs_v, mask_v, DV)
-    dden = tl.load(DDEN_A + rows)
+    q_scaled, max_a, dnum, dden = _attention_query_rows(Q, MAX_A, DNUM_A, DDEN_A, rows, offs_d, mask_d, offs_v,
+                                                        mask_v, scale, D, DV)
     dq = tl.zeros([L, BLOCK_D], dtype=tl.float32)
     sink_blocks, band_first = key_blocks(chunk, window, sink_tokens, L)
     for block in range(0, sink_blocks):
@@ -238,7 +233,6 @@ def attention_bwd_dkdv_kernel(
     row_base = bh * T_padded
     k = load_tile(KA, row_base + offs_j, offs_d, mask_d, D)
     v = load_tile(VA, row_base + offs_j, offs_v, mask_v, DV)
-    k, v = k.to(tl.float32), v.to(tl.float32)
     dk = tl.zeros([L, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([L, BLOCK_DV], dtype=tl.float32)
     # the last chunk with a query inside this block's window reach; a block holding sinks is read by all
@@ -247,11 +241,8 @@ def attention_bwd_dkdv_kernel(
     for chunk in range(block, last + 1):
         offs_t = chunk * L + tl.arange(0, L)
         rows = row_base + offs_t
-        q_scaled = load_tile(Q, rows, offs_d, mask_d, D)
-        q_scaled = q_scaled.to(tl.float32) * scale
-        max_a = tl.load(MAX_A + rows)
-        dnum = load_tile(DNUM_A, rows, offs_v, mask_v, DV)
-        dden = tl.load(DDEN_A + rows)
+        q_scaled, max_a, dnum, dden = _attention_query_rows(Q, MAX_A, DNUM_A, DDEN_A, rows, offs_d, mask_d,
+                                                            offs_v, mask_v, scale, D, DV)
         p, d_scores = _attention_grad_block(q_scaled, k, v, offs_t, offs_j, max_a, dnum, dden,
                                             window, sink_tokens, DOT_DTYPE)
         dk += _dot(tl.trans(d_scores), q_scaled, DOT_DTYPE)

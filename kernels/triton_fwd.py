@@ -85,14 +85,14 @@ def _attention_block(num, den, row_max, q_scaled, offs_t, block, window, sink_to
     offs_j = block * L + tl.arange(0, L)
     k = load_tile(K, row_base + offs_j, offs_d, mask_d, D)
     v = load_tile(V, row_base + offs_j, offs_v, mask_v, DV)
-    scores = _dot(q_scaled, tl.trans(k.to(tl.float32)), DOT_DTYPE)
+    scores = _dot(q_scaled, tl.trans(k), DOT_DTYPE)
     scores = tl.where(attention_mask(offs_t, offs_j, window, sink_tokens), scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, 1))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with no key yet
     weights = tl.exp(scores - safe_max[:, None])
     carry = tl.exp(row_max - safe_max)
     den = den * carry + tl.sum(weights, 1)
-    num = num * carry[:, None] + _dot(weights, v.to(tl.float32), DOT_DTYPE)
+    num = num * carry[:, None] + _dot(weights, v, DOT_DTYPE)
     return num, den, new_max
 
 
@@ -145,6 +145,36 @@ def shared_norm_scales(max_a, den_a, max_m, den_m, log_g):
 
 
 @triton.jit
+def shared_norm_output(num_a, den_a, max_a, num_m, den_m, max_m, log_g):
+    """``shared_norm``: out = (scale_a * num_a + scale_o * num_m) / total. Returns (out, scale_a,
+    scale_o, |den_m|, total), what the backward needs as well."""
+    scale_a, scale_o, mass_o = shared_norm_scales(max_a, den_a, max_m, den_m, log_g)
+    total = scale_a * den_a + scale_o * mass_o
+    return (scale_a[:, None] * num_a + scale_o[:, None] * num_m) / total[:, None], scale_a, scale_o, mass_o, total
+
+
+@triton.jit
+def mlstm_read_out(num_m, den_m, max_m, eps):
+    """h^m = num / (max(|den|, exp(-m)) + eps) (exp(-m) capped at e^60). Returns (h_m, the
+    denominator, the floor exp(-m))."""
+    floor = tl.exp(tl.minimum(-max_m, MAX_NEG_LOG_FLOOR))
+    norm_m = tl.maximum(tl.abs(den_m), floor) + eps
+    return num_m / norm_m[:, None], norm_m, floor
+
+
+@triton.jit
+def head_norm(h_m, NORM_W, bh, H, offs_v, mask_v, norm_eps, DV: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr):
+    """The ``gate`` combination's per-head RMS norm: returns (h_m * rms, rms, weight); the weight is
+    1 on the head's columns when there is none."""
+    rms = 1.0 / tl.sqrt(tl.sum(h_m * h_m, 1) / DV + norm_eps)
+    if HAS_NORM_WEIGHT:
+        weight = tl.load(NORM_W + (bh % H) * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+    else:
+        weight = tl.where(mask_v, 1.0, 0.0)
+    return h_m * rms[:, None], rms, weight
+
+
+@triton.jit
 def hybrid_fwd_kernel(
     Q, KA, VA, KM, VM, IG, FG, GG, NORM_W,
     C_STATES, N_STATES, M_STATES,
@@ -158,8 +188,7 @@ def hybrid_fwd_kernel(
     offs_t = chunk * L + tl.arange(0, L)
     offs_d, mask_d, offs_v, mask_v = head_columns(D, DV, BLOCK_D, BLOCK_DV)
     row_base = bh * T_padded
-    q = load_tile(Q, row_base + offs_t, offs_d, mask_d, D)
-    q_scaled = q.to(tl.float32) * scale
+    q_scaled = load_tile(Q, row_base + offs_t, offs_d, mask_d, D) * scale
 
     if MODE != MODE_MLSTM:
         num_a, den_a, max_a = _attention_blocks(
@@ -173,18 +202,17 @@ def hybrid_fwd_kernel(
         log_f = _logsigmoid(tl.load(FG + row_base + offs_t).to(tl.float32))
         cum_f = tl.cumsum(log_f, 0)
         i_gate = tl.load(IG + row_base + offs_t).to(tl.float32)
-        offs_s = chunk * L + tl.arange(0, L)
-        k = load_tile(KM, row_base + offs_s, offs_d, mask_d, D)
-        v = load_tile(VM, row_base + offs_s, offs_v, mask_v, DV)
+        k = load_tile(KM, row_base + offs_t, offs_d, mask_d, D)  # the chunk's own keys
+        v = load_tile(VM, row_base + offs_t, offs_v, mask_v, DV)
         causal = tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]
         log_w = tl.where(causal, cum_f[:, None] - cum_f[None, :] + i_gate[None, :], float("-inf"))
         state_max = tl.load(M_STATES + bh * (NC + 1) + chunk)
         inter_log = state_max + cum_f
         max_m = tl.maximum(inter_log, tl.max(log_w, 1))
         w_inter = tl.exp(inter_log - max_m)
-        weights = tl.exp(log_w - max_m[:, None]) * _dot(q_scaled, tl.trans(k.to(tl.float32)), DOT_DTYPE)
+        weights = tl.exp(log_w - max_m[:, None]) * _dot(q_scaled, tl.trans(k), DOT_DTYPE)
         C, n = load_state(C_STATES, N_STATES, bh, chunk, NC, offs_d, mask_d, offs_v, mask_v, D, DV)
-        num_m = w_inter[:, None] * _dot(q_scaled, C, DOT_DTYPE) + _dot(weights, v.to(tl.float32), DOT_DTYPE)
+        num_m = w_inter[:, None] * _dot(q_scaled, C, DOT_DTYPE) + _dot(weights, v, DOT_DTYPE)
         den_m = w_inter * tl.sum(q_scaled * n[None, :], 1) + tl.sum(weights, 1)
         store_tile(NUM_M, row_base + offs_t, offs_v, mask_v, DV, num_m)
         tl.store(DEN_M + row_base + offs_t, den_m)
@@ -193,22 +221,15 @@ def hybrid_fwd_kernel(
     if MODE == MODE_SWA:
         out = num_a / den_a[:, None]
     elif MODE == MODE_SHARED_NORM:
-        g = tl.load(GG + row_base + offs_t).to(tl.float32)
-        log_g = _logsigmoid(g)
-        scale_a, scale_o, mass_o = shared_norm_scales(max_a, den_a, max_m, den_m, log_g)
-        out = (scale_a[:, None] * num_a + scale_o[:, None] * num_m) / (scale_a * den_a + scale_o * mass_o)[:, None]
+        log_g = _logsigmoid(tl.load(GG + row_base + offs_t).to(tl.float32))
+        out, _, _, _, _ = shared_norm_output(num_a, den_a, max_a, num_m, den_m, max_m, log_g)
     else:
-        floor = tl.exp(tl.minimum(-max_m, MAX_NEG_LOG_FLOOR))
-        h_m = num_m / (tl.maximum(tl.abs(den_m), floor) + eps)[:, None]
+        h_m, _, _ = mlstm_read_out(num_m, den_m, max_m, eps)
         if MODE == MODE_MLSTM:
             out = h_m
         else:
-            rms = 1.0 / tl.sqrt(tl.sum(h_m * h_m, 1) / DV + norm_eps)
-            y = h_m * rms[:, None]
-            if HAS_NORM_WEIGHT:
-                w = tl.load(NORM_W + (bh % H) * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
-                y = y * w[None, :]
+            y_unit, _, weight = head_norm(h_m, NORM_W, bh, H, offs_v, mask_v, norm_eps, DV, HAS_NORM_WEIGHT)
             mix = tl.sigmoid(tl.load(GG + row_base + offs_t).to(tl.float32))
             h_a = num_a / den_a[:, None]
-            out = h_a + mix[:, None] * (y - h_a)
+            out = h_a + mix[:, None] * (y_unit * weight[None, :] - h_a)
     store_tile(OUT, row_base + offs_t, offs_v, mask_v, DV, out)

@@ -158,8 +158,7 @@ class HybridAttentionTriton(torch.autograd.Function):
             DV=Dv, BLOCK_DV=_block(Dv), L=L, MODE=mode, HAS_NORM_WEIGHT=norm_weight is not None,
         )
 
-        dq = torch.zeros(B, H, Tp, D, **f32)
-        dk_a = dv_a = dk_m = dv_m = di = df = None
+        dq = dk_a = dv_a = dk_m = dv_m = di = df = None
         if has_mem:
             # The state gradient is carried by mlstm_kernels over [dnum | dden]: n is the state of
             # a value column of ones, so one pass gives dC and dn.
@@ -171,7 +170,7 @@ class HybridAttentionTriton(torch.autograd.Function):
             mlstm_bwd_kernel[(NC, B * H)](
                 q, k_m, v_m, i_m, f, C, n, m_states, dC, max_m, dnum_m, dden_m,
                 dq_m, dk_m, dv_m, di, d_log_decay, Tp, NC, o["scale"], **blocks)
-            dq += dq_m
+            dq = dq_m
             d_log_f = d_log_decay.flip(-1).cumsum(-1).flip(-1)
             df = d_log_f * torch.sigmoid(-f.float())
         if has_attn:
@@ -182,7 +181,7 @@ class HybridAttentionTriton(torch.autograd.Function):
                 q, k_a, v_a, max_a, dnum_a, dden_a, dq_a, Tp, o["scale"], *common, **blocks)
             attention_bwd_dkdv_kernel[(NC, B * H)](
                 q, k_a, v_a, max_a, dnum_a, dden_a, dk_a, dv_a, Tp, NC, o["scale"], *common, **blocks)
-            dq += dq_a
+            dq = dq_a if dq is None else dq.add_(dq_a)
 
         def cut(grad, like_input):
             return None if grad is None else grad[:, :, :T].to(like_input.dtype)

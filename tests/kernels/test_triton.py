@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from kernels import HybridState, hybrid_attention_step, reference
+from tests.conftest import rel_err
 from tests.kernels.conftest import triton_device
 
 VARIANTS = [("hybrid", "gate"), ("hybrid", "shared_norm"), ("mlstm", "gate"), ("swa", "gate")]
@@ -101,10 +102,6 @@ def test_head_dims_that_are_not_powers_of_two(D, Dv, nan_filled_empty):
     check_against_reference(1, 2, 1, 70, D, Dv, 16, 4, "hybrid", "gate", 32, torch.float32)
 
 
-def _relative_error(got, ref):
-    return ((got.detach().double().cpu() - ref).norm() / ref.norm()).item()
-
-
 @pytest.mark.parametrize("i_bias,f_bias", [(8.0, 4.0), (-8.0, -4.0), (0.0, 8.0)])
 @pytest.mark.parametrize("mode,combine", VARIANTS[:3])
 def test_extreme_gates_as_accurate_as_the_torch_path(i_bias, f_bias, mode, combine):
@@ -124,8 +121,8 @@ def test_extreme_gates_as_accurate_as_the_torch_path(i_bias, f_bias, mode, combi
         out = kernels.hybrid_attention(**leaves, **kw, backend=backend, chunk_size=16)
         (out.double() * upstream.to(device)).sum().backward()
         assert torch.isfinite(out).all() and all(torch.isfinite(leaves[n].grad).all() for n in NAMES[:5])
-        errors[backend] = [_relative_error(out, ref_out)] + [
-            _relative_error(leaves[n].grad, ref_in[n].grad) for n in NAMES[:5]]
+        errors[backend] = [rel_err(out.detach().cpu(), ref_out)] + [
+            rel_err(leaves[n].grad.cpu(), ref_in[n].grad) for n in NAMES[:5]]
     for name, triton_err, torch_err in zip(("out",) + NAMES[:5], errors["triton"], errors["torch"]):
         assert triton_err <= max(3 * torch_err, RATIO[torch.float32]), (name, triton_err, torch_err)
 
