@@ -9,7 +9,7 @@ import os
 import torch
 
 from . import reference
-from ._common import COMBINES, MODES, is_power_of_two
+from ._common import COMBINES, MEMORY_NORMS, MODES, is_power_of_two
 from .chunkwise import hybrid_attention_chunkwise
 from .recurrent import HybridState, hybrid_attention_step
 
@@ -59,7 +59,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
 
 def hybrid_attention(
     q, k, v, i_gate, f_gate, g_gate, *, window, sink_tokens, mode="hybrid", combine="gate", backend="auto",
-    chunk_size=64, scale=None, norm_weight=None, norm_eps=1e-6, eps=1e-6, return_state=False,
+    chunk_size=64, scale=None, norm_weight=None, norm_eps=1e-6, eps=1e-6, return_state=False, mq=None, mk=None,
+    memory_norm="rms",
 ):
     """Hybrid mLSTM + sliding-window/sink attention.
 
@@ -69,8 +70,13 @@ def hybrid_attention(
     [B, H, T, Dv] in q's dtype (and the decode state after the last token if ``return_state``).
 
     backend: "auto" (Triton on CUDA when it can serve the inputs, the chunkwise torch path
-    elsewhere), "triton" (an error says why when it cannot run), "torch", "reference". With mode="mlstm" the result is the raw mLSTM hidden state
-    h^m, comparable with mlstm_kernels' parallel mLSTM on the same inputs.
+    elsewhere), "triton" (an error says why when it cannot run), "torch", "reference". With
+    mode="mlstm" the result is the raw mLSTM hidden state h^m, comparable with mlstm_kernels'
+    parallel mLSTM on the same inputs.
+
+    mq [B, H, T, Dqk], mk [B, Hkv, T, Dqk]: the memory branch's own queries and keys (the layer's
+    feature-mapped q, k); None means q, k. memory_norm: "rms" (per-head RMS norm of h^m before
+    the ``gate`` mix, weight ``norm_weight``) or "none" (the paper's layer).
 
     See ``kernels.reference.hybrid_attention`` for the meaning of every option.
     """
@@ -78,7 +84,7 @@ def hybrid_attention(
         raise ValueError(f"chunk_size={chunk_size!r} is invalid; allowed values: a power of two (16, 32, 64, ...)")
     impl = resolve_backend(backend, q.device, q.dtype, q.shape[-1], v.shape[-1], chunk_size)
     kwargs = dict(window=window, sink_tokens=sink_tokens, mode=mode, combine=combine, scale=scale,
-                  norm_weight=norm_weight, norm_eps=norm_eps, eps=eps)
+                  norm_weight=norm_weight, norm_eps=norm_eps, eps=eps, mq=mq, mk=mk, memory_norm=memory_norm)
     if impl == "triton":
         from .triton_hybrid import hybrid_attention_triton  # imports Triton: only when it runs
 
@@ -91,6 +97,6 @@ def hybrid_attention(
 
 
 __all__ = [
-    "BACKENDS", "COMBINES", "MODES", "HybridState", "TRITON_DTYPES", "hybrid_attention", "hybrid_attention_chunkwise",
+    "BACKENDS", "COMBINES", "MEMORY_NORMS", "MODES", "HybridState", "TRITON_DTYPES", "hybrid_attention", "hybrid_attention_chunkwise",
     "hybrid_attention_step", "reference", "resolve_backend", "triton_unavailable_reason",
 ]

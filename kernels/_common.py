@@ -8,13 +8,24 @@ import torch.nn.functional as F
 
 MODES = ("hybrid", "mlstm", "swa")
 COMBINES = ("gate", "shared_norm")
+# What the ``gate`` combination does to the memory read-out before mixing: "rms" a per-head RMS
+# norm (weight ``norm_weight``), "none" nothing (the paper: the normaliser state does the job).
+MEMORY_NORMS = ("rms", "none")
 # A finite stand-in for log(0): exp() of it is 0 in float32, and unlike -inf it never makes
 # inf - inf = nan in the stabiliser arithmetic (nor nan gradients).
 LOG_ZERO = -1e30
 
 
-def check_inputs(q, k, v, i_gate, f_gate, g_gate, window, sink_tokens, mode, combine):
-    """Validate shapes and options; returns (B, H, Hkv, T, Dqk, Dv)."""
+def check_inputs(q, k, v, i_gate, f_gate, g_gate, window, sink_tokens, mode, combine, mq=None, mk=None,
+                 memory_norm="rms"):
+    """Validate shapes and options; returns (B, H, Hkv, T, Dqk, Dv). ``mq``/``mk`` (the memory
+    branch's own queries and keys) must have the shapes of ``q``/``k`` when given."""
+    if memory_norm not in MEMORY_NORMS:
+        raise ValueError(f"memory_norm={memory_norm!r} is not supported; allowed values: {', '.join(MEMORY_NORMS)}")
+    for name, given, like in (("mq", mq, q), ("mk", mk, k)):
+        if given is not None and tuple(given.shape) != tuple(like.shape):
+            raise ValueError(f"{name} must have the shape of {name[1]} {tuple(like.shape)} (the memory branch's own "
+                             f"{'queries' if name == 'mq' else 'keys'}); got {tuple(given.shape)}")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not supported; allowed values: {', '.join(MODES)}")
     if combine not in COMBINES:
@@ -115,6 +126,14 @@ def mix_gate(combined_hm_normed, h_attn, g_gate):
     return torch.lerp(h_attn, combined_hm_normed, torch.sigmoid(g_gate).unsqueeze(-1))
 
 
+def gate_combine(h_mem, h_attn, g_gate, memory_norm, norm_weight, norm_eps):
+    """The ``gate`` combination: g * h^m + (1 - g) * h^a, h^m RMS-normed per head first when
+    ``memory_norm == "rms"``."""
+    if memory_norm == "rms":
+        h_mem = head_rms_norm(h_mem, norm_weight, norm_eps)
+    return mix_gate(h_mem, h_attn, g_gate)
+
+
 def log_forget(f_gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return F.logsigmoid(f_gate.to(dtype))
 
@@ -123,7 +142,12 @@ def is_power_of_two(n) -> bool:
     return isinstance(n, int) and n >= 1 and (n & (n - 1)) == 0 and not isinstance(n, bool)
 
 
+def memory_inputs(q, k, mq, mk):
+    """The memory branch's queries and keys: ``mq``/``mk`` where given, else the attention's q/k."""
+    return (q if mq is None else mq), (k if mk is None else mk)
+
+
 __all__ = [
-    "MODES", "COMBINES", "LOG_ZERO", "check_inputs", "compute_dtype", "expand_kv",
+    "MODES", "COMBINES", "MEMORY_NORMS", "gate_combine", "memory_inputs", "LOG_ZERO", "check_inputs", "compute_dtype", "expand_kv",
     "default_scale", "head_rms_norm", "mix_gate", "shared_norm_combine", "mlstm_normalise", "log_forget", "is_power_of_two",
 ]

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ._common import (
-    LOG_ZERO, check_inputs, compute_dtype, default_scale, expand_kv, head_rms_norm, log_forget, mlstm_normalise,
-    mix_gate, shared_norm_combine,
+    LOG_ZERO, check_inputs, compute_dtype, default_scale, expand_kv, gate_combine, log_forget, memory_inputs,
+    mlstm_normalise, shared_norm_combine,
 )
 from .recurrent import HybridState
 
@@ -191,7 +191,7 @@ def segment_tokens_for(B, H, window, sink_tokens, chunk_size, qk_dim, v_dim) -> 
 def hybrid_attention_chunkwise(
     q, k, v, i_gate, f_gate, g_gate, *, window, sink_tokens, mode="hybrid", combine="gate",
     chunk_size=64, scale=None, norm_weight=None, norm_eps=1e-6, eps=1e-6, return_state=False,
-    segment_tokens=None,
+    segment_tokens=None, mq=None, mk=None, memory_norm="rms",
 ):
     """Chunkwise hybrid attention; same arguments and result as ``kernels.reference.hybrid_attention``.
 
@@ -203,9 +203,11 @@ def hybrid_attention_chunkwise(
     ``SEGMENT_ELEMENTS``), the mLSTM state carried from one to the next and each segment's window
     reading the keys before it: memory beyond the inputs and outputs does not grow with T.
     """
-    B, H, Hkv, T, Dqk, Dv = check_inputs(q, k, v, i_gate, f_gate, g_gate, window, sink_tokens, mode, combine)
+    B, H, Hkv, T, Dqk, Dv = check_inputs(q, k, v, i_gate, f_gate, g_gate, window, sink_tokens, mode, combine,
+                                         mq, mk, memory_norm)
     out_dtype, dt = q.dtype, compute_dtype(q)
     scale = default_scale(scale, Dqk)
+    mq, mk = memory_inputs(q, k, mq, mk)
     L = chunk_size
     if segment_tokens is None:
         segment_tokens = segment_tokens_for(B, H, window, sink_tokens, L, Dqk, Dv)
@@ -219,9 +221,9 @@ def hybrid_attention_chunkwise(
         if shared_norm:
             # keys older than the window form a delayed mLSTM stream (built for the whole
             # sequence: a shift, [B, Hkv, T, D])
-            k_mem, v_mem, i_mem = delayed_stream(k, v, i_f, log_f, window, sink_tokens)
+            k_mem, v_mem, i_mem = delayed_stream(mk, v, i_f, log_f, window, sink_tokens)
         else:
-            k_mem, v_mem, i_mem = k, v, i_f
+            k_mem, v_mem, i_mem = mk, v, i_f
 
     def heads(x):  # GQA key/value heads as the query heads that read them, in the compute dtype
         return expand_kv(x, H).to(dt)
@@ -237,7 +239,7 @@ def hybrid_attention_chunkwise(
                 window=window, sink_tokens=sink_tokens, scale=scale, chunk_size=L, start=s0, key_start=k0)
         if mode != "swa":
             num, den, m, state_mem = mlstm_chunkwise(
-                qf, heads(k_mem[:, :, s0:s1]), heads(v_mem[:, :, s0:s1]),
+                qf if mq is q else mq[:, :, s0:s1].to(dt), heads(k_mem[:, :, s0:s1]), heads(v_mem[:, :, s0:s1]),
                 i_mem[:, :, s0:s1], log_f[:, :, s0:s1], scale=scale, chunk_size=L, initial=state_mem)
         g_seg = g_gate[:, :, s0:s1].to(dt) if g_gate is not None else None
         if mode == "mlstm":
@@ -247,14 +249,14 @@ def hybrid_attention_chunkwise(
         elif shared_norm:
             out = shared_norm_combine(num_a, den_a, a_max, num, den, m, g_seg)
         else:
-            h_mem = mlstm_normalise(num, den, m, eps)
-            out = mix_gate(head_rms_norm(h_mem, norm_weight, norm_eps), num_a / den_a.unsqueeze(-1), g_seg)
+            out = gate_combine(mlstm_normalise(num, den, m, eps), num_a / den_a.unsqueeze(-1), g_seg, memory_norm,
+                               norm_weight, norm_eps)
         outs.append(out.to(out_dtype))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     if not return_state:
         return out
     state = HybridState.from_prefill(
         k, v, i_gate, f_gate, state_mem, num_heads=H, window=window, sink_tokens=sink_tokens,
-        mode=mode, combine=combine, compute_dtype=dt,
+        mode=mode, combine=combine, compute_dtype=dt, mk=mk,
     )
     return out, state

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (
-    LOG_ZERO, check_inputs, compute_dtype, default_scale, head_rms_norm, mix_gate, mlstm_normalise,
+    LOG_ZERO, check_inputs, compute_dtype, default_scale, gate_combine, memory_inputs, mlstm_normalise,
     shared_norm_combine,
 )
 
@@ -42,6 +42,9 @@ class HybridState:
     attn_v: torch.Tensor | None = None  # [B, Hkv, S + W, Dv]
     attn_pos: torch.Tensor | None = None  # [B, S + W] long, position held by each slot (-1: empty)
     attn_logw: torch.Tensor | None = None  # [B, H, S + W] shared_norm: i_j + F_t - F_j per ring slot
+    # shared_norm with memory keys of their own (feature maps): the memory key of each slot, which
+    # enters the memory when the ring evicts it; None when the memory reads the attention keys.
+    attn_mk: torch.Tensor | None = None  # [B, Hkv, S + W, Dqk]
 
     @property
     def has_memory(self) -> bool:
@@ -77,7 +80,9 @@ class HybridState:
 
     @classmethod
     def empty(cls, batch, num_heads, num_kv_heads, qk_dim, v_dim, *, window, sink_tokens, mode, combine,
-              dtype, device, compute_dtype=torch.float32):
+              dtype, device, compute_dtype=torch.float32, memory_keys=False):
+        """A state before the first token. ``memory_keys``: the memory branch has keys of its own
+        (``mk``), kept per ring slot under ``shared_norm``."""
         st = cls(pos=torch.zeros(batch, dtype=torch.long, device=device), window=window,
                  sink_tokens=sink_tokens, mode=mode, combine=combine)
         slots = sink_tokens + window
@@ -91,15 +96,20 @@ class HybridState:
             st.attn_pos = torch.full((batch, slots), -1, dtype=torch.long, device=device)
             if st.shared_norm:
                 st.attn_logw = torch.full((batch, num_heads, slots), LOG_ZERO, dtype=compute_dtype, device=device)
+                if memory_keys:
+                    st.attn_mk = torch.zeros(batch, num_kv_heads, slots, qk_dim, dtype=dtype, device=device)
         return st
 
     @classmethod
     def from_prefill(cls, k, v, i_gate, f_gate, memory, *, num_heads, window, sink_tokens, mode, combine,
-                     compute_dtype):
-        """State after a chunkwise pass over k, v [B, Hkv, T, D]; ``memory`` = (C, n, m) or None."""
+                     compute_dtype, mk=None):
+        """State after a chunkwise pass over k, v [B, Hkv, T, D]; ``memory`` = (C, n, m) or None;
+        ``mk`` the memory branch's own keys (None or ``k``: the same keys)."""
         B, Hkv, T, D = k.shape
+        memory_keys = mk is not None and mk is not k
         st = cls.empty(B, num_heads, Hkv, D, v.shape[-1], window=window, sink_tokens=sink_tokens, mode=mode,
-                       combine=combine, dtype=k.dtype, device=k.device, compute_dtype=compute_dtype)
+                       combine=combine, dtype=k.dtype, device=k.device, compute_dtype=compute_dtype,
+                       memory_keys=memory_keys)
         st.pos = torch.full((B,), T, dtype=torch.long, device=k.device)
         if st.has_memory:
             st.C, st.n, st.m = (x.to(compute_dtype) for x in memory)
@@ -118,15 +128,18 @@ class HybridState:
                 # decay each kept key has accumulated since it arrived: F_{T-1} - F_j
                 since = (cum[..., -1:] - cum[..., kept]).to(compute_dtype)
                 st.attn_logw = st.attn_logw.index_copy(2, slots, i_gate[..., kept].to(compute_dtype) + since)
+                if memory_keys:
+                    st.attn_mk = st.attn_mk.index_copy(2, slots, mk[:, :, kept].to(st.attn_mk.dtype))
         return st
 
 
 def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *, scale=None,
-                          norm_weight=None, norm_eps=1e-6, eps=1e-6):
+                          norm_weight=None, norm_eps=1e-6, eps=1e-6, mq=None, mk=None, memory_norm="rms"):
     """One decoding step.
 
     q [B, H, 1, Dqk], k [B, Hkv, 1, Dqk], v [B, Hkv, 1, Dv], gates [B, H, 1] (pre-activations),
-    ``state`` from ``HybridState.empty`` / ``from_prefill`` / a previous step.
+    ``state`` from ``HybridState.empty`` / ``from_prefill`` / a previous step; ``mq``, ``mk``
+    and ``memory_norm`` as in ``kernels.reference.hybrid_attention``.
     Returns (out [B, H, 1, Dv] in q's dtype, new state).
 
     Decoding runs this once per layer and token, where each tensor op costs microseconds of
@@ -134,7 +147,11 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
     (fused addcmul and lerp, GQA by views, SDPA for the window), because that count, not
     the FLOPs, is the student's cost per token beyond the matrix products it shares with its teacher.
     """
-    check_inputs(q, k, v, i_gate, f_gate, g_gate, state.window, state.sink_tokens, state.mode, state.combine)
+    check_inputs(q, k, v, i_gate, f_gate, g_gate, state.window, state.sink_tokens, state.mode, state.combine, mq, mk,
+                 memory_norm)
+    if state.shared_norm and (mk is not None and mk is not k) != (state.attn_mk is not None):
+        raise ValueError("shared_norm: give mk at every step when the state was built with memory keys of their "
+                         "own (and never otherwise)")
     if q.shape[2] != 1:
         raise ValueError(f"hybrid_attention_step takes one token; got T={q.shape[2]} (loop over tokens)")
     B, H, _, Dqk = q.shape
@@ -151,7 +168,8 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
 
     if state.has_memory:
         # Query heads grouped by the key/value head they read: [B, Hkv, G, D], no key/value copies.
-        q_g = q.view(B, Hkv, G, Dqk).to(dt) * scale
+        mq, mk = memory_inputs(q, k, mq, mk)
+        q_g = mq.view(B, Hkv, G, Dqk).to(dt) * scale
         i1 = i_gate.view(B, H).to(dt)
         log_f = F.logsigmoid(f_gate.view(B, H).to(dt))
         if state.shared_norm:
@@ -160,9 +178,10 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
             evicted = state.attn_pos.gather(1, slot[:, None]) >= 0  # [B, 1]
             gate_in = logw.gather(2, slot.view(B, 1, 1).expand(B, H, 1)).view(B, H)
             gate_in = gate_in.masked_fill(~evicted, LOG_ZERO)
-            k_in, v_in = state.attn_k.gather(2, slot_k), state.attn_v.gather(2, slot_v)
+            ring_mk = state.attn_k if state.attn_mk is None else state.attn_mk
+            k_in, v_in = ring_mk.gather(2, slot_k), state.attn_v.gather(2, slot_v)
         else:
-            gate_in, k_in, v_in = i1, k, v
+            gate_in, k_in, v_in = i1, mk, v
         m_carry = log_f + state.m
         m_new = torch.maximum(m_carry, gate_in)
         decay = torch.exp(m_carry - m_new).view(B, Hkv, G, 1)
@@ -182,7 +201,10 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
         filled = (new.attn_pos >= 0).view(B, 1, 1, -1)
         if state.shared_norm:
             new.attn_logw = logw.scatter(2, slot.view(B, 1, 1).expand(B, H, 1), i1.unsqueeze(-1))
-            scores = (q_g @ new.attn_k.to(dt).transpose(-1, -2)).masked_fill(~filled, float("-inf"))
+            if state.attn_mk is not None:
+                new.attn_mk = state.attn_mk.scatter(2, slot_k, mk)
+            q_a = q_g if mq is q else q.view(B, Hkv, G, Dqk).to(dt) * scale
+            scores = (q_a @ new.attn_k.to(dt).transpose(-1, -2)).masked_fill(~filled, float("-inf"))
             # softmax sums in units of their log-sum-exp: the denominator is 1
             a_lse = torch.logsumexp(scores, -1, keepdim=True)
             num_a = (torch.exp(scores - a_lse) @ new.attn_v.to(dt)).view(B, H, Dv)
@@ -199,6 +221,6 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
         out = shared_norm_combine(num_a, a_lse.new_ones(()), a_lse.view(B, H), num_m, den_m, m_new,
                                   g_gate.view(B, H).to(dt))
     else:
-        normed = head_rms_norm(mlstm_normalise(num_m, den_m, m_new, eps), norm_weight, norm_eps)
-        out = mix_gate(normed, h_attn, g_gate.view(B, H).to(dt))
+        out = gate_combine(mlstm_normalise(num_m, den_m, m_new, eps), h_attn, g_gate.view(B, H).to(dt), memory_norm,
+                           norm_weight, norm_eps)
     return out.unsqueeze(2).to(q.dtype), new

@@ -32,6 +32,7 @@ def combine_bwd_kernel(
     DNUM_A, DDEN_A, DNUM_M, DDEN_M, DG, DNORM_W_PARTS,
     T, T_padded, NC, H, norm_eps, eps,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, L: tl.constexpr, MODE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr,
+    MEMORY_NORM: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -70,19 +71,25 @@ def combine_bwd_kernel(
             dh_a = dout
         elif MODE == MODE_MLSTM:
             dh_m = dout
-        else:  # gate: out = h_a + mix * (norm(h_m) - h_a)
+        else:  # gate: out = h_a + mix * (y - h_a), y = norm(h_m) (MEMORY_NORM) or h_m
             g = tl.load(GG + rows).to(tl.float32)
             mix = tl.sigmoid(g)
             h_a = num_a / den_a[:, None]
-            y_unit, rms, w = head_norm(h_m, NORM_W, bh, H, offs_v, mask_v, norm_eps, DV, HAS_NORM_WEIGHT)
-            y = y_unit * w[None, :]
+            if MEMORY_NORM:
+                y_unit, rms, w = head_norm(h_m, NORM_W, bh, H, offs_v, mask_v, norm_eps, DV, HAS_NORM_WEIGHT)
+                y = y_unit * w[None, :]
+            else:
+                y = h_m
             dy = dout * mix[:, None]
             dh_a = dout - dy
             tl.store(DG + rows, mix * (1.0 - mix) * tl.sum(dout * (y - h_a), 1))
-            if HAS_NORM_WEIGHT:
-                tl.store(DNORM_W_PARTS + (bh * NC + chunk) * DV + offs_v, tl.sum(dy * y_unit, 0), mask=mask_v)
-            u = dy * w[None, :]
-            dh_m = rms[:, None] * u - (rms * rms * rms * tl.sum(h_m * u, 1) / DV)[:, None] * h_m
+            if MEMORY_NORM:
+                if HAS_NORM_WEIGHT:
+                    tl.store(DNORM_W_PARTS + (bh * NC + chunk) * DV + offs_v, tl.sum(dy * y_unit, 0), mask=mask_v)
+                u = dy * w[None, :]
+                dh_m = rms[:, None] * u - (rms * rms * rms * tl.sum(h_m * u, 1) / DV)[:, None] * h_m
+            else:
+                dh_m = dy
         if MODE != MODE_MLSTM:
             dnum_a = dh_a / den_a[:, None]
             dden_a = -tl.sum(dh_a * num_a, 1) / (den_a * den_a)

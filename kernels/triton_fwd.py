@@ -6,7 +6,7 @@ Each program computes, for its ``L`` queries:
 - the windowed softmax over the keys j with t - window < j <= t and the sink keys j < sink_tokens,
   flash-attention style (online maximum, one key block of L at a time, only the blocks that
   hold a window or sink key of this chunk);
-- the combination (``gate``: per-head RMS norm of h^m and the sigmoid mix; ``shared_norm``: one
+- the combination (``gate``: the sigmoid mix, after a per-head RMS norm of h^m if MEMORY_NORM; ``shared_norm``: one
   normaliser over both branches' masses), with the branch sums and stabilisers stored for the
   backward kernels.
 
@@ -176,13 +176,15 @@ def head_norm(h_m, NORM_W, bh, H, offs_v, mask_v, norm_eps, DV: tl.constexpr, HA
 
 @triton.jit
 def hybrid_fwd_kernel(
-    Q, KA, VA, KM, VM, IG, FG, GG, NORM_W,
+    Q, QM, KA, VA, KM, VM, IG, FG, GG, NORM_W,
     C_STATES, N_STATES, M_STATES,
     OUT, NUM_A, DEN_A, MAX_A, NUM_M, DEN_M, MAX_M,
     T_padded, NC, H, scale, window, sink_tokens, norm_eps, eps,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, L: tl.constexpr,
-    MODE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    MODE: tl.constexpr, HAS_NORM_WEIGHT: tl.constexpr, MEMORY_NORM: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
+    """QM: the memory branch's queries (Q itself when it has none of its own); MEMORY_NORM: the
+    ``gate`` combination RMS-normalises h^m per head before mixing."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     offs_t = chunk * L + tl.arange(0, L)
@@ -202,6 +204,7 @@ def hybrid_fwd_kernel(
         log_f = _logsigmoid(tl.load(FG + row_base + offs_t).to(tl.float32))
         cum_f = tl.cumsum(log_f, 0)
         i_gate = tl.load(IG + row_base + offs_t).to(tl.float32)
+        qm_scaled = load_tile(QM, row_base + offs_t, offs_d, mask_d, D) * scale
         k = load_tile(KM, row_base + offs_t, offs_d, mask_d, D)  # the chunk's own keys
         v = load_tile(VM, row_base + offs_t, offs_v, mask_v, DV)
         causal = tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]
@@ -210,10 +213,10 @@ def hybrid_fwd_kernel(
         inter_log = state_max + cum_f
         max_m = tl.maximum(inter_log, tl.max(log_w, 1))
         w_inter = tl.exp(inter_log - max_m)
-        weights = tl.exp(log_w - max_m[:, None]) * _dot(q_scaled, tl.trans(k), DOT_DTYPE)
+        weights = tl.exp(log_w - max_m[:, None]) * _dot(qm_scaled, tl.trans(k), DOT_DTYPE)
         C, n = load_state(C_STATES, N_STATES, bh, chunk, NC, offs_d, mask_d, offs_v, mask_v, D, DV)
-        num_m = w_inter[:, None] * _dot(q_scaled, C, DOT_DTYPE) + _dot(weights, v, DOT_DTYPE)
-        den_m = w_inter * tl.sum(q_scaled * n[None, :], 1) + tl.sum(weights, 1)
+        num_m = w_inter[:, None] * _dot(qm_scaled, C, DOT_DTYPE) + _dot(weights, v, DOT_DTYPE)
+        den_m = w_inter * tl.sum(qm_scaled * n[None, :], 1) + tl.sum(weights, 1)
         store_tile(NUM_M, row_base + offs_t, offs_v, mask_v, DV, num_m)
         tl.store(DEN_M + row_base + offs_t, den_m)
         tl.store(MAX_M + row_base + offs_t, max_m)
@@ -228,8 +231,12 @@ def hybrid_fwd_kernel(
         if MODE == MODE_MLSTM:
             out = h_m
         else:
-            y_unit, _, weight = head_norm(h_m, NORM_W, bh, H, offs_v, mask_v, norm_eps, DV, HAS_NORM_WEIGHT)
+            if MEMORY_NORM:
+                y_unit, _, weight = head_norm(h_m, NORM_W, bh, H, offs_v, mask_v, norm_eps, DV, HAS_NORM_WEIGHT)
+                y = y_unit * weight[None, :]
+            else:
+                y = h_m
             mix = tl.sigmoid(tl.load(GG + row_base + offs_t).to(tl.float32))
             h_a = num_a / den_a[:, None]
-            out = h_a + mix[:, None] * (y_unit * weight[None, :] - h_a)
+            out = h_a + mix[:, None] * (y - h_a)
     store_tile(OUT, row_base + offs_t, offs_v, mask_v, DV, out)

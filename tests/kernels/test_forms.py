@@ -20,25 +20,41 @@ def make_inputs(B, H, Hkv, T, D, Dv, dtype=torch.float64, seed=0):
     )
 
 
+def feature_mapped(inputs, seed=0):
+    """The memory branch's own queries and keys, as the layer's softmax feature maps make them:
+    per head softmax(W x + b) over the feature dim (positive, summing to one)."""
+    g = torch.Generator().manual_seed(seed)
+    D, dtype = inputs["q"].shape[-1], inputs["q"].dtype
+
+    def phi(x):
+        w = torch.randn(x.shape[1], D, D, generator=g, dtype=dtype) / D**0.5 + torch.eye(D, dtype=dtype)
+        return torch.softmax(torch.einsum("bhtd,hde->bhte", x, w) + torch.randn(x.shape[1], 1, D, generator=g,
+                                                                                   dtype=dtype), -1)
+
+    return {"mq": phi(inputs["q"]), "mk": phi(inputs["k"])}
+
+
 def run_recurrent(inputs, prefix, kw, chunk_size=16):
-    """Chunkwise prefill of the first ``prefix`` tokens, then one step per token."""
+    """Chunkwise prefill of the first ``prefix`` tokens, then one step per token (``mq``/``mk``
+    sliced with the rest when ``inputs`` has them)."""
     q = inputs["q"]
     B, H, T, D = q.shape
     Hkv, Dv = inputs["k"].shape[1], inputs["v"].shape[-1]
-    names = ("q", "k", "v", "i_gate", "f_gate", "g_gate")
+    names = tuple(n for n in ("q", "k", "v", "i_gate", "f_gate", "g_gate", "mq", "mk") if n in inputs)
     outs = []
     if prefix > 0:
         head = {n: inputs[n][:, :, :prefix] for n in names}
-        out, state = hybrid_attention_chunkwise(*head.values(), chunk_size=chunk_size, return_state=True, **kw)
+        out, state = hybrid_attention_chunkwise(**head, chunk_size=chunk_size, return_state=True, **kw)
         outs.append(out)
     else:
         state = HybridState.empty(B, H, Hkv, D, Dv, window=kw["window"], sink_tokens=kw["sink_tokens"],
                                   mode=kw["mode"], combine=kw["combine"], dtype=q.dtype, device=q.device,
-                                  compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    step_kw = {k: v for k, v in kw.items() if k in ("norm_weight", "scale")}
+                                  compute_dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
+                                  memory_keys="mk" in inputs)
+    step_kw = {k: v for k, v in kw.items() if k in ("norm_weight", "scale", "memory_norm")}
     for t in range(prefix, T):
         sl = {n: inputs[n][:, :, t:t + 1] for n in names}
-        out, state = hybrid_attention_step(*sl.values(), state, **step_kw)
+        out, state = hybrid_attention_step(**sl, state=state, **step_kw)
         outs.append(out)
     return torch.cat(outs, 2)
 
@@ -175,3 +191,78 @@ def test_segment_length_must_be_a_multiple_of_the_chunk():
     inputs = make_inputs(1, 2, 2, 40, 8, 8)
     with pytest.raises(ValueError, match="segment_tokens=24 is invalid.*multiple of chunk_size=16"):
         hybrid_attention_chunkwise(**inputs, window=8, sink_tokens=2, chunk_size=16, segment_tokens=24)
+
+
+@pytest.mark.parametrize("T,window,sinks", list(itertools.product([1, 7, 65, 130], [1, 16, 64], [0, 4])))
+@pytest.mark.parametrize("memory_norm", ["none", "rms"])
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_forms_agree_with_memory_queries_and_keys_of_their_own(T, window, sinks, memory_norm, mode, combine):
+    """Invariant 3 for the paper's layer: feature-mapped mq/mk for the memory (GQA: mk has the key
+    heads), with and without the memory norm; outputs and every input gradient, mq and mk included."""
+    inputs = make_inputs(2, 4, 2, T, 8, 6, seed=T * 3 + window + sinks)
+    inputs.update(feature_mapped(inputs, seed=T))
+    for x in inputs.values():
+        x.requires_grad_(True)
+    norm_weight = (torch.rand(4, 6, dtype=torch.float64) + 0.5).requires_grad_(True)
+    kw = dict(window=window, sink_tokens=sinks, mode=mode, combine=combine, norm_weight=norm_weight,
+              memory_norm=memory_norm)
+    unused = {"swa": ("i_gate", "f_gate", "g_gate", "mq", "mk"), "mlstm": ("g_gate",)}.get(mode, ())
+    used = [x for name, x in inputs.items() if name not in unused]
+    if mode == "hybrid" and combine == "gate" and memory_norm == "rms":
+        used.append(norm_weight)
+    upstream = torch.randn(2, 4, T, 6, dtype=torch.float64)
+    forms = {"parallel": lambda: reference.hybrid_attention(**inputs, **kw),
+             "chunkwise": lambda: hybrid_attention_chunkwise(**inputs, chunk_size=16, segment_tokens=32, **kw),
+             "recurrent": lambda: run_recurrent(inputs, prefix=T // 2, kw=kw)}
+    results = {}
+    for form, run in forms.items():
+        out = run()
+        grads = torch.autograd.grad((out * upstream).sum(), used, allow_unused=True)
+        results[form] = (out, [torch.zeros_like(x) if g is None else g for x, g in zip(used, grads)])
+    # gradients that are zero in theory: the forget gate at T = 1 (no decay between a key and
+    # itself); under shared_norm everything of the memory when no key is older than the window;
+    # the attention's q, k when each query sees one key (T = 1, or window 1 without sinks) and
+    # no memory mass shares its normaliser, and always in mode mlstm (the memory reads mq, mk)
+    shared = combine == "shared_norm" and mode == "hybrid"
+    zero = {"f_gate"} if T == 1 else set()
+    if shared and T <= window + sinks:
+        zero |= {"mq", "mk", "i_gate", "f_gate", "g_gate"}
+    one_key = T == 1 or (window == 1 and sinks == 0)
+    if mode == "mlstm" or (one_key and not (shared and "mq" not in zero)):
+        zero |= {"q", "k"}
+    names = [name for name in inputs if name not in unused] + (["norm_weight"] if len(used) > len(inputs) - len(unused)
+                                                                else [])
+    ref_out, ref_grads = results["parallel"]
+    assert torch.isfinite(ref_out).all()
+    for form in ("chunkwise", "recurrent"):
+        out, grads = results[form]
+        assert rel_err(out, ref_out) < 1e-10, form
+        for name, g, rg in zip(names, grads, ref_grads):
+            if name in zero:
+                assert g.abs().max() < 1e-12 and rg.abs().max() < 1e-12, (form, name)
+            else:  # each gradient against its own scale, never an absolute floor
+                assert rg.norm() > 0, (form, name)
+                assert (g - rg).norm() <= 1e-9 * rg.norm(), (form, name)
+
+
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_attention_branch_ignores_the_memory_inputs(mode, combine):
+    """mq/mk feed the memory only: in mode swa they change nothing; elsewhere they change the output."""
+    inputs = make_inputs(1, 4, 2, 40, 8, 8, seed=1)
+    kw = dict(window=8, sink_tokens=2, mode=mode, combine=combine)
+    plain = reference.hybrid_attention(**inputs, **kw)
+    same = reference.hybrid_attention(**inputs, mq=inputs["q"], mk=inputs["k"], **kw)
+    assert torch.equal(plain, same)
+    mapped = reference.hybrid_attention(**inputs, **feature_mapped(inputs), **kw)
+    if mode == "swa":
+        assert torch.equal(mapped, plain)
+    else:
+        assert rel_err(mapped, plain) > 1e-3
+
+
+def test_memory_inputs_must_match_q_and_k_shapes():
+    inputs = make_inputs(1, 4, 2, 10, 8, 8)
+    with pytest.raises(ValueError, match=r"mk must have the shape of k \(1, 2, 10, 8\)"):
+        reference.hybrid_attention(**inputs, mk=inputs["q"], window=4, sink_tokens=0)
+    with pytest.raises(ValueError, match="memory_norm='layer' is not supported; allowed values: rms, none"):
+        hybrid_attention_chunkwise(**inputs, window=4, sink_tokens=0, memory_norm="layer")

@@ -12,7 +12,7 @@ from mlstm_kernels.torch.parallel.native.fw import mlstm_parallel_fw
 import kernels
 from kernels import reference
 from tests.conftest import rel_err
-from tests.kernels.test_forms import make_inputs
+from tests.kernels.test_forms import feature_mapped, make_inputs
 
 
 @pytest.mark.parametrize("T", [1, 63, 64, 130])
@@ -59,35 +59,40 @@ def test_swa_mode_equals_sdpa_with_explicit_mask(window, sinks):
         assert rel_err(out, expected) < 1e-12
 
 
-def _loop_reference(q, k, v, i, f, g, window, sinks, combine, eps=1e-6, norm_eps=1e-6):
-    """Per query, per head, straight from the formulas (float64, no masks, no stabilisation tricks)."""
+def _loop_reference(q, k, v, i, f, g, window, sinks, combine, eps=1e-6, norm_eps=1e-6, mq=None, mk=None,
+                    memory_norm="rms"):
+    """Per query, per head, straight from the formulas (float64, no masks, no stabilisation tricks);
+    the memory on mq, mk (default q, k), its read-out RMS-normed when memory_norm is "rms"."""
     B, H, T, D = q.shape
     rep = H // k.shape[1]
+    mq, mk = (q if mq is None else mq), (k if mk is None else mk)
     out = torch.zeros(B, H, T, v.shape[-1], dtype=torch.float64)
     for b in range(B):
         for h in range(H):
-            kh, vh = k[b, h // rep], v[b, h // rep]
+            kh, vh, mkh = k[b, h // rep], v[b, h // rep], mk[b, h // rep]
             logf = [math.log(1 / (1 + math.exp(-x))) for x in f[b, h].tolist()]
             for t in range(T):
                 attn = [s for s in range(t + 1) if s < sinks or t - s < window]
                 older = [s for s in range(t + 1) if s not in attn]
                 decay = lambda s: math.exp(sum(logf[s + 1:t + 1]) + i[b, h, s].item())  # noqa: E731
                 qk = lambda s: (q[b, h, t] @ kh[s]).item() / math.sqrt(D)  # noqa: E731
+                mqk = lambda s: (mq[b, h, t] @ mkh[s]).item() / math.sqrt(D)  # noqa: E731
                 gt = 1 / (1 + math.exp(-g[b, h, t].item()))
                 if combine == "gate":
-                    num = sum(decay(s) * qk(s) * vh[s] for s in range(t + 1))
-                    den = sum(decay(s) * qk(s) for s in range(t + 1))
+                    num = sum(decay(s) * mqk(s) * vh[s] for s in range(t + 1))
+                    den = sum(decay(s) * mqk(s) for s in range(t + 1))
                     m = max(math.log(decay(s)) for s in range(t + 1))
                     # xLSTM's normaliser in true units: max(|n.q|, 1); the op's stabilised form
                     # max(|n.q| e^-m, e^-m) + eps equals it with eps scaled by e^m.
                     hm = num / (max(abs(den), 1.0) + eps * math.exp(m))
-                    hm = hm / torch.sqrt((hm**2).mean() + norm_eps)
+                    if memory_norm == "rms":
+                        hm = hm / torch.sqrt((hm**2).mean() + norm_eps)
                     w = [math.exp(qk(s)) for s in attn]
                     ha = sum(ws * vh[s] for ws, s in zip(w, attn)) / sum(w)
                     out[b, h, t] = gt * hm + (1 - gt) * ha
                 else:
-                    num = sum(math.exp(qk(s)) * vh[s] for s in attn) + sum(gt * decay(s) * qk(s) * vh[s] for s in older)
-                    den = sum(math.exp(qk(s)) for s in attn) + gt * abs(sum(decay(s) * qk(s) for s in older))
+                    num = sum(math.exp(qk(s)) * vh[s] for s in attn) + sum(gt * decay(s) * mqk(s) * vh[s] for s in older)
+                    den = sum(math.exp(qk(s)) for s in attn) + gt * abs(sum(decay(s) * mqk(s) for s in older))
                     out[b, h, t] = num / den
     return out
 
@@ -99,6 +104,37 @@ def test_hybrid_equals_loop_over_formulas(combine):
     for backend in ("reference", "torch"):
         out = kernels.hybrid_attention(**inp, window=3, sink_tokens=2, mode="hybrid", combine=combine, backend=backend)
         assert rel_err(out, expected) < 1e-10
+
+
+@pytest.mark.parametrize("memory_norm", ["none", "rms"])
+@pytest.mark.parametrize("combine", ["gate", "shared_norm"])
+def test_paper_layer_equals_loop_over_formulas(combine, memory_norm):
+    """The memory on feature-mapped queries and keys (positive, so the shared normaliser's older
+    keys weigh g * exp(gates) * phi(q).phi(k) >= 0), with and without the memory's RMS norm; GQA."""
+    inp = make_inputs(1, 2, 1, 13, 4, 3, seed=8)
+    inp.update(feature_mapped(inp, seed=2))
+    # a large input gate: the normaliser |n.phi(q)| above its floor, the regime the layer starts in
+    inp["i_gate"] = inp["i_gate"] + 6.0
+    expected = _loop_reference(*[inp[n] for n in ("q", "k", "v", "i_gate", "f_gate", "g_gate")], window=3, sinks=2,
+                               combine=combine, mq=inp["mq"], mk=inp["mk"], memory_norm=memory_norm)
+    for backend in ("reference", "torch"):
+        out = kernels.hybrid_attention(**inp, window=3, sink_tokens=2, mode="hybrid", combine=combine, backend=backend,
+                                       memory_norm=memory_norm)
+        assert rel_err(out, expected) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_mlstm_mode_on_memory_inputs_equals_mlstm_kernels_parallel(backend):
+    """Invariant 2 with mq/mk: the memory is mlstm_kernels' mLSTM on (mq, mk, v), q and k unused."""
+    torch.manual_seed(5)
+    B, H, T, D = 2, 3, 70, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    mq, mk = torch.softmax(torch.randn(B, H, T, D), -1), torch.softmax(torch.randn(B, H, T, D), -1)
+    i, f = torch.randn(B, H, T) + 4.0, torch.randn(B, H, T) + 2.0
+    expected, _, _ = mlstm_parallel_fw(mq, mk, v, i, f)
+    out = kernels.hybrid_attention(q, k, v, i, f, None, window=16, sink_tokens=0, mode="mlstm", backend=backend,
+                                   mq=mq, mk=mk)
+    assert rel_err(out, expected) < 2e-6
 
 
 def test_mix_gate_extremes_select_one_branch():
@@ -114,6 +150,9 @@ def test_mix_gate_extremes_select_one_branch():
     # shared_norm with g -> 0 is plain sliding-window attention as well
     inp["g_gate"] = torch.full_like(inp["g_gate"], -800.0)
     assert rel_err(reference.hybrid_attention(**inp, mode="hybrid", combine="shared_norm", **kw), swa) < 1e-12
+    # without the memory norm, g -> 1 gives the raw memory read-out
+    inp["g_gate"] = torch.full_like(inp["g_gate"], 60.0)
+    assert rel_err(reference.hybrid_attention(**inp, mode="hybrid", memory_norm="none", **kw), mem) < 1e-12
 
 
 @pytest.mark.parametrize("value", [100.0, -100.0])
