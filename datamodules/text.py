@@ -215,6 +215,17 @@ class TextDataModule(L.LightningDataModule):
                 val = {k: v[: self.max_val_blocks] for k, v in val.items()}
             self.val_set = BlockDataset(val)
 
+    def validation_blocks_by_source(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each source's held-out blocks ({"input_ids", "labels"}), by source label, before the
+        ``max_val_blocks`` cap and without mixing (call after ``setup``; not for streaming)."""
+        if self.tokenizer is None or self.streaming:
+            raise ValueError("validation_blocks_by_source needs a set-up, non-streaming TextDataModule (call setup())")
+        out = {}
+        for source in self.sources:
+            blocks = self._source_blocks(source)
+            out[source.label] = {"input_ids": blocks["val_input_ids"], "labels": blocks["val_labels"]}
+        return out
+
     # ---- loaders ---------------------------------------------------------------------------
     def train_dataloader(self):
         if isinstance(self.train_set, IterableDataset):

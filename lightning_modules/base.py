@@ -200,6 +200,26 @@ class DistillationModule(L.LightningModule):
             raise NonFiniteLossError(self._stop_message(f"the gradient of {bad} is not finite (loss was finite)"))
         self.log("train/grad_norm", total, on_step=True)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.log_mix_gates()
+
+    def log_mix_gates(self) -> None:
+        """The mean mix gate o of each hybrid layer in this step's forward, as TensorBoard scalars
+        ``gate/mean_o_layer_XX`` (and ``gate/mean_o`` over layers): near 0 a layer is its window,
+        near 1 its memory, so a reader sees whether training uses the memory."""
+        if not isinstance(self.student, HybridStudent):
+            return
+        values = []
+        for idx, layer in enumerate(self.student.lm.model.layers):
+            value = getattr(layer.self_attn, "mean_mix_gate", None)
+            if value is None:
+                continue
+            layer.self_attn.mean_mix_gate = None  # each value is logged once
+            values.append(value)
+            self.log(f"gate/mean_o_layer_{idx:02d}", value, on_step=True)
+        if values:
+            self.log("gate/mean_o", torch.stack(values).mean(), on_step=True)
+
     def check_finite(self, **components: torch.Tensor) -> None:
         """Stop the run, naming the step and the component, if any loss component is NaN or Inf."""
         # one host sync per step when all is well; the per-component look only when it is not

@@ -208,7 +208,8 @@ def skeleton_from_folder(path) -> tuple:
         from .distil_xlstm import DistilXLSTMConfig as family_config_class, DistilXLSTMStudent as student_class
     else:
         family_config_class, student_class = HybridConfig, HybridStudent
-    family_cfg = family_config_class.from_dict(config[FAMILY_SECTIONS[family]], source=str(cfg_file))
+    read = family_config_class.from_saved if family_config_class is HybridConfig else family_config_class.from_dict
+    family_cfg = read(config[FAMILY_SECTIONS[family]], source=str(cfg_file))
     student = student_class.skeleton(hf_config, family_cfg, saved_dtype)
     student.teacher_fingerprint = config.get("teacher_fingerprint")  # None: saved before fingerprints
     return student, config

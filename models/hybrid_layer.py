@@ -20,6 +20,10 @@ from .config import HybridConfig
 from .state import KVCacheState
 
 
+# Parts of a student attention module that are the teacher's own (copied), not conversion's.
+TEACHER_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
 class _TeacherProjections(nn.Module):
     """q/k/v/o (and q/k norms) taken over from one teacher attention module."""
 
@@ -35,9 +39,11 @@ class _TeacherProjections(nn.Module):
 
     def qkv(self, hidden_states, position_embeddings):
         q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
+        return (*self.rope(q, k, position_embeddings), v)
+
+    def rope(self, q, k, position_embeddings):
         cos, sin = position_embeddings
-        q, k = self._rope(q, k, cos, sin)
-        return q, k, v
+        return self._rope(q, k, cos, sin)
 
     def output(self, heads):
         """heads [B, H, T, D] -> [B, T, hidden]."""
@@ -45,19 +51,67 @@ class _TeacherProjections(nn.Module):
         return self.o_proj(heads.transpose(1, 2).reshape(B, T, H * D))
 
 
+class FeatureMaps(nn.Module):
+    """The memory branch's learnable feature maps (Hedgehog-style, the paper's Sec. 3.1): per head,
+    phi(x) = softmax(W_h x + b_h) over the feature dimension (d -> d), separate maps for the
+    ``num_q`` query heads and the ``num_k`` key heads. Both kinds live in one [num_q + num_k, d, d]
+    weight so that decoding pays one batched product and one softmax per layer and token."""
+
+    def __init__(self, num_q: int, num_k: int, dim: int, init_scale: float, device=None, dtype=None):
+        super().__init__()
+        self.num_q = num_q
+        self.weight = nn.Parameter(torch.empty(num_q + num_k, dim, dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(num_q + num_k, dim, device=device, dtype=dtype))
+        self.reset_parameters(init_scale)
+
+    def reset_parameters(self, init_scale: float) -> None:
+        with torch.no_grad():
+            self.weight.copy_(init_scale * torch.eye(self.weight.shape[-1]).expand_as(self.weight))
+            self.bias.zero_()
+
+    def forward(self, q, k):
+        """q [B, Hq, T, d], k [B, Hk, T, d] -> (phi_q(q), phi_k(k)), same shapes and dtype."""
+        x = torch.cat([q, k], 1)
+        z = torch.einsum("bhtd,hde->bhte", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)[:, None]
+        # softmax in float32 for 16-bit inputs: its sum must be 1 to the precision the memory needs
+        phi = torch.softmax(z, -1) if z.dtype == torch.float32 else torch.softmax(z, -1, dtype=torch.float32).to(z.dtype)
+        return phi[:, :self.num_q], phi[:, self.num_q:]
+
+
 class HybridAttention(_TeacherProjections):
-    """mLSTM memory + sliding-window/sink softmax attention on the teacher's q/k/v/o (DESIGN §3)."""
+    """mLSTM memory + sliding-window/sink softmax attention on the teacher's q/k/v/o (DESIGN §3).
+
+    New parameters (conversion's, the ones stage 1 trains): ``hybrid_gates`` (input and forget
+    gate pre-activations from the layer input, and the mix gate with ``gate_input: hidden``),
+    ``feature_maps`` (``feature_map: softmax``), ``mix_gate_weight``/``mix_gate_bias``
+    (``gate_input: qkv``) and ``mlstm_norm_weight`` (``memory_norm: rms``)."""
 
     def __init__(self, teacher_attn, adapter, shape, cfg: HybridConfig, layer_idx: int):
         super().__init__(teacher_attn, adapter, shape, layer_idx)
         self.cfg = cfg
-        H = shape.num_heads
+        H, Hkv, D = shape.num_heads, shape.num_kv_heads, shape.head_dim
         ref = self.q_proj.weight
-        # One projection for the three per-head gates [i | f | g]. Zero weights: every head starts
-        # at its bias, and the gradient w.r.t. the weights is not zero, so they learn.
-        self.hybrid_gates = nn.Linear(shape.hidden_size, 3 * H, bias=True, device=ref.device, dtype=ref.dtype)
-        self.mlstm_norm_weight = nn.Parameter(torch.ones(H, shape.head_dim, device=ref.device, dtype=ref.dtype))
+        factory = dict(device=ref.device, dtype=ref.dtype)
+        self.gate_from_qkv = cfg.gate_input == "qkv"
+        # One projection of x for the per-head gates [i | f] (and g with gate_input "hidden"). Zero
+        # weights: every head starts at its bias, and the gradient w.r.t. the weights is not zero.
+        self.hybrid_gates = nn.Linear(shape.hidden_size, (2 if self.gate_from_qkv else 3) * H, bias=True, **factory)
+        if self.gate_from_qkv and cfg.mode == "hybrid":
+            # o_h = sigmoid(w_h . [q_h; k_h; v_h] + b_h), one scalar per head (the paper's Eq. 11)
+            self.mix_gate_weight = nn.Parameter(torch.zeros(H, 3 * D, **factory))  # q, k, v share the head dim
+            self.mix_gate_bias = nn.Parameter(torch.zeros(H, **factory))
+        if cfg.feature_map == "softmax" and cfg.mode != "swa":
+            self.feature_maps = FeatureMaps(H, Hkv, D, cfg.feature_map_init_scale, **factory)
+        if cfg.memory_norm == "rms":
+            self.mlstm_norm_weight = nn.Parameter(torch.ones(H, D, **factory))
+        self.mean_mix_gate: torch.Tensor | None = None  # mean o of the last training forward, for logs
         self.reset_gate_parameters()
+
+    def new_named_parameters(self):
+        """(name, parameter) pairs that conversion added: everything but the teacher's own parts."""
+        for name, p in self.named_parameters():
+            if name.split(".")[0] not in TEACHER_PARTS:
+                yield name, p
 
     def reset_gate_parameters(self):
         H, cfg = self.shape.num_heads, self.cfg
@@ -66,23 +120,51 @@ class HybridAttention(_TeacherProjections):
             lo, hi = cfg.forget_gate_bias_init
             self.hybrid_gates.bias[:H].fill_(cfg.input_gate_bias_init)
             self.hybrid_gates.bias[H:2 * H].copy_(torch.linspace(lo, hi, H))
-            self.hybrid_gates.bias[2 * H:].fill_(cfg.mix_gate_bias_init)
-            self.mlstm_norm_weight.fill_(1.0)
+            if self.gate_from_qkv:
+                if hasattr(self, "mix_gate_weight"):
+                    self.mix_gate_weight.zero_()
+                    self.mix_gate_bias.fill_(cfg.mix_gate_bias_init)
+            else:
+                self.hybrid_gates.bias[2 * H:].fill_(cfg.mix_gate_bias_init)
+            if hasattr(self, "mlstm_norm_weight"):
+                self.mlstm_norm_weight.fill_(1.0)
+            if hasattr(self, "feature_maps"):
+                self.feature_maps.reset_parameters(cfg.feature_map_init_scale)
 
-    def gates(self, hidden_states):
-        """[B, T, hidden] -> i, f, g pre-activations [B, H, T] in float32 (i and f soft-capped)."""
+    def gates(self, hidden_states, q=None, k=None, v=None):
+        """Gate pre-activations [B, H, T] in float32: i and f (soft-capped) from the layer input;
+        g from it too (``gate_input: hidden``) or from the heads' q, k, v before RoPE (``qkv``;
+        None in modes without the mix)."""
         pre = self.hybrid_gates(hidden_states).float().transpose(1, 2)
         H, cap = self.shape.num_heads, self.cfg.gate_soft_cap
-        if cap > 0:  # i and f capped together: decoding pays per op, not per number
-            i_f = torch.tanh(pre[:, :2 * H] / cap) * cap
+        i_f = torch.tanh(pre[:, :2 * H] / cap) * cap if cap > 0 else pre[:, :2 * H]  # one op for both
+        if not self.gate_from_qkv:
             return i_f[:, :H], i_f[:, H:], pre[:, 2 * H:]
-        return pre.chunk(3, dim=1)
+        return i_f[:, :H], i_f[:, H:], (self.mix_gate_from_qkv(q, k, v) if hasattr(self, "mix_gate_weight") else None)
+
+    def mix_gate_from_qkv(self, q, k, v):
+        """o's pre-activation per head from [q_h; k_h; v_h]: q [B, H, T, D], k, v [B, Hkv, T, D]
+        (GQA: query head h reads key/value head h // (H / Hkv), without copying k, v)."""
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
+        w_q, w_k, w_v = self.mix_gate_weight.to(q.dtype).split([D, D, v.shape[-1]], -1)
+        g = torch.einsum("bhtd,hd->bht", q, w_q)
+        kv = torch.einsum("bgtd,gjd->bgjt", k, w_k.view(Hkv, H // Hkv, D))
+        kv = kv + torch.einsum("bgtd,gjd->bgjt", v, w_v.view(Hkv, H // Hkv, -1))
+        return (g + kv.reshape(B, H, T)).float() + self.mix_gate_bias.float()[:, None]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, decode_state=None, **kwargs):
         cfg = self.cfg
-        q, k, v = self.qkv(hidden_states, position_embeddings)
-        i, f, g = self.gates(hidden_states)
-        opts = dict(scale=self.shape.scaling, norm_weight=self.mlstm_norm_weight, norm_eps=cfg.norm_eps)
+        q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
+        i, f, g = self.gates(hidden_states, q, k, v)
+        q, k = self.rope(q, k, position_embeddings)
+        mq = mk = None
+        if hasattr(self, "feature_maps"):
+            mq, mk = self.feature_maps(q, k)
+        if self.training and g is not None:
+            self.mean_mix_gate = torch.sigmoid(g.detach()).mean()
+        opts = dict(scale=self.shape.scaling, norm_weight=getattr(self, "mlstm_norm_weight", None), norm_eps=cfg.norm_eps,
+                    mq=mq, mk=mk, memory_norm=cfg.memory_norm)
         if decode_state is None:
             out = hybrid_attention(q, k, v, i, f, g, window=cfg.window, sink_tokens=cfg.sink_tokens, mode=cfg.mode,
                                    combine=cfg.combine, backend=cfg.backend, chunk_size=cfg.chunk_size, **opts)
@@ -99,12 +181,15 @@ class HybridAttention(_TeacherProjections):
                 steps = []
                 for t in range(q.shape[2]):
                     sl = slice(t, t + 1)
+                    step_opts = {**opts, "mq": None if mq is None else mq[:, :, sl],
+                                 "mk": None if mk is None else mk[:, :, sl]}
                     o_t, state = hybrid_attention_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], i[:, :, sl],
-                                                       f[:, :, sl], g[:, :, sl], state, **opts)
+                                                       f[:, :, sl], None if g is None else g[:, :, sl], state,
+                                                       **step_opts)
                     steps.append(o_t)
                 out = torch.cat(steps, 2)
             decode_state.layers[self.layer_idx] = state
-        if cfg.mode == "mlstm":
+        if cfg.mode == "mlstm" and cfg.memory_norm == "rms":
             # The op returns the raw memory read-out; the layer owns the norm (DESIGN §3).
             out = head_rms_norm(out.float(), self.mlstm_norm_weight, cfg.norm_eps).to(q.dtype)
         return self.output(out), None

@@ -147,13 +147,12 @@ class HybridStudent(StudentLM):
         return len(_decoder(self.lm).layers)
 
     def new_parameters(self):
-        """(name, parameter) pairs that conversion added (gates and norms of the hybrid layers)."""
+        """(name, parameter) pairs that conversion added (gates, feature maps and norms of the hybrid
+        layers)."""
         for name, module in self.named_modules():
             if isinstance(module, HybridAttention):
-                for pname, p in module.named_parameters(recurse=False):
+                for pname, p in module.new_named_parameters():
                     yield f"{name}.{pname}", p
-                for pname, p in module.hybrid_gates.named_parameters():
-                    yield f"{name}.hybrid_gates.{pname}", p
 
     def describe(self) -> str:
         return self.hybrid_config.describe()

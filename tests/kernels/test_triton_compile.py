@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 FLOAT_SCALARS = ("scale", "norm_eps", "eps")
-INPUTS = ("Q", "KA", "VA", "KM", "VM", "OUT")  # tensors in the inputs' dtype; the rest are float32
+INPUTS = ("Q", "QM", "KA", "VA", "KM", "VM", "OUT")  # tensors in the inputs' dtype; the rest are float32
 
 
 def compile_all_kernels(arch: int = 90) -> list[str]:
@@ -39,16 +39,19 @@ def compile_all_kernels(arch: int = 90) -> list[str]:
                 signature[name] = "*" + (dtype if name in INPUTS else "fp32")
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target)
         assert compiled.asm["cubin"], kernel.__name__
-        done.append(f"{kernel.__name__} {dtype} {constexprs.get('MODE', '')}")
+        done.append(f"{kernel.__name__} {dtype} {constexprs.get('MODE', '')} {constexprs.get('MEMORY_NORM', '')}")
 
     shapes = dict(D=64, DV=64, BLOCK_D=64, BLOCK_DV=64, L=64)
     dot = {"bf16": tl.bfloat16, "fp32": tl.float32}
-    for mode in range(4):
-        build(triton_fwd.hybrid_fwd_kernel, "bf16", **shapes, MODE=mode, HAS_NORM_WEIGHT=mode == 2,
-              DOT_DTYPE=tl.bfloat16)
+    # the gate combination (MODE 2) with and without the memory's RMS norm; the others never norm
+    variants = [(0, False), (1, False), (2, True), (2, False), (3, False)]
+    for mode, memory_norm in variants:
+        build(triton_fwd.hybrid_fwd_kernel, "bf16", **shapes, MODE=mode, HAS_NORM_WEIGHT=memory_norm,
+              MEMORY_NORM=memory_norm, DOT_DTYPE=tl.bfloat16)
         build(triton_bwd.combine_bwd_kernel, "bf16", DV=64, BLOCK_DV=64, L=64, MODE=mode,
-              HAS_NORM_WEIGHT=mode == 2)
-    build(triton_fwd.hybrid_fwd_kernel, "fp32", **shapes, MODE=2, HAS_NORM_WEIGHT=True, DOT_DTYPE=tl.float32)
+              HAS_NORM_WEIGHT=memory_norm, MEMORY_NORM=memory_norm)
+    build(triton_fwd.hybrid_fwd_kernel, "fp32", **shapes, MODE=2, HAS_NORM_WEIGHT=False, MEMORY_NORM=False,
+          DOT_DTYPE=tl.float32)
     for dtype in ("bf16", "fp32"):
         build(triton_bwd.mlstm_bwd_kernel, dtype, **shapes, DOT_DTYPE=dot[dtype])
     build(triton_bwd.attention_bwd_dq_kernel, "bf16", **shapes, DOT_DTYPE=tl.bfloat16)
@@ -63,4 +66,4 @@ def test_every_kernel_compiles_for_a_gpu_target():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     compiled = done.stdout.strip().splitlines()
-    assert len(compiled) == 13, compiled
+    assert len(compiled) == 15, compiled

@@ -45,12 +45,25 @@ def test_align_kd_expert_chain_through_the_cli(env, tmp_path):
     # losses, schedules, learning rate, gradient norm and throughput reach TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(next((tmp_path / "kd").rglob("events.out.tfevents*")).parent))
-    events.Reload()
-    tags = set(events.Tags()["scalars"])
+    def scalars(stage):
+        events = EventAccumulator(str(next((tmp_path / stage).rglob("events.out.tfevents*")).parent))
+        events.Reload()
+        return events, set(events.Tags()["scalars"])
+
+    events, tags = scalars("kd")
     assert {"train/kd", "train/ce", "train/loss", "train/kd_temperature", "train/kd_alpha", "train/grad_norm",
             "train/tokens_per_s", "lr-AdamW", "val/student_ce", "val/teacher_ce", "val/kl_teacher_student",
             "val/top1_agreement", "val/student_ppl"} <= tags, tags
+    # every training stage logs the mean mix gate o of each hybrid layer (is the memory used?)
+    gate_tags = {"gate/mean_o", "gate/mean_o_layer_00", "gate/mean_o_layer_01"}
+    for stage in ("align", "kd", "expert"):
+        events, tags = scalars(stage)
+        assert gate_tags <= tags, (stage, tags)
+        values = [e.value for e in events.Scalars("gate/mean_o_layer_00")]
+        assert len(values) == 3 and all(0.0 < v < 1.0 for v in values), (stage, values)
+    # it is the layers' actual gate: at conversion every head's o is sigmoid(mix_gate_bias_init)
+    first = scalars("align")[0].Scalars("gate/mean_o")[0].value
+    assert abs(first - torch.sigmoid(torch.tensor(HybridConfig().mix_gate_bias_init)).item()) < 1e-6
 
 
 def test_kd_with_lora_saves_a_merged_student(env, tmp_path):

@@ -64,15 +64,47 @@ def test_teacher_is_untouched_and_weights_are_copied():
     assert teacher.model.layers[0].self_attn.q_proj.weight.grad is None
 
 
-def test_new_gate_initialisation():
+@pytest.mark.parametrize("gate_input", ["hidden", "qkv"])
+def test_new_gate_initialisation(gate_input):
     teacher = make_teacher("llama")
-    cfg = HybridConfig(mix_gate_bias_init=-3.0, forget_gate_bias_init=(2.0, 5.0), input_gate_bias_init=-1.0)
+    cfg = HybridConfig(mix_gate_bias_init=-3.0, forget_gate_bias_init=(2.0, 5.0), input_gate_bias_init=-1.0,
+                       gate_input=gate_input, feature_map_init_scale=0.5)
     attn = convert_to_hybrid(teacher, cfg).lm.model.layers[0].self_attn
-    H = 4
+    H, Hkv, D = 4, 2, 16
     assert torch.all(attn.hybrid_gates.weight == 0)
     assert torch.allclose(attn.hybrid_gates.bias[:H], torch.full((H,), -1.0))
     assert torch.allclose(attn.hybrid_gates.bias[H:2 * H], torch.linspace(2.0, 5.0, H))
-    assert torch.allclose(attn.hybrid_gates.bias[2 * H:], torch.full((H,), -3.0))
+    if gate_input == "hidden":
+        assert attn.hybrid_gates.bias.shape == (3 * H,) and not hasattr(attn, "mix_gate_weight")
+        assert torch.allclose(attn.hybrid_gates.bias[2 * H:], torch.full((H,), -3.0))
+    else:  # one weight per head over [q; k; v], zero, and the bias
+        assert attn.hybrid_gates.bias.shape == (2 * H,)
+        assert attn.mix_gate_weight.shape == (H, 3 * D) and torch.all(attn.mix_gate_weight == 0)
+        assert torch.allclose(attn.mix_gate_bias, torch.full((H,), -3.0))
+    # feature maps: separate per query head and per key head, W = scale * identity, b = 0
+    assert attn.feature_maps.weight.shape == (H + Hkv, D, D)
+    assert torch.equal(attn.feature_maps.weight, 0.5 * torch.eye(D).expand(H + Hkv, D, D))
+    assert torch.all(attn.feature_maps.bias == 0)
+    assert not hasattr(attn, "mlstm_norm_weight")  # memory_norm "none"
+    names = {n.split(".", 1)[1] if n.startswith("feature_maps") else n for n, _ in attn.new_named_parameters()}
+    expected = {"hybrid_gates.weight", "hybrid_gates.bias", "weight", "bias"}
+    assert names == (expected | ({"mix_gate_weight", "mix_gate_bias"} if gate_input == "qkv" else set()))
+
+
+def test_mix_gate_from_qkv_reads_each_heads_own_q_k_v():
+    """o_h = sigmoid(w_h . [q_h; k_g(h); v_g(h)] + b_h), with q, k before RoPE and GQA's key head
+    g(h) = h // (H / Hkv): checked against a loop over heads written from the formula."""
+    attn = convert_to_hybrid(make_teacher("llama"), HybridConfig()).lm.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        attn.mix_gate_weight.copy_(torch.randn(attn.mix_gate_weight.shape, generator=g))
+        attn.mix_gate_bias.copy_(torch.randn(attn.mix_gate_bias.shape, generator=g))
+    q, k, v = torch.randn(2, 4, 5, 16, generator=g), torch.randn(2, 2, 5, 16, generator=g), torch.randn(2, 2, 5, 16,
+                                                                                                       generator=g)
+    got = attn.mix_gate_from_qkv(q, k, v)
+    for h in range(4):
+        x = torch.cat([q[:, h], k[:, h // 2], v[:, h // 2]], -1)  # [B, T, 3D]
+        assert torch.allclose(got[:, h], x @ attn.mix_gate_weight[h] + attn.mix_gate_bias[h], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode,combine", [("hybrid", "gate"), ("hybrid", "shared_norm"), ("mlstm", "gate")])
@@ -81,6 +113,8 @@ def test_extreme_gate_weights_give_finite_outputs_and_gradients(mode, combine):
     for layer in student.lm.model.layers:
         with torch.no_grad():
             layer.self_attn.hybrid_gates.bias.fill_(100.0)
+            if hasattr(layer.self_attn, "mix_gate_bias"):
+                layer.self_attn.mix_gate_bias.fill_(100.0)
     ids = torch.randint(0, 97, (1, 30))
     loss = student(ids, labels=ids).loss
     loss.backward()
@@ -142,14 +176,16 @@ def test_hidden_states_follow_hugging_face_layout():
         assert rel_err(a, b) < 1e-5
 
 
-def test_new_parameters_are_exactly_the_gates_and_norms():
+@pytest.mark.parametrize("paper_layer", [True, False])
+def test_new_parameters_are_exactly_the_gates_feature_maps_and_norms(paper_layer):
     teacher = make_teacher("llama")
-    student = convert_to_hybrid(teacher, HybridConfig(full_attention_layers=[0]))
+    legacy = {} if paper_layer else dict(feature_map="none", memory_norm="rms", gate_input="hidden")
+    student = convert_to_hybrid(teacher, HybridConfig(full_attention_layers=[0], **legacy))
     names = sorted(n for n, _ in student.new_parameters())
-    assert names == [
-        "lm.model.layers.1.self_attn.hybrid_gates.bias", "lm.model.layers.1.self_attn.hybrid_gates.weight",
-        "lm.model.layers.1.self_attn.mlstm_norm_weight",
-    ]
+    prefix = "lm.model.layers.1.self_attn."
+    own = (["feature_maps.bias", "feature_maps.weight", "hybrid_gates.bias", "hybrid_gates.weight", "mix_gate_bias",
+            "mix_gate_weight"] if paper_layer else ["hybrid_gates.bias", "hybrid_gates.weight", "mlstm_norm_weight"])
+    assert names == [prefix + n for n in own]
     n_teacher = sum(p.numel() for p in teacher.parameters())
     n_student = sum(p.numel() for p in student.parameters())
     assert n_student - n_teacher == sum(p.numel() for _, p in student.new_parameters())

@@ -1,0 +1,242 @@
+"""Which hybrid layer starts closest to its teacher, and which gains most from the alignment stage.
+
+    python -m experiments.layer_study --config configs/studies/layer.yaml
+    python -m experiments.layer_study --config configs/studies/layer.yaml --skip_align true   # conversions only
+
+Each variant (a set of ``HybridConfig`` fields) converts the teacher, is scored on the same
+held-out blocks of every domain (equal tokens per domain, documents the alignment never trains on),
+runs the default alignment stage (``configs/stages/align.yaml`` with the quickstart's budget) and is
+scored again. Scores: cross-entropy of the next token, KL(teacher || student) and top-1 agreement,
+per domain and overall, with 90 % bootstrap intervals over blocks; and each variant's CE minus the
+baseline variant's (``baseline``, default the SWA-only conversion) on the same blocks, with a
+paired bootstrap interval. Writes ``results.json`` and ``results.md`` into ``out`` (atomically);
+every stage (corpus, conversions, alignments, scores) is skipped when a previous run finished it
+with the same settings, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from datamodules.corpus import DOMAINS, CorpusConfig, build_corpus
+from experiments.pipeline import StageRunner, TrainSettings, _write_json, data_sources, train_stage
+from models import HybridConfig
+
+LEGACY_LAYER_FIELDS = {"feature_map": "none", "memory_norm": "rms", "gate_input": "hidden"}
+DEFAULT_VARIANTS = {
+    "hybrid, paper layer": {},
+    "hybrid, previous layer": {**LEGACY_LAYER_FIELDS, "input_gate_bias_init": 0.0},
+    "SWA only": {"mode": "swa"},
+    "mLSTM only, feature maps": {"mode": "mlstm"},
+    "mLSTM only, raw q/k": {"mode": "mlstm", "feature_map": "none"},
+    "mLSTM only, previous layer": {"mode": "mlstm", **LEGACY_LAYER_FIELDS, "input_gate_bias_init": 0.0},
+}
+METRICS = ("student_ce", "kl_teacher_student", "top1_agreement")
+
+
+@dataclass
+class HeldoutSettings:
+    """The held-out blocks: ``blocks_per_domain`` blocks of ``seq_len`` tokens from each domain's
+    held-out documents (the ``val_fraction`` split, which the alignment stage does not train on)."""
+
+    blocks_per_domain: int = 4
+    seq_len: int = 512
+    val_fraction: float = 0.25
+    bootstrap: int = 2000
+    """Bootstrap resamples of the blocks (intervals are the 5th and 95th percentiles)."""
+
+
+def heldout_blocks(corpus: Path, teacher: str, settings: HeldoutSettings, seed: int) -> dict[str, torch.Tensor]:
+    """{domain: input ids [blocks_per_domain, seq_len]}; a clear error when a domain has too few."""
+    from datamodules import DataSource, TextDataModule
+
+    data = TextDataModule(tokenizer=teacher, sources=[DataSource(**s) for s in data_sources(corpus, DOMAINS)],
+                          seq_len=settings.seq_len, batch_size=1, val_fraction=settings.val_fraction, seed=seed)
+    data.setup("validate")
+    blocks = {}
+    for domain, split in data.validation_blocks_by_source().items():
+        ids = split["input_ids"]
+        if len(ids) < settings.blocks_per_domain:
+            raise ValueError(f"domain {domain!r} has {len(ids)} held-out blocks of {settings.seq_len} tokens, fewer "
+                             f"than heldout.blocks_per_domain={settings.blocks_per_domain}: raise heldout.val_fraction "
+                             "or the corpus size, or lower blocks_per_domain / seq_len")
+        blocks[domain] = ids[:settings.blocks_per_domain]
+    return blocks
+
+
+@torch.no_grad()
+def block_scores(teacher, students: dict, blocks: dict[str, torch.Tensor]) -> dict:
+    """Per student, per domain, per block: token-summed CE, KL(teacher || student), top-1 agreements,
+    and the token count, so means and bootstrap intervals over blocks can be formed afterwards."""
+    out = {name: {} for name in ("teacher", *students)}
+    for domain, ids in blocks.items():
+        for name in out:
+            out[name][domain] = []
+        for row in ids:
+            x = row[None]
+            targets = x[:, 1:]
+            t_logp = torch.log_softmax(teacher(x).logits[:, :-1].float(), -1)
+            t_top = t_logp.argmax(-1)
+            n = targets.numel()
+            out["teacher"][domain].append({"student_ce": -t_logp.gather(-1, targets[..., None]).sum().item(), "n": n})
+            for name, model in students.items():
+                s_logp = torch.log_softmax(model(x).logits[:, :-1].float(), -1)
+                out[name][domain].append({
+                    "student_ce": -s_logp.gather(-1, targets[..., None]).sum().item(),
+                    "kl_teacher_student": (t_logp.exp() * (t_logp - s_logp)).sum().item(),
+                    "top1_agreement": (s_logp.argmax(-1) == t_top).sum().item(),
+                    "n": n,
+                })
+    return out
+
+
+def _ratio(rows: list[dict], metric: str, index) -> float:
+    return sum(rows[i][metric] for i in index) / sum(rows[i]["n"] for i in index)
+
+
+def summarise(scores: dict, baseline: str | None, iterations: int, seed: int) -> dict:
+    """Means per domain and overall with 90 % bootstrap intervals (blocks resampled within each domain,
+    the same resample for every model, so differences are paired)."""
+    g = torch.Generator().manual_seed(seed)
+    domains = list(next(iter(scores.values())))
+    counts = {d: len(scores["teacher"][d]) for d in domains}
+    resamples = [{d: torch.randint(0, counts[d], (counts[d],), generator=g).tolist() for d in domains}
+                 for _ in range(iterations)]
+    full = {d: list(range(counts[d])) for d in domains}
+
+    def stat(name, metric, domain, index):
+        if domain != "all":
+            return _ratio(scores[name][domain], metric, index[domain])
+        rows = [r for d in domains for r in (scores[name][d][i] for i in index[d])]
+        return sum(r[metric] for r in rows) / sum(r["n"] for r in rows)
+
+    def interval(values):
+        ordered = sorted(values)
+        return [ordered[int(0.05 * (len(ordered) - 1))], ordered[int(math.ceil(0.95 * (len(ordered) - 1)))]]
+
+    summary = {}
+    for name, per_domain in scores.items():
+        metrics = ("student_ce",) if name == "teacher" else METRICS
+        summary[name] = {}
+        for domain in [*domains, "all"]:
+            entry = {}
+            for metric in metrics:
+                entry[metric] = stat(name, metric, domain, full)
+                entry[f"{metric}_90"] = interval([stat(name, metric, domain, r) for r in resamples])
+            if baseline and name not in ("teacher", baseline):
+                diff = lambda index: (stat(name, "student_ce", domain, index)  # noqa: E731
+                                      - stat(baseline, "student_ce", domain, index))
+                entry["ce_minus_baseline"] = diff(full)
+                entry["ce_minus_baseline_90"] = interval([diff(r) for r in resamples])
+            summary[name][domain] = entry
+    return summary
+
+
+def markdown(summary: dict, baseline: str | None, vocab: int, command: str, tokens_per_domain: int) -> str:
+    domains = [d for d in next(iter(summary.values())) if d != "all"]
+    lines = [f"Command: `{command}`", "",
+             f"Held-out: {tokens_per_domain} tokens per domain ({', '.join(domains)}); intervals are 90 % bootstrap "
+             f"intervals over blocks; ln(vocab) = {math.log(vocab):.3f} (a uniform guess).", "",
+             "| student | stage | CE all [90 %] | CE - " + (baseline or "baseline") + " [90 %] | KL all | top-1 all | "
+             + " | ".join(f"CE {d}" for d in domains) + " |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(domains)]
+    for key, entry in summary.items():
+        if key == "teacher":
+            continue
+        name, stage = key.rsplit(" @ ", 1)
+        a = entry["all"]
+        diff = (f"{a['ce_minus_baseline']:+.3f} [{a['ce_minus_baseline_90'][0]:+.3f}, {a['ce_minus_baseline_90'][1]:+.3f}]"
+                if "ce_minus_baseline" in a else "")
+        lines.append(f"| {name} | {stage} | {a['student_ce']:.3f} [{a['student_ce_90'][0]:.3f}, {a['student_ce_90'][1]:.3f}] "
+                     f"| {diff} | {a['kl_teacher_student']:.3f} | {a['top1_agreement']:.3f} | "
+                     + " | ".join(f"{entry[d]['student_ce']:.3f}" for d in domains) + " |")
+    t = summary["teacher"]
+    lines.append(f"| teacher | | {t['all']['student_ce']:.3f} | | | | "
+                 + " | ".join(f"{t[d]['student_ce']:.3f}" for d in domains) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_study(out: str = "docs/results/layer_study", teacher: str = "smollm2-135m-instruct",
+              hybrid: HybridConfig = HybridConfig(), variants: dict[str, dict] | None = None,
+              baseline: str | None = "SWA only", corpus: CorpusConfig = CorpusConfig(),
+              heldout: HeldoutSettings = HeldoutSettings(),
+              align: TrainSettings = TrainSettings(steps=16, batch_size=4, lr=1e-3, trainable="new", val_batches=0),
+              mixture_blocks: int | None = 480, seed: int = 0, skip_align: bool = False,
+              trainer: list[str] | None = None,
+              command: str = "") -> dict:
+    """Run the study (see the module docstring). ``hybrid``: the fields every variant starts from;
+    ``variants``: {name: HybridConfig fields over ``hybrid``} (None: ``DEFAULT_VARIANTS``)."""
+    from models import convert_to_hybrid, load_student, load_teacher, load_tokenizer, save_student
+
+    variants = DEFAULT_VARIANTS if variants is None else variants
+    trainer = ["configs/trainer/cpu.yaml"] if trainer is None else trainer
+    if baseline is not None and baseline not in variants:
+        raise ValueError(f"baseline={baseline!r} is not one of the variants ({', '.join(variants)})")
+    out_dir = Path(out)
+    configs = {name: HybridConfig.from_dict({**hybrid.to_dict(), **fields}) for name, fields in variants.items()}
+    started = time.perf_counter()
+    stage = StageRunner(out_dir / "stages", 2 + 2 * len(variants) + 1)
+    corpus_path = Path(stage("corpus", {"teacher": teacher, "corpus": asdict(corpus)},
+                             lambda f: {"path": str(build_corpus(teacher, corpus))})["path"])
+    blocks = heldout_blocks(corpus_path, teacher, heldout, seed)  # before any training: fail fast
+    model = load_teacher(teacher)
+    tokenizer = load_tokenizer(teacher)
+    students = {}
+    for name, cfg in configs.items():
+        slug = name.replace(", ", "_").replace(" ", "-").replace("/", "-")
+        converted = stage(f"convert_{slug}", {"teacher": teacher, "hybrid": cfg.to_dict()},
+                          lambda f, cfg=cfg: {"student": str(save_student(convert_to_hybrid(model, cfg).eval(),
+                                                                          f / "student", tokenizer=tokenizer))})
+        students[f"{name} @ converted"] = converted["student"]
+        trains_nothing = cfg.mode == "swa" and align.trainable == "new"  # no new parameter reaches the output
+        if skip_align or trains_nothing:
+            continue
+        common = dict(teacher=teacher, teacher_dtype="float32", seq_len=heldout.seq_len,
+                      val_fraction=heldout.val_fraction, seed=seed, tensorboard=out_dir / "tensorboard",
+                      trainer=trainer, stage_process=False)
+        aligned = stage(f"align_{slug}", {"hybrid": cfg.to_dict(), "train": asdict(align), "corpus": str(corpus_path),
+                                          "val_fraction": heldout.val_fraction, "seq_len": heldout.seq_len,
+                                          "mixture_blocks": mixture_blocks, "seed": seed},
+                        lambda f, converted=converted: train_stage(
+                            "align", f, sources=data_sources(corpus_path, DOMAINS), settings=align,
+                            student_ckpt=converted["student"], mixture_blocks=mixture_blocks, **common))
+        students[f"{name} @ aligned"] = aligned["student"]
+
+    def score(folder):
+        loaded = {name: load_student(path).eval() for name, path in students.items()}
+        return block_scores(model.eval(), loaded, blocks)
+
+    scores = stage("score", {"students": students, "heldout": asdict(heldout), "seed": seed}, score)
+    base_key = f"{baseline} @ converted" if baseline else None
+    summary = summarise(scores, base_key, heldout.bootstrap, seed)
+    result = {"teacher": teacher, "variants": {n: c.to_dict() for n, c in configs.items()}, "students": students,
+              "summary": summary, "tokens_per_domain": heldout.blocks_per_domain * (heldout.seq_len - 1),
+              "vocab_size": model.config.vocab_size, "align": asdict(align), "seconds": time.perf_counter() - started}
+    _write_json(out_dir / "results.json", result)
+    table = markdown(summary, base_key, model.config.vocab_size, command, result["tokens_per_domain"])
+    (out_dir / "results.md.tmp").write_text(table)
+    (out_dir / "results.md.tmp").replace(out_dir / "results.md")
+    print(table)
+    return result
+
+
+def main(argv=None) -> dict:
+    import shlex
+    import sys
+
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parser_mode="omegaconf")
+    parser.add_argument("--config", action=ActionConfigFile, help="a study YAML (configs/studies/)")
+    parser.add_function_arguments(run_study, skip={"command"})
+    kwargs = {k: v for k, v in parser.instantiate(parser.parse_args(argv)).items() if k != "config"}
+    command = "python -m experiments.layer_study " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return run_study(**kwargs, command=command)
+
+
+if __name__ == "__main__":
+    main()
