@@ -368,7 +368,8 @@ def prefill_flops(config, hybrid: HybridConfig, prompt: int) -> dict:
     head for the last token only. Teacher attention: causal q.k and p.v, T(T+1)/2 pairs per head.
     Student, as the chunkwise form computes it: each chunk of L queries against its band of
     L + W - 1 keys plus the sinks (window branch), and the mLSTM's intra-chunk L x L products plus
-    one state read and one state update per token (memory branch).
+    one state read and one state update per token (memory branch); the gates and, with
+    ``feature_map: softmax``, one d x d product per query and key head and token.
     """
     d, L_layers = config.hidden_size, config.num_hidden_layers
     H = config.num_attention_heads
@@ -384,8 +385,12 @@ def prefill_flops(config, hybrid: HybridConfig, prompt: int) -> dict:
     window_keys = min(prompt, chunk + hybrid.window - 1) + hybrid.sink_tokens
     student_window = 4 * H * D * prompt * window_keys if hybrid.mode != "mlstm" else 0
     student_memory = (4 * H * D * prompt * chunk + 4 * H * D * D * prompt) if hybrid.mode != "swa" else 0
-    gates = 2 * prompt * d * 3 * H
-    student_attention = hybrid_layers * (student_window + student_memory + gates) \
+    if hybrid.gate_input == "qkv":  # i, f from x; o from each head's [q; k; v]
+        gates = 2 * prompt * d * 2 * H + (2 * prompt * H * 3 * D if hybrid.mode == "hybrid" else 0)
+    else:
+        gates = 2 * prompt * d * 3 * H
+    feature_maps = 2 * prompt * (H + Hkv) * D * D if hybrid.feature_map == "softmax" and hybrid.mode != "swa" else 0
+    student_attention = hybrid_layers * (student_window + student_memory + gates + feature_maps) \
         + (L_layers - hybrid_layers) * H * 4 * D * prompt * (prompt + 1) / 2
     return {"shared_flops": shared, "teacher_attention_flops": teacher_attention,
             "student_attention_flops": student_attention, "teacher_flops": shared + teacher_attention,

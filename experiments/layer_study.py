@@ -226,13 +226,18 @@ def run_study(out: str = "docs/results/layer_study", teacher: str = "smollm2-135
     return result
 
 
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parser_mode="omegaconf")
+    parser.add_argument("--config", action=ActionConfigFile, help="a study YAML (configs/studies/)")
+    parser.add_function_arguments(run_study, skip={"command"})
+    return parser
+
+
 def main(argv=None) -> dict:
     import shlex
     import sys
 
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], parser_mode="omegaconf")
-    parser.add_argument("--config", action=ActionConfigFile, help="a study YAML (configs/studies/)")
-    parser.add_function_arguments(run_study, skip={"command"})
+    parser = build_parser()
     kwargs = {k: v for k, v in parser.instantiate(parser.parse_args(argv)).items() if k != "config"}
     command = "python -m experiments.layer_study " + shlex.join(sys.argv[1:] if argv is None else argv)
     return run_study(**kwargs, command=command)

@@ -13,6 +13,10 @@ STAGES = [p for p in CONFIGS if p.parent.name == "stages"]
 PIPELINES = [p for p in CONFIGS if p.parent.name == "experiments"]
 SWEEPS = [p for p in CONFIGS if p.parent.name == "sweeps"]
 BENCH = [p for p in CONFIGS if p.parent.name == "bench"]  # parsed by tests/experiments/test_bench.py
+STUDIES = [p for p in CONFIGS if p.parent.name == "studies"]
+# what a config's own opening command adds to it (the paper's 512-token window needs blocks longer
+# than the example data's 256 tokens)
+EXTRA_ARGS = {Path("configs/students/hybrid-w512.yaml"): ["--data.seq_len", "2048"]}
 
 
 def test_there_are_configs_and_each_starts_with_its_command():
@@ -22,7 +26,7 @@ def test_there_are_configs_and_each_starts_with_its_command():
         assert first.startswith("# python -m experiments."), f"{path} must open with the command that runs it"
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p not in PIPELINES + SWEEPS + BENCH], ids=str)
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p not in PIPELINES + SWEEPS + BENCH + STUDIES], ids=str)
 def test_config_instantiates(path, tmp_path):
     needs_gpu = "gpu" in path.read_text() and not torch.cuda.is_available()
     if needs_gpu:
@@ -42,7 +46,7 @@ def test_config_instantiates(path, tmp_path):
         args += ["--config", str(path)]
     if path.parent.name != "data":
         args += ["--config", "configs/data/example.yaml"]
-    args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path), *EXTRA_ARGS.get(path, [])]
     # the stage configs name the student folders earlier stages write: check them as planned stages
     cli = main(args, run=False, cli_class=PlannedStageCLI)
     assert cli.model.__class__.__name__.endswith("Module")
@@ -68,3 +72,14 @@ def test_sweep_config_resolves_every_point(path, tmp_path):
     result = sweep(["--config", str(path), "--out", str(tmp_path / "sweep"), "--dry_run", "true"])
     assert len(result["points"]) >= 3 and set(result["points"].values()) == {"dry run"}
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=str)
+def test_study_config_parses_into_its_settings(path):
+    from experiments.layer_study import HeldoutSettings, build_parser
+    from models import HybridConfig
+
+    parser = build_parser()
+    init = parser.instantiate(parser.parse_args(["--config", str(path)]))
+    assert isinstance(init.hybrid, HybridConfig) and isinstance(init.heldout, HeldoutSettings)
+    assert init.heldout.blocks_per_domain >= 4 and init.align.steps >= 1

@@ -103,8 +103,13 @@ def test_prefill_flops_count_every_linear_weight_and_every_attended_pair(teacher
     # the student at this length: 3 chunks of 16, each against its band of 16 + 8 - 1 keys and 2 sinks
     window = 4 * H * D * T * (16 + 8 - 1 + 2)
     memory = 4 * H * D * T * 16 + 4 * H * D * D * T
-    gates = 2 * T * TINY["hidden_size"] * 3 * H
-    assert flops["student_attention_flops"] == LAYERS * (window + memory + gates)
+    # i, f from x; o from each head's [q; k; v]; feature maps: a D x D product per query and key head
+    gates = 2 * T * TINY["hidden_size"] * 2 * H + 2 * T * H * 3 * D
+    feature_maps = 2 * T * (H + TINY["num_key_value_heads"]) * D * D
+    assert flops["student_attention_flops"] == LAYERS * (window + memory + gates + feature_maps)
+    legacy = HybridConfig(window=8, sink_tokens=2, chunk_size=16, feature_map="none", gate_input="hidden")
+    assert prefill_flops(teacher.config, legacy, T)["student_attention_flops"] == LAYERS * (
+        window + memory + 2 * T * TINY["hidden_size"] * 3 * H)
 
 
 def test_train_measures_each_requested_stage(teacher_dir, tmp_path):
