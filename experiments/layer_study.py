@@ -10,8 +10,8 @@ scored again. Scores: cross-entropy of the next token, KL(teacher || student) an
 per domain and overall, with 90 % bootstrap intervals over blocks; and each variant's CE minus the
 baseline variant's (``baseline``, default the SWA-only conversion) on the same blocks, with a
 paired bootstrap interval. Writes ``results.json`` and ``results.md`` into ``out`` (atomically);
-every stage (corpus, conversions, alignments, scores) is skipped when a previous run finished it
-with the same settings, so an interrupted study resumes.
+every stage (corpus, conversions, alignments, scores) is recorded in ``work`` and skipped when a
+previous run finished it with the same settings, so an interrupted study resumes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from datamodules.corpus import DOMAINS, CorpusConfig, build_corpus
 from experiments.pipeline import StageRunner, TrainSettings, _write_json, data_sources, train_stage
 from models import HybridConfig
+from models.checkpoint import atomic_file_write
 
 LEGACY_LAYER_FIELDS = {"feature_map": "none", "memory_norm": "rms", "gate_input": "hidden"}
 DEFAULT_VARIANTS = {
@@ -162,7 +163,8 @@ def markdown(summary: dict, baseline: str | None, vocab: int, command: str, toke
     return "\n".join(lines) + "\n"
 
 
-def run_study(out: str = "docs/results/layer_study", teacher: str = "smollm2-135m-instruct",
+def run_study(out: str = "docs/results/layer_study", work: str = "runs/studies/layer", reuse: list[str] | None = None,
+              teacher: str = "smollm2-135m-instruct",
               hybrid: HybridConfig = HybridConfig(), variants: dict[str, dict] | None = None,
               baseline: str | None = "SWA only", corpus: CorpusConfig = CorpusConfig(),
               heldout: HeldoutSettings = HeldoutSettings(),
@@ -170,18 +172,21 @@ def run_study(out: str = "docs/results/layer_study", teacher: str = "smollm2-135
               mixture_blocks: int | None = 480, seed: int = 0, skip_align: bool = False,
               trainer: list[str] | None = None,
               command: str = "") -> dict:
-    """Run the study (see the module docstring). ``hybrid``: the fields every variant starts from;
-    ``variants``: {name: HybridConfig fields over ``hybrid``} (None: ``DEFAULT_VARIANTS``)."""
+    """Run the study (see the module docstring). ``out``: where ``results.json`` and ``results.md``
+    go (small, meant to be committed); ``work``: the students, stage records and TensorBoard logs
+    (large); ``reuse``: other ``work`` folders whose stages finished with the same settings are
+    copied rather than run again. ``hybrid``: the fields every variant starts from; ``variants``:
+    {name: HybridConfig fields over ``hybrid``} (None: ``DEFAULT_VARIANTS``)."""
     from models import convert_to_hybrid, load_student, load_teacher, load_tokenizer, save_student
 
     variants = DEFAULT_VARIANTS if variants is None else variants
     trainer = ["configs/trainer/cpu.yaml"] if trainer is None else trainer
     if baseline is not None and baseline not in variants:
         raise ValueError(f"baseline={baseline!r} is not one of the variants ({', '.join(variants)})")
-    out_dir = Path(out)
+    out_dir, work_dir = Path(out), Path(work)
     configs = {name: HybridConfig.from_dict({**hybrid.to_dict(), **fields}) for name, fields in variants.items()}
     started = time.perf_counter()
-    stage = StageRunner(out_dir / "stages", 2 + 2 * len(variants) + 1)
+    stage = StageRunner(work_dir, 2 + 2 * len(variants) + 1, reuse=[Path(r) for r in reuse or []])
     corpus_path = Path(stage("corpus", {"teacher": teacher, "corpus": asdict(corpus)},
                              lambda f: {"path": str(build_corpus(teacher, corpus))})["path"])
     blocks = heldout_blocks(corpus_path, teacher, heldout, seed)  # before any training: fail fast
@@ -198,7 +203,7 @@ def run_study(out: str = "docs/results/layer_study", teacher: str = "smollm2-135
         if skip_align or trains_nothing:
             continue
         common = dict(teacher=teacher, teacher_dtype="float32", seq_len=heldout.seq_len,
-                      val_fraction=heldout.val_fraction, seed=seed, tensorboard=out_dir / "tensorboard",
+                      val_fraction=heldout.val_fraction, seed=seed, tensorboard=work_dir / "tensorboard",
                       trainer=trainer, stage_process=False)
         aligned = stage(f"align_{slug}", {"hybrid": cfg.to_dict(), "train": asdict(align), "corpus": str(corpus_path),
                                           "val_fraction": heldout.val_fraction, "seq_len": heldout.seq_len,
@@ -220,8 +225,7 @@ def run_study(out: str = "docs/results/layer_study", teacher: str = "smollm2-135
               "vocab_size": model.config.vocab_size, "align": asdict(align), "seconds": time.perf_counter() - started}
     _write_json(out_dir / "results.json", result)
     table = markdown(summary, base_key, model.config.vocab_size, command, result["tokens_per_domain"])
-    (out_dir / "results.md.tmp").write_text(table)
-    (out_dir / "results.md.tmp").replace(out_dir / "results.md")
+    atomic_file_write(out_dir / "results.md", lambda tmp: tmp.write_text(table))
     print(table)
     return result
 

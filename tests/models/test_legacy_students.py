@@ -45,3 +45,14 @@ def test_new_configs_default_to_the_papers_layer():
     with pytest.raises(ValueError, match="HybridConfig.feature_map='relu' is not supported; allowed values: "
                                          "softmax, none"):
         HybridConfig(feature_map="relu")
+
+
+def test_legacy_student_merges_with_its_resaved_copy(tmp_path):
+    """A folder without the new fields and one that spells out their legacy values are the same layer."""
+    from callbacks import merge_students
+
+    save_student(load_student(LEGACY / "hybrid_gate"), tmp_path / "resaved")
+    merged = merge_students([LEGACY / "hybrid_gate", tmp_path / "resaved"], out=tmp_path / "merged")
+    expected = load_file(str(LEGACY / "hybrid_gate" / "expected.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(merged(expected["input_ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-5)
