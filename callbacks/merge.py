@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from models import load_student
 from models.config import HybridConfig
 from models.checkpoint import (
-    CONFIG_NAME, FAMILY_SECTIONS, WEIGHTS_NAME, _read_config, atomic_directory_write, family_section, skeleton_from_folder,
+    CONFIG_NAME, FAMILY_SECTIONS, WEIGHTS_NAME, _read_config, atomic_directory_write, family_section,
+    skeleton_from_folder,
 )
 
 METHODS = ("mean", "task_arithmetic", "ties")
@@ -60,7 +61,8 @@ def check_compatible(paths: list[Path]) -> None:
         for section in (family_section(ref["config"]), "teacher_config"):
             a, b = ref["config"][section], other["config"][section]
             if section == FAMILY_SECTIONS["hybrid"]:  # fields a folder predates: as load_student reads them
-                a, b = (HybridConfig.from_saved(x, source=str(p)).to_dict() for x, p in ((a, ref_path), (b, path)))
+                a, b = (HybridConfig.from_saved(x, source=str(where)).to_dict()
+                        for x, where in ((a, ref_path), (b, path)))
             for key in sorted(set(a) | set(b)):
                 if key in ("_name_or_path", "transformers_version", "architectures"):
                     continue

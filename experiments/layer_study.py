@@ -140,26 +140,35 @@ def summarise(scores: dict, baseline: str | None, iterations: int, seed: int) ->
 
 
 def markdown(summary: dict, baseline: str | None, vocab: int, command: str, tokens_per_domain: int) -> str:
+    """Two tables: every student overall (intervals, CE minus the baseline's), then per domain."""
     domains = [d for d in next(iter(summary.values())) if d != "all"]
+    base = baseline.rsplit(" @ ", 1)[0] if baseline else "baseline"
+
+    def span(entry, key, fmt):
+        lo, hi = entry[f"{key}_90"]
+        return f"{entry[key]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
     lines = [f"Command: `{command}`", "",
-             f"Held-out: {tokens_per_domain} tokens per domain ({', '.join(domains)}); intervals are 90 % bootstrap "
-             f"intervals over blocks; ln(vocab) = {math.log(vocab):.3f} (a uniform guess).", "",
-             "| student | stage | CE all [90 %] | CE - " + (baseline or "baseline") + " [90 %] | KL all | top-1 all | "
-             + " | ".join(f"CE {d}" for d in domains) + " |",
-             "|---|---|---:|---:|---:|---:|" + "---:|" * len(domains)]
-    for key, entry in summary.items():
-        if key == "teacher":
-            continue
+             f"Held-out: {tokens_per_domain} scored tokens per domain ({', '.join(domains)}); [90 % bootstrap "
+             f"interval over blocks]; ln(vocab) = {math.log(vocab):.3f} is a uniform guess's CE.", "",
+             f"| student | stage | CE | CE - {base} (paired) | KL(teacher ‖ student) | top-1 agreement |",
+             "|---|---|---:|---:|---:|---:|"]
+    students = [k for k in summary if k != "teacher"]
+    for key in students:
         name, stage = key.rsplit(" @ ", 1)
-        a = entry["all"]
-        diff = (f"{a['ce_minus_baseline']:+.3f} [{a['ce_minus_baseline_90'][0]:+.3f}, {a['ce_minus_baseline_90'][1]:+.3f}]"
-                if "ce_minus_baseline" in a else "")
-        lines.append(f"| {name} | {stage} | {a['student_ce']:.3f} [{a['student_ce_90'][0]:.3f}, {a['student_ce_90'][1]:.3f}] "
-                     f"| {diff} | {a['kl_teacher_student']:.3f} | {a['top1_agreement']:.3f} | "
-                     + " | ".join(f"{entry[d]['student_ce']:.3f}" for d in domains) + " |")
-    t = summary["teacher"]
-    lines.append(f"| teacher | | {t['all']['student_ce']:.3f} | | | | "
-                 + " | ".join(f"{t[d]['student_ce']:.3f}" for d in domains) + " |")
+        a = summary[key]["all"]
+        diff = span(a, "ce_minus_baseline", "+.3f") if "ce_minus_baseline" in a else "(baseline)" if key == baseline else ""
+        lines.append(f"| {name} | {stage} | {span(a, 'student_ce', '.3f')} | {diff} | "
+                     f"{span(a, 'kl_teacher_student', '.3f')} | {span(a, 'top1_agreement', '.3f')} |")
+    lines.append(f"| teacher | | {span(summary['teacher']['all'], 'student_ce', '.3f')} | | | |")
+    lines += ["", "Per domain: CE / KL / top-1 agreement.", "",
+              "| student | stage | " + " | ".join(domains) + " |", "|---|---|" + "---:|" * len(domains)]
+    for key in students:
+        name, stage = key.rsplit(" @ ", 1)
+        cells = [f"{summary[key][d]['student_ce']:.2f} / {summary[key][d]['kl_teacher_student']:.2f} / "
+                 f"{summary[key][d]['top1_agreement']:.2f}" for d in domains]
+        lines.append(f"| {name} | {stage} | " + " | ".join(cells) + " |")
+    lines.append("| teacher | | " + " | ".join(f"{summary['teacher'][d]['student_ce']:.2f}" for d in domains) + " |")
     return "\n".join(lines) + "\n"
 
 

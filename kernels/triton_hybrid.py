@@ -197,8 +197,8 @@ class HybridAttentionTriton(torch.autograd.Function):
         dnorm = None
         if norm_weight is not None:
             dnorm = dnorm_parts.view(B, H, NC, Dv).sum((0, 2)).to(norm_weight.dtype)
-        return (cut(dq, q), cut(dq_m, q_m), cut(dk_a, k_a), cut(dv_a, v_a), cut(dk_m, k_m), cut(dv_m, v_m), cut(di, i_m),
-                cut(df, f), cut(dg, g), dnorm, None, None, None, None, None, None, None, None)
+        return (cut(dq, q), cut(dq_m, q_m), cut(dk_a, k_a), cut(dv_a, v_a), cut(dk_m, k_m), cut(dv_m, v_m),
+                cut(di, i_m), cut(df, f), cut(dg, g), dnorm, None, None, None, None, None, None, None, None)
 
 
 def hybrid_attention_triton(
@@ -218,8 +218,9 @@ def hybrid_attention_triton(
         return_state: also return the ``HybridState`` after the last position (no gradient).
     Returns:
         [B, H, T, Dv] in q's dtype (and the state if ``return_state``). Every input (``mq``, ``mk``
-        included), gate and ``norm_weight`` receives its gradient. The mLSTM stabiliser is treated as a constant in
-        the backward (it cancels in the output except through ``eps``), as ``mlstm_kernels`` does.
+        included), gate and ``norm_weight`` receives its gradient. The mLSTM stabiliser is treated
+        as a constant in the backward (it cancels in the output except through ``eps``), as
+        ``mlstm_kernels`` does.
     """
     from . import triton_unavailable_reason
 
@@ -232,7 +233,7 @@ def hybrid_attention_triton(
     code = mode_code(mode, combine)
     k_e, v_e = expand_kv(k, H), expand_kv(v, H)  # autograd sums each GQA group's gradients
     # the memory's own queries/keys (None: the attention's); q_m None tells the kernel q serves both
-    q_m = None if mq is None else mq
+    q_m = mq
     mk_e = k_e if mk is None else expand_kv(mk, H)
     padded_dim = state_safe_head_dim(Dqk)
     if padded_dim != Dqk:  # zero columns change no product; autograd drops their gradients

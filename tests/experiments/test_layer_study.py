@@ -47,5 +47,7 @@ def test_summarise_means_and_paired_intervals():
     assert all(math.isclose(v, 0.5) for v in other["all"]["ce_minus_baseline_90"])
     assert "ce_minus_baseline" not in base["all"]
     table = markdown(summary, "base @ converted", 97, "python -m experiments.layer_study", 20)
-    assert "| other | converted | 4.500" in table and "+0.500 [+0.500, +0.500]" in table
+    assert "| other | converted | 4.500 [" in table and "+0.500 [+0.500, +0.500]" in table
+    assert "| base | converted | 4.000 [" in table and "(baseline)" in table
+    assert "| other | converted | 4.50 / 0.00 / 1.00 | 4.50 / 0.00 / 1.00 |" in table  # per domain x, y
     assert f"ln(vocab) = {math.log(97):.3f}" in table
