@@ -195,7 +195,9 @@ def run_study(out: str = "docs/results/layer_study", work: str = "runs/studies/l
     out_dir, work_dir = Path(out), Path(work)
     configs = {name: HybridConfig.from_dict({**hybrid.to_dict(), **fields}) for name, fields in variants.items()}
     started = time.perf_counter()
-    stage = StageRunner(work_dir, 2 + 2 * len(variants) + 1, reuse=[Path(r) for r in reuse or []])
+    # corpus, a conversion per variant, an alignment per variant that has something to align, scores
+    aligning = 0 if skip_align else sum(not (c.mode == "swa" and align.trainable == "new") for c in configs.values())
+    stage = StageRunner(work_dir, 2 + len(variants) + aligning, reuse=[Path(r) for r in reuse or []])
     corpus_path = Path(stage("corpus", {"teacher": teacher, "corpus": asdict(corpus)},
                              lambda f: {"path": str(build_corpus(teacher, corpus))})["path"])
     blocks = heldout_blocks(corpus_path, teacher, heldout, seed)  # before any training: fail fast
@@ -208,8 +210,7 @@ def run_study(out: str = "docs/results/layer_study", work: str = "runs/studies/l
                           lambda f, cfg=cfg: {"student": str(save_student(convert_to_hybrid(model, cfg).eval(),
                                                                           f / "student", tokenizer=tokenizer))})
         students[f"{name} @ converted"] = converted["student"]
-        trains_nothing = cfg.mode == "swa" and align.trainable == "new"  # no new parameter reaches the output
-        if skip_align or trains_nothing:
+        if skip_align or (cfg.mode == "swa" and align.trainable == "new"):  # no new parameter reaches the output
             continue
         common = dict(teacher=teacher, teacher_dtype="float32", seq_len=heldout.seq_len,
                       val_fraction=heldout.val_fraction, seed=seed, tensorboard=work_dir / "tensorboard",
