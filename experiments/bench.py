@@ -40,6 +40,7 @@ from torch import nn
 from models import HybridConfig, HybridStudent, StudentLM, convert_to_hybrid, load_student, load_teacher, prefill
 from models.adapters import project_qkv
 from models.checkpoint import atomic_file_write
+from models.config import LEGACY_LAYER
 
 DTYPES = ("float32", "bfloat16", "float16")
 MiB = 2**20
@@ -564,6 +565,68 @@ class Bench:
         return {"ms_per_step": 1e3 * median, "ms_p25": 1e3 * q1, "ms_p75": 1e3 * q3,
                 "tokens_per_s": batch / median, "state_bytes": runner.state_bytes(state),
                 "peak_bytes": peak.bytes, "peak_kind": peak.kind, "prefill_s": prefill_seconds}
+
+    @torch.no_grad()
+    def decode_layers(self, baseline: dict | None = None, steps: int = 32, warmup: int = 4) -> dict:
+        """Decode step time of two hybrid layers side by side: the student (``hybrid`` or the saved
+        folder) against a conversion of the teacher with the student's HybridConfig changed by
+        ``baseline`` (None: the layer before feature maps, the memory norm and the qkv gate). Both prefill the same prompt, then their steps alternate token
+        by token (who goes first alternating too), so both see the same machine state; the ratio of
+        medians is the cost of the layer change, with quartiles.
+
+        Args:
+            baseline: HybridConfig fields of the other layer, over the student's own.
+            steps: timed steps per model and cell.
+            warmup: untimed steps first.
+        """
+        if steps < 2 or warmup < 0:
+            raise ValueError(f"steps={steps} must be >= 2 and warmup={warmup} >= 0")
+        teacher, student = self._loaded()
+        if not isinstance(student, HybridStudent):
+            raise ValueError("decode_layers compares hybrid layers; the student is a "
+                             f"{student.family} student")
+        fields = dict(LEGACY_LAYER, input_gate_bias_init=0.0) if baseline is None else baseline
+        baseline = HybridConfig.from_dict({**student.family_config.to_dict(), **fields})
+        other = convert_to_hybrid(teacher, baseline).to(device=self.device, dtype=self.dtype).eval()
+        runners = {"student": StudentRunner(student), "baseline": StudentRunner(other)}
+        rows = []
+        for batch, prompt in self._cells()[0]:
+            ids = self._prompt(prompt, teacher.config.vocab_size)
+            tokens, states, times = {}, {}, {name: [] for name in runners}
+            for name, runner in runners.items():
+                logits, state = runner.prefill(ids)
+                states[name] = runner.repeat(state, batch) if batch > 1 else state
+                tokens[name] = logits.expand(batch, -1).argmax(-1)
+            for i in range(warmup + steps):
+                for name in (list(runners) if i % 2 == 0 else list(runners)[::-1]):
+                    (logits, states[name]), seconds = timed(
+                        lambda name=name: runners[name].step(tokens[name], states[name]), self.device)
+                    tokens[name] = logits.argmax(-1)
+                    if i >= warmup:
+                        times[name].append(seconds)
+            row = {"batch": batch, "prompt": prompt}
+            for name, values in times.items():
+                q1, median, q3 = statistics.quantiles(values, n=4)
+                row.update({f"{name}_ms": 1e3 * median, f"{name}_ms_p25": 1e3 * q1, f"{name}_ms_p75": 1e3 * q3,
+                            f"{name}_state_mib": _mib(runners[name].state_bytes(states[name]))})
+            row["ratio"] = row["student_ms"] / row["baseline_ms"]
+            rows.append(row)
+            gc.collect()
+        payload = self._payload("decode_layers", rows, {"steps": steps, "warmup": warmup,
+                                                        "baseline": baseline.to_dict(),
+                                                        "baseline_description": other.describe()})
+        columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("baseline_ms", "baseline ms/step", ".2f"),
+                   ("student_ms", "student ms/step", ".2f"), ("ratio", "student / baseline", ".3f"),
+                   ("baseline_ms_p25", "baseline p25", ".2f"), ("baseline_ms_p75", "baseline p75", ".2f"),
+                   ("student_ms_p25", "student p25", ".2f"), ("student_ms_p75", "student p75", ".2f"),
+                   ("baseline_state_mib", "baseline state MiB", ".2f"), ("student_state_mib", "student state MiB", ".2f")]
+        title = f"Decode step, two layers side by side: {self.settings['student_description']} vs {other.describe()}"
+        time_series = [(f"{name}, batch {b}", self.prompt_lengths,
+                        [next((r[f"{name}_ms"] for r in rows if r["prompt"] == p and r["batch"] == b), float("nan"))
+                         for p in self.prompt_lengths], style)
+                       for b in self.batch_sizes for name, style in (("baseline", "o--"), ("student", "s-"))]
+        return self._finish("decode_layers", payload, markdown_table(rows, columns), title,
+                            [("ms per decoding step (median)", time_series, True)])
 
     @torch.no_grad()
     def _floor_cell(self, student, batch: int, steps: int, warmup: int) -> dict | None:

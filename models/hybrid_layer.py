@@ -105,6 +105,7 @@ class HybridAttention(_TeacherProjections):
         if cfg.memory_norm == "rms":
             self.mlstm_norm_weight = nn.Parameter(torch.ones(H, D, **factory))
         self.mean_mix_gate: torch.Tensor | None = None  # mean o of the last training forward, for logs
+        self._folded: tuple | None = None  # (key, weight, bias) of folded_gate_projection's cache
         self.reset_gate_parameters()
 
     def new_named_parameters(self):
@@ -135,12 +136,47 @@ class HybridAttention(_TeacherProjections):
         """Gate pre-activations [B, H, T] in float32: i and f (soft-capped) from the layer input;
         g from it too (``gate_input: hidden``) or from the heads' q, k, v before RoPE (``qkv``;
         None in modes without the mix)."""
-        pre = self.hybrid_gates(hidden_states).float().transpose(1, 2)
+        folded = None
+        if self.gate_from_qkv and not (self.training or torch.is_grad_enabled()):
+            folded = self.folded_gate_projection()
+        if folded is not None:
+            pre = F.linear(hidden_states, *folded).float().transpose(1, 2)
+        else:
+            pre = self.hybrid_gates(hidden_states).float().transpose(1, 2)
         H, cap = self.shape.num_heads, self.cfg.gate_soft_cap
         i_f = torch.tanh(pre[:, :2 * H] / cap) * cap if cap > 0 else pre[:, :2 * H]  # one op for both
-        if not self.gate_from_qkv:
+        if not self.gate_from_qkv or folded is not None:
             return i_f[:, :H], i_f[:, H:], pre[:, 2 * H:]
         return i_f[:, :H], i_f[:, H:], (self.mix_gate_from_qkv(q, k, v) if hasattr(self, "mix_gate_weight") else None)
+
+    def folded_gate_projection(self):
+        """[i | f | o] pre-activations as one projection of x (weight [3H, hidden], bias [3H]), or None
+        where o cannot fold: o = sigmoid(w_h . [q_h; k_h; v_h] + b_h) is linear in x when q, k (before
+        RoPE) and v are, i.e. without q/k norms (Llama, Mistral, Qwen2), as the paper notes. Used at
+        inference (no gradient), where it makes the qkv gate cost what a gate on x costs: one
+        product per layer and token instead of three. Cached until a parameter it reads changes."""
+        if self.adapter.qk_norm != "none" or not hasattr(self, "mix_gate_weight"):
+            return None
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        params = [self.hybrid_gates.weight, self.hybrid_gates.bias, self.mix_gate_weight, self.mix_gate_bias]
+        params += [t for m in projections for t in (m.weight, m.bias) if t is not None]
+        if any(type(t).__name__ == "DTensor" for t in params):  # sharded (FSDP2): no whole weight to fold
+            return None
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
+        if self._folded is None or self._folded[0] != key:
+            H, Hkv, D = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
+            w_q, w_k, w_v = self.mix_gate_weight.double().split([D, D, D], -1)  # [H, D] each
+            weight = torch.zeros(H, self.shape.hidden_size, dtype=torch.float64, device=w_q.device)
+            bias = self.mix_gate_bias.double().clone()
+            for proj, w, heads in ((self.q_proj, w_q, H), (self.k_proj, w_k, Hkv), (self.v_proj, w_v, Hkv)):
+                per_head = proj.weight.double().view(heads, D, -1).repeat_interleave(H // heads, 0)  # [H, D, x]
+                weight += torch.einsum("hd,hdx->hx", w, per_head)
+                if proj.bias is not None:
+                    bias += (w * proj.bias.double().view(heads, D).repeat_interleave(H // heads, 0)).sum(-1)
+            dtype = self.hybrid_gates.weight.dtype
+            self._folded = (key, torch.cat([self.hybrid_gates.weight.double(), weight]).to(dtype),
+                            torch.cat([self.hybrid_gates.bias.double(), bias]).to(dtype))
+        return self._folded[1], self._folded[2]
 
     def mix_gate_from_qkv(self, q, k, v):
         """o's pre-activation per head from [q_h; k_h; v_h]: q [B, H, T, D], k, v [B, Hkv, T, D]

@@ -59,6 +59,20 @@ def student_state_bytes(batch):
     return LAYERS * per_layer
 
 
+def test_decode_layers_times_two_layers_side_by_side(teacher_dir, tmp_path):
+    payload = bench(teacher_dir, tmp_path).decode_layers(steps=3, warmup=1)
+    written = read_outputs(tmp_path, "decode_layers")
+    assert written["baseline"]["feature_map"] == "none" and written["settings"]["hybrid"]["feature_map"] == "softmax"
+    rows = payload["rows"]
+    assert {(r["batch"], r["prompt"]) for r in rows} == {(b, p) for b in (1, 2) for p in (8, 40)}
+    for r in rows:
+        for name in ("student", "baseline"):
+            assert r[f"{name}_ms_p25"] <= r[f"{name}_ms"] <= r[f"{name}_ms_p75"]
+        assert r["ratio"] == pytest.approx(r["student_ms"] / r["baseline_ms"])
+        # feature maps add nothing to the state (gate combination): the same constant size
+        assert r["student_state_mib"] == r["baseline_state_mib"] > 0
+
+
 def test_decode_writes_rows_for_every_cell_with_exact_state_sizes(teacher_dir, tmp_path):
     payload = bench(teacher_dir, tmp_path).decode(steps=2, warmup=1)
     assert payload == json.loads(json.dumps(payload))  # what was returned is what JSON holds

@@ -239,3 +239,28 @@ def test_hybrid_layer_with_extreme_gate_biases_stays_finite(dtype, bias, combine
     assert torch.isfinite(loss)
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_folded_gate_gives_the_qkv_gates_output_at_inference(family):
+    """At inference the qkv gate is folded into one projection of x (families without q/k norms; Qwen2's
+    q/k/v biases fold into its bias): the same logits as computing it from q, k, v, also after the
+    weights change (the cache follows them); Qwen3's q/k norms do not fold."""
+    student = convert_to_hybrid(make_teacher(family), HybridConfig(window=4)).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def perturb():
+        with torch.no_grad():
+            for layer in student.lm.model.layers:
+                layer.self_attn.mix_gate_weight.add_(0.2 * torch.randn(layer.self_attn.mix_gate_weight.shape, generator=g))
+                layer.self_attn.mix_gate_bias.add_(torch.randn(layer.self_attn.mix_gate_bias.shape, generator=g) + 3.0)
+
+    ids = torch.randint(0, 97, (2, 20), generator=g)
+    attn = student.lm.model.layers[0].self_attn
+    for _ in range(2):  # the second round checks the cache is refreshed
+        perturb()
+        with torch.no_grad():
+            folded = student(ids).logits
+        computed = student(ids).logits.detach()  # with gradients on: the gate from q, k, v
+        assert (attn.folded_gate_projection() is None) == (family == "qwen3")
+        assert rel_err(folded, computed) < 1e-5
