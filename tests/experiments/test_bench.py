@@ -210,18 +210,35 @@ def test_projections_only_is_undone_and_skips_attention(teacher_dir):
     assert [layer.self_attn for layer in student.lm.model.layers] == originals
 
 
+PEAK_MEMORY_CHECK = """
+import torch
+from experiments.bench import PeakMemory
+size = 256 * 2**20
+with PeakMemory(torch.device("cpu")) as big:
+    block = torch.ones(size // 4)  # touched, so resident
+    del block
+with PeakMemory(torch.device("cpu")) as small:
+    torch.ones(1024)
+print(big.kind, "|", small.kind, "|", big.bytes, "|", small.bytes)
+"""
+
+
 def test_peak_memory_sees_an_allocation_and_resets_between_blocks():
-    device = torch.device("cpu")
+    """In a fresh interpreter (as the benchmarks measure): in this long-lived test process freed pages
+    that the allocator keeps resident can serve the block without the resident set growing at all."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    done = subprocess.run([sys.executable, "-c", PEAK_MEMORY_CHECK], capture_output=True, text=True, check=True,
+                          env=env)
+    big_kind, small_kind, big, small = (x.strip() for x in done.stdout.strip().splitlines()[-1].split("|"))
     size = 256 * 2**20
-    with PeakMemory(device) as big:
-        block = torch.ones(size // 4)  # touched, so resident
-        del block
-    with PeakMemory(device) as small:
-        torch.ones(1024)
-    if big.kind == small.kind == "resident set high-water mark":
-        assert big.bytes - small.bytes > 0.9 * size
+    if big_kind == small_kind == "resident set high-water mark":
+        assert int(big) - int(small) > 0.9 * size
     else:  # no working clear_refs: a lifetime peak, which cannot go down
-        assert big.bytes >= size
+        assert int(big) >= size
 
 
 def test_peak_memory_says_lifetime_peak_where_the_reset_is_accepted_but_ignored(tmp_path, monkeypatch):
