@@ -231,3 +231,12 @@ def test_bfloat16_on_gpu(mode, combine, T):
 @pytest.mark.parametrize("mode,combine", VARIANTS)
 def test_long_sequence_on_gpu(mode, combine):
     check_against_reference(1, 3, 1, 2049, 64, 64, 128, 4, mode, combine, 64, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode,combine", VARIANTS)
+def test_bfloat16_memory_inputs_on_gpu(mode, combine):
+    """The paper's layer (feature-mapped mq/mk, no memory norm) compiled, in bf16, at T = 1000."""
+    check_against_reference(2, 4, 2, 1000, 64, 64, 64, 4, mode, combine, 64, torch.bfloat16,
+                            memory_inputs=True, memory_norm="none", eps=0.0)
