@@ -40,7 +40,7 @@ from torch import nn
 from models import HybridConfig, HybridStudent, StudentLM, convert_to_hybrid, load_student, load_teacher, prefill
 from models.adapters import project_qkv
 from models.checkpoint import atomic_file_write
-from models.config import LEGACY_LAYER
+from models.config import PREVIOUS_LAYER
 
 DTYPES = ("float32", "bfloat16", "float16")
 MiB = 2**20
@@ -585,7 +585,7 @@ class Bench:
         if not isinstance(student, HybridStudent):
             raise ValueError("decode_layers compares hybrid layers; the student is a "
                              f"{student.family} student")
-        fields = dict(LEGACY_LAYER, input_gate_bias_init=0.0) if baseline is None else baseline
+        fields = PREVIOUS_LAYER if baseline is None else baseline
         baseline = HybridConfig.from_dict({**student.family_config.to_dict(), **fields})
         other = convert_to_hybrid(teacher, baseline).to(device=self.device, dtype=self.dtype).eval()
         runners = {"student": StudentRunner(student), "baseline": StudentRunner(other)}

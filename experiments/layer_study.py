@@ -27,16 +27,16 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from datamodules.corpus import DOMAINS, CorpusConfig, build_corpus
 from experiments.pipeline import StageRunner, TrainSettings, _write_json, data_sources, train_stage
 from models import HybridConfig
-from models.config import LEGACY_LAYER
+from models.config import PREVIOUS_LAYER
 from models.checkpoint import atomic_file_write
 
 DEFAULT_VARIANTS = {
     "hybrid, paper layer": {},
-    "hybrid, previous layer": {**LEGACY_LAYER, "input_gate_bias_init": 0.0},
+    "hybrid, previous layer": PREVIOUS_LAYER,
     "SWA only": {"mode": "swa"},
     "mLSTM only, feature maps": {"mode": "mlstm"},
     "mLSTM only, raw q/k": {"mode": "mlstm", "feature_map": "none"},
-    "mLSTM only, previous layer": {"mode": "mlstm", **LEGACY_LAYER, "input_gate_bias_init": 0.0},
+    "mLSTM only, previous layer": {"mode": "mlstm", **PREVIOUS_LAYER},
 }
 METRICS = ("student_ce", "kl_teacher_student", "top1_agreement")
 

@@ -14,6 +14,8 @@ GateInput = Literal["qkv", "hidden"]
 # What a student saved before these fields existed was: raw q/k, an RMS norm on the memory, the mix
 # gate from the layer input. A saved config without them is read with these values.
 LEGACY_LAYER = {"feature_map": "none", "memory_norm": "rms", "gate_input": "hidden"}
+# The whole previous layer, for comparisons: also the input gate bias it was converted with.
+PREVIOUS_LAYER = {**LEGACY_LAYER, "input_gate_bias_init": 0.0}
 
 
 @dataclass
