@@ -139,8 +139,28 @@ def summarise(scores: dict, baseline: str | None, iterations: int, seed: int) ->
     return summary
 
 
-def markdown(summary: dict, baseline: str | None, vocab: int, command: str, tokens_per_domain: int) -> str:
-    """Two tables: every student overall (intervals, CE minus the baseline's), then per domain."""
+def mix_gate_trajectory(logs: Path) -> dict | None:
+    """The mean mix gate o an alignment run logged (``gate/mean_o``, ``gate/mean_o_layer_XX``): at
+    its first and last step, and each layer's at the last step. None when the layer has no mix."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = sorted(logs.glob("version_*"))
+    if not runs:
+        return None
+    events = EventAccumulator(str(runs[-1]), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    if "gate/mean_o" not in tags:
+        return None
+    mean = [e.value for e in events.Scalars("gate/mean_o")]
+    layers = [events.Scalars(t)[-1].value for t in sorted(t for t in tags if t.startswith("gate/mean_o_layer_"))]
+    return {"first": mean[0], "last": mean[-1], "steps": len(mean), "last_per_layer": layers}
+
+
+def markdown(summary: dict, baseline: str | None, vocab: int, command: str, tokens_per_domain: int,
+             gates: dict | None = None) -> str:
+    """Two tables: every student overall (intervals, CE minus the baseline's), then per domain; and
+    the mean mix gate o over each alignment run."""
     domains = [d for d in next(iter(summary.values())) if d != "all"]
     base = baseline.rsplit(" @ ", 1)[0] if baseline else "baseline"
 
@@ -169,6 +189,15 @@ def markdown(summary: dict, baseline: str | None, vocab: int, command: str, toke
                  f"{summary[key][d]['top1_agreement']:.2f}" for d in domains]
         lines.append(f"| {name} | {stage} | " + " | ".join(cells) + " |")
     lines.append("| teacher | | " + " | ".join(f"{summary['teacher'][d]['student_ce']:.2f}" for d in domains) + " |")
+    logged = {name: g for name, g in (gates or {}).items() if g}
+    if logged:
+        lines += ["", "Mean mix gate o during alignment (TensorBoard `gate/mean_o`): first step → last step; per "
+                  "layer at the last step.", "", "| student | o, first → last | per layer, last step |",
+                  "|---|---:|---:|"]
+        for name, g in logged.items():
+            per_layer = g["last_per_layer"]
+            span_layers = f"{min(per_layer):.3f} – {max(per_layer):.3f}" if per_layer else ""
+            lines.append(f"| {name} | {g['first']:.4f} → {g['last']:.4f} ({g['steps']} steps) | {span_layers} |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,22 +224,24 @@ def run_study(out: str = "docs/results/layer_study", work: str = "runs/studies/l
     out_dir, work_dir = Path(out), Path(work)
     configs = {name: HybridConfig.from_dict({**hybrid.to_dict(), **fields}) for name, fields in variants.items()}
     started = time.perf_counter()
+    def aligns(cfg):  # an SWA-only student has no new parameter that reaches the output
+        return not skip_align and not (cfg.mode == "swa" and align.trainable == "new")
+
     # corpus, a conversion per variant, an alignment per variant that has something to align, scores
-    aligning = 0 if skip_align else sum(not (c.mode == "swa" and align.trainable == "new") for c in configs.values())
-    stage = StageRunner(work_dir, 2 + len(variants) + aligning, reuse=[Path(r) for r in reuse or []])
+    stage = StageRunner(work_dir, 2 + len(variants) + sum(map(aligns, configs.values())), reuse=[Path(r) for r in reuse or []])
     corpus_path = Path(stage("corpus", {"teacher": teacher, "corpus": asdict(corpus)},
                              lambda f: {"path": str(build_corpus(teacher, corpus))})["path"])
     blocks = heldout_blocks(corpus_path, teacher, heldout, seed)  # before any training: fail fast
     model = load_teacher(teacher)
     tokenizer = load_tokenizer(teacher)
-    students = {}
+    students, gates = {}, {}
     for name, cfg in configs.items():
         slug = name.replace(", ", "_").replace(" ", "-").replace("/", "-")
         converted = stage(f"convert_{slug}", {"teacher": teacher, "hybrid": cfg.to_dict()},
                           lambda f, cfg=cfg: {"student": str(save_student(convert_to_hybrid(model, cfg).eval(),
                                                                           f / "student", tokenizer=tokenizer))})
         students[f"{name} @ converted"] = converted["student"]
-        if skip_align or (cfg.mode == "swa" and align.trainable == "new"):  # no new parameter reaches the output
+        if not aligns(cfg):
             continue
         common = dict(teacher=teacher, teacher_dtype="float32", seq_len=heldout.seq_len,
                       val_fraction=heldout.val_fraction, seed=seed, tensorboard=work_dir / "tensorboard",
@@ -222,6 +253,8 @@ def run_study(out: str = "docs/results/layer_study", work: str = "runs/studies/l
                             "align", f, sources=data_sources(corpus_path, DOMAINS), settings=align,
                             student_ckpt=converted["student"], mixture_blocks=mixture_blocks, **common))
         students[f"{name} @ aligned"] = aligned["student"]
+        if cfg.mode == "hybrid":
+            gates[name] = mix_gate_trajectory(work_dir / "tensorboard" / f"align_{slug}")
 
     def score(folder):
         loaded = {name: load_student(path).eval() for name, path in students.items()}
@@ -231,10 +264,10 @@ def run_study(out: str = "docs/results/layer_study", work: str = "runs/studies/l
     base_key = f"{baseline} @ converted" if baseline else None
     summary = summarise(scores, base_key, heldout.bootstrap, seed)
     result = {"teacher": teacher, "variants": {n: c.to_dict() for n, c in configs.items()}, "students": students,
-              "summary": summary, "tokens_per_domain": heldout.blocks_per_domain * (heldout.seq_len - 1),
+              "summary": summary, "mix_gate_during_alignment": gates, "tokens_per_domain": heldout.blocks_per_domain * (heldout.seq_len - 1),
               "vocab_size": model.config.vocab_size, "align": asdict(align), "seconds": time.perf_counter() - started}
     _write_json(out_dir / "results.json", result)
-    table = markdown(summary, base_key, model.config.vocab_size, command, result["tokens_per_domain"])
+    table = markdown(summary, base_key, model.config.vocab_size, command, result["tokens_per_domain"], gates)
     atomic_file_write(out_dir / "results.md", lambda tmp: tmp.write_text(table))
     print(table)
     return result

@@ -197,7 +197,7 @@ class HybridAttention(_TeacherProjections):
         mq = mk = None
         if hasattr(self, "feature_maps"):
             mq, mk = self.feature_maps(q, k)
-        if self.training and g is not None:
+        if self.training and cfg.mode == "hybrid":  # the mix gate exists only where both branches do
             self.mean_mix_gate = torch.sigmoid(g.detach()).mean()
         opts = dict(scale=self.shape.scaling, norm_weight=getattr(self, "mlstm_norm_weight", None), norm_eps=cfg.norm_eps,
                     mq=mq, mk=mk, memory_norm=cfg.memory_norm)

@@ -51,3 +51,21 @@ def test_summarise_means_and_paired_intervals():
     assert "| base | converted | 4.000 [" in table and "(baseline)" in table
     assert "| other | converted | 4.50 / 0.00 / 1.00 | 4.50 / 0.00 / 1.00 |" in table  # per domain x, y
     assert f"ln(vocab) = {math.log(97):.3f}" in table
+
+
+def test_mix_gate_trajectory_reads_what_an_alignment_logged(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from experiments.layer_study import mix_gate_trajectory
+
+    writer = SummaryWriter(str(tmp_path / "align_x" / "version_0"))
+    for step, (mean, l0, l1) in enumerate([(0.018, 0.018, 0.018), (0.03, 0.02, 0.04)]):
+        writer.add_scalar("gate/mean_o", mean, step)
+        writer.add_scalar("gate/mean_o_layer_00", l0, step)
+        writer.add_scalar("gate/mean_o_layer_01", l1, step)
+    writer.close()
+    got = mix_gate_trajectory(tmp_path / "align_x")
+    assert got["steps"] == 2 and math.isclose(got["first"], 0.018, rel_tol=1e-6)
+    assert math.isclose(got["last"], 0.03, rel_tol=1e-6)
+    assert [round(v, 6) for v in got["last_per_layer"]] == [0.02, 0.04]
+    assert mix_gate_trajectory(tmp_path / "nothing") is None
