@@ -231,9 +231,10 @@ def test_forms_agree_with_memory_queries_and_keys_of_their_own(T, window, sinks,
     kw = dict(window=window, sink_tokens=sinks, mode=mode, combine=combine, norm_weight=norm_weight,
               memory_norm=memory_norm)
     unused = {"swa": ("i_gate", "f_gate", "g_gate", "mq", "mk"), "mlstm": ("g_gate",)}.get(mode, ())
-    used = [x for name, x in inputs.items() if name not in unused]
+    names = [name for name in inputs if name not in unused]
     if mode == "hybrid" and combine == "gate" and memory_norm == "rms":
-        used.append(norm_weight)
+        names.append("norm_weight")
+    used = [norm_weight if name == "norm_weight" else inputs[name] for name in names]
     upstream = torch.randn(2, 4, T, 6, dtype=torch.float64)
     forms = {"parallel": lambda: reference.hybrid_attention(**inputs, **kw),
              "chunkwise": lambda: hybrid_attention_chunkwise(**inputs, chunk_size=16, segment_tokens=32, **kw),
@@ -244,8 +245,6 @@ def test_forms_agree_with_memory_queries_and_keys_of_their_own(T, window, sinks,
         grads = torch.autograd.grad((out * upstream).sum(), used, allow_unused=True)
         results[form] = (out, [torch.zeros_like(x) if g is None else g for x, g in zip(used, grads)])
     zero = zero_in_theory(mode, combine, T, window, sinks, memory_inputs=True, memory_norm=memory_norm)
-    names = [name for name in inputs if name not in unused] + (["norm_weight"] if len(used) > len(inputs) - len(unused)
-                                                                else [])
     ref_out, ref_grads = results["parallel"]
     assert torch.isfinite(ref_out).all()
     for form in ("chunkwise", "recurrent"):
