@@ -15,10 +15,12 @@ import json
 import os
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 
+from datamodules.eval_suite import SuiteSize
 from models.checkpoint import atomic_file_write
 
 from .harness import HarnessLM
@@ -77,19 +79,30 @@ def task_manager(tasks: list[str], include: list[str]):
     return _task_manager(tuple(include), True)
 
 
-def resolve_tasks(tasks: list[str], include_path: list[str] | None, cache_dir: Path | None = None):
-    """Expand ``xdistill-suite`` into the embedded offline suite (its tasks can also be named one by
-    one) and check, when offline, that no task needs the network; returns (tasks, include_path)."""
-    from datamodules.eval_suite import TASKS, build_suite
+def resolve_tasks(tasks: list[str], include_path: list[str] | None, cache_dir: Path | None = None,
+                  tokenizer=None, suite=None):
+    """Expand ``xdistill-suite`` into the embedded offline suite at ``suite`` size (its tasks can
+    also be named one by one; the needle tasks need the teacher's ``tokenizer``) and check, when
+    offline, that no task needs the network; returns (tasks, include_path)."""
+    from datamodules.eval_suite import SuiteSize, build_suite, is_suite_task
 
     from models.teacher import cache_dir as default_cache
 
+    suite = suite or SuiteSize()
     include = [str(p) for p in (include_path or [])]
     resolved = []
     for task in tasks:
-        resolved.extend(TASKS if task == EMBEDDED_SUITE else [task])
-    if any(t in TASKS for t in resolved):  # the embedded suite's tasks, alone or all together
-        include.append(str(build_suite((cache_dir or default_cache()) / "eval_suite")))
+        resolved.extend(suite.tasks() if task == EMBEDDED_SUITE else [task])
+    embedded = [t for t in resolved if is_suite_task(t)]
+    if embedded:  # the embedded suite's tasks, alone or all together
+        needles = [t for t in embedded if t.startswith("xd_needle_")]
+        if needles and tokenizer is None:
+            raise ValueError(f"tasks {needles} are built in the teacher's tokens: pass its tokenizer")
+        wanted = sorted({int(t.rsplit("_", 1)[1]) for t in needles})
+        if wanted and wanted != sorted(suite.needle_lengths):
+            suite = SuiteSize(**{**asdict(suite), "needle_lengths": wanted})
+        include.append(str(build_suite((cache_dir or default_cache()) / "eval_suite", suite,
+                                       tokenizer if needles else None)))
     offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
     if offline:
         index = task_manager(resolved, include).task_index
@@ -105,63 +118,199 @@ def resolve_tasks(tasks: list[str], include_path: list[str] | None, cache_dir: P
     return resolved, include
 
 
+def item_scores(results: dict) -> dict[str, list[float]]:
+    """Each task's per-item primary metric (in document order) from ``simple_evaluate`` results run
+    with ``log_samples=True``: what the paired bootstrap resamples."""
+    items = {}
+    for task, samples in (results.get("samples") or {}).items():
+        config = results.get("configs", {}).get(task) or {}
+        if not config.get("metric_list"):
+            continue
+        metric = config["metric_list"][0]["metric"]
+        higher = results.get("higher_is_better", {}).get(task, {}).get(metric, True)
+        ordered = sorted(samples, key=lambda s: s["doc_id"])
+        items[task] = [to_unit_scale(metric, float(s[metric]), higher) for s in ordered]
+    return items
+
+
+def chance_scores(tasks) -> dict[str, float]:
+    """The guessing score of each embedded-suite task (tasks from elsewhere: 0)."""
+    from datamodules.eval_suite import is_suite_task, task_info
+
+    return {t: task_info(t)["chance"] if is_suite_task(t) else 0.0 for t in tasks}
+
+
 def evaluate_model(model, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
                    limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
-                   cache_dir: Path | None = None) -> tuple[dict[str, float], dict]:
-    """Score one model; returns (primary score per task, the harness's results dict)."""
+                   cache_dir: Path | None = None, suite=None) -> tuple[dict[str, float], dict]:
+    """Score one model; returns (primary score per task, the harness's results dict, whose
+    ``samples`` give the per-item scores: ``item_scores``)."""
     import lm_eval
 
-    tasks, include = resolve_tasks(tasks, include_path, cache_dir)
+    tasks, include = resolve_tasks(tasks, include_path, cache_dir, tokenizer, suite)
     lm = HarnessLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=task_manager(tasks, include), log_samples=False,
+                                      task_manager=task_manager(tasks, include), log_samples=True,
                                       bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                       fewshot_random_seed=0)
     return primary_scores(results), results
 
 
-def cached_teacher_scores(teacher, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
-                          limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
-                          cache_dir: Path | None = None) -> dict[str, float]:
-    """The teacher's scores, computed once per (teacher weights, tasks, few-shot, limit, context
-    length) and kept under <cache>/eval: every student of that teacher is compared with them."""
-    from datamodules.eval_suite import SUITE_VERSION
+def cached_teacher_evaluation(teacher, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
+                              limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
+                              cache_dir: Path | None = None, suite=None) -> dict:
+    """The teacher's scores and per-item scores ({"scores", "items"}), computed once per (teacher
+    weights, tasks, suite size, few-shot, limit, context length) and kept under <cache>/eval: every
+    student of that teacher is compared with them."""
+    from datamodules.eval_suite import SUITE_VERSION, SuiteSize
     from models.teacher import cache_dir as default_cache, teacher_fingerprint
 
-    # the suite's version too: a rebuilt suite (new items) must not reuse old scores
-    payload = [teacher_fingerprint(teacher), list(tasks), include_path, num_fewshot, limit, max_length, SUITE_VERSION]
+    # the suite's version and size too: a rebuilt suite (new items) must not reuse old scores
+    payload = [teacher_fingerprint(teacher), list(tasks), include_path, num_fewshot, limit, max_length, SUITE_VERSION,
+               asdict(suite or SuiteSize())]
     key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir or default_cache()) / "eval" / f"teacher-{key}.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text())["scores"]
+            cached = json.loads(path.read_text())
+            return {"scores": cached["scores"], "items": cached["items"]}
         except (json.JSONDecodeError, KeyError, TypeError) as err:  # a derived cache: score again
             warnings.warn(f"cached teacher scores {path} cannot be read ({err!r}); scoring the teacher again")
     started = time.perf_counter()
-    scores, _ = evaluate_model(teacher, tokenizer, tasks, include_path, num_fewshot, limit, batch_size, max_length,
-                               cache_dir)
-    _write_json(path, {"scores": scores, "seconds": time.perf_counter() - started})
-    return scores
+    scores, results = evaluate_model(teacher, tokenizer, tasks, include_path, num_fewshot, limit, batch_size, max_length,
+                                     cache_dir, suite)
+    evaluation = {"scores": scores, "items": item_scores(results)}
+    _write_json(path, {**evaluation, "seconds": time.perf_counter() - started})
+    return evaluation
+
+
+def cached_teacher_scores(teacher, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
+                          limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
+                          cache_dir: Path | None = None, suite=None) -> dict[str, float]:
+    """The teacher's scores per task (``cached_teacher_evaluation`` without the items)."""
+    return cached_teacher_evaluation(teacher, tokenizer, tasks, include_path, num_fewshot, limit, batch_size,
+                                     max_length, cache_dir, suite)["scores"]
 
 
 def _write_json(path: Path, payload) -> None:
     atomic_file_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True)))
 
 
+def teacher_passes(task: str, teacher_score: float, chance: float) -> bool:
+    """The suite's admission rule: a task can tell students apart only if the teacher scores at least
+    chance + 0.2 on it (log-likelihood; 0.5 on generation tasks, whose chance is 0)."""
+    from datamodules.eval_suite import PASS_MARGIN
+
+    margin = PASS_MARGIN["generation" if task.endswith("_gen") else "loglikelihood"]
+    return teacher_score >= chance + margin - 1e-12
+
+
+def compare_with_teacher(student_items: dict[str, list[float]], teacher_items: dict[str, list[float]],
+                         alphas: list[float], chance: dict[str, float] | None = None, iters: int = 1000,
+                         seed: int = 0) -> dict:
+    """Everything the report says about one student against its teacher, with intervals.
+
+    Per task: the mean scores, the paired gap (student - teacher) with its 95 % bootstrap interval and
+    the teacher-recovery rate (student / teacher). Win-and-Tie in both presets (``strict``: absolute,
+    every task; ``paper``: relative, C_alpha >= 0.5), each with a 90 % band around its curve and an
+    interval for alpha*, over the tasks the teacher passes (``teacher_passes``; the others are listed in
+    ``excluded``: a task the teacher cannot do says nothing about the student).
+    """
+    from .statistics import paired_gap, win_tie_bands
+    from .win_tie import PRESETS
+
+    chance = chance if chance is not None else chance_scores(teacher_items)
+    tasks = sorted(teacher_items)
+    per_task = {}
+    for task in tasks:
+        gap = paired_gap(student_items[task], teacher_items[task], iters=2 * iters, seed=seed)
+        per_task[task] = {**gap, "recovery": gap["student"] / gap["teacher"] if gap["teacher"] > 0 else None,
+                          "teacher_passes": teacher_passes(task, gap["teacher"], chance.get(task, 0.0))}
+    kept = [t for t in tasks if per_task[t]["teacher_passes"]]
+    presets = {}
+    if kept:
+        for name, settings in PRESETS.items():
+            presets[name] = {**settings, **win_tie_bands({t: student_items[t] for t in kept},
+                                                         {t: teacher_items[t] for t in kept}, alphas,
+                                                         chance=chance, iters=iters, seed=seed, **settings)}
+    return {"tasks": per_task, "kept": kept, "excluded": [t for t in tasks if t not in kept], "presets": presets}
+
+
 def write_report(out_dir, student_scores: dict, teacher_scores: dict, alphas: list[float], target: float = 1.0,
-                 relative: bool = False, label: str = "student", others: dict[str, dict] | None = None) -> dict:
-    """scores.json, win_tie.csv and win_tie.png for one student (plus other runs' scores overlaid)."""
+                 relative: bool = False, label: str = "student", others: dict[str, dict] | None = None, *,
+                 items: dict[str, dict] | None = None, teacher_items: dict | None = None) -> dict:
+    """scores.json, win_tie.csv and win_tie.png for one student (plus other runs' scores overlaid).
+
+    With per-item scores (``items``: {run label: {task: items}}, ``teacher_items``) the report adds each
+    task's paired gap and recovery, both Win-and-Tie presets with bands and alpha* intervals
+    (``compare_with_teacher``), draws the bands and writes them to the CSV; the curve drawn is then
+    the ``paper`` preset's when ``relative``, else the ``strict`` one's, over the tasks the teacher passes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = {label: student_scores, **(others or {})}
-    curves = {name: win_and_tie(s, teacher_scores, alphas, relative) for name, s in runs.items()}
-    stars = {name: critical_tolerance(s, teacher_scores, target, relative) for name, s in runs.items()}
+    comparisons = {name: compare_with_teacher(items[name], teacher_items, alphas)
+                   for name in runs if items and teacher_items and name in items}
+    if comparisons and comparisons[next(iter(comparisons))]["kept"]:
+        preset_name = "paper" if relative else "strict"
+        target = comparisons[label]["presets"][preset_name]["target"] if label in comparisons else target
+        kept = comparisons[next(iter(comparisons))]["kept"]
+        curves = {name: c["presets"][preset_name]["curve"] for name, c in comparisons.items()}
+        stars = {name: c["presets"][preset_name]["alpha_star"]["value"] for name, c in comparisons.items()}
+        bands = {name: (c["presets"][preset_name]["low"], c["presets"][preset_name]["high"])
+                 for name, c in comparisons.items()}
+        star_intervals = {name: (c["presets"][preset_name]["alpha_star"]["low"],
+                                 c["presets"][preset_name]["alpha_star"]["high"]) for name, c in comparisons.items()}
+        for name, s in runs.items():  # runs without items: their point curve only
+            if name not in comparisons:
+                kept_scores = {t: s[t] for t in kept}
+                curves[name] = win_and_tie(kept_scores, {t: teacher_scores[t] for t in kept}, alphas, relative)
+                stars[name] = critical_tolerance(kept_scores, {t: teacher_scores[t] for t in kept}, target, relative)
+    else:  # no per-item scores, or no task the teacher passes: the point curves over every task
+        curves = {name: win_and_tie(s, teacher_scores, alphas, relative) for name, s in runs.items()}
+        stars = {name: critical_tolerance(s, teacher_scores, target, relative) for name, s in runs.items()}
+        bands = star_intervals = None
     summary = {"student": student_scores, "teacher": teacher_scores, "alpha_star": stars[label], "target": target,
                "relative": relative, "win_tie": dict(zip((f"{a:.4g}" for a in alphas), curves[label]))}
+    if comparisons:
+        summary["comparisons"] = comparisons
+        summary["items"] = {"teacher": teacher_items, **items}
     _write_json(out_dir / "scores.json", summary)
-    write_curve_csv(out_dir / "win_tie.csv", alphas, curves)
-    summary["figure"] = plot_curves(out_dir / "win_tie.png", alphas, curves, stars, target, relative)
+    write_curve_csv(out_dir / "win_tie.csv", alphas, curves, bands=bands)
+    summary["figure"] = plot_curves(out_dir / "win_tie.png", alphas, curves, stars, target, relative, bands=bands,
+                                    star_intervals=star_intervals)
     return summary
+
+
+def comparison_table(comparisons: dict[str, dict], teacher_scores: dict) -> str:
+    """Markdown: per task the teacher's score, then each run's score, paired gap [95 % interval] and
+    teacher recovery; tasks the teacher does not pass are marked and left out of Win-and-Tie."""
+    names = list(comparisons)
+    first = comparisons[names[0]]
+    head = "| task | teacher | " + " | ".join(f"{n} (gap [95 % CI], recovery)" for n in names) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(names)]
+    for task in sorted(first["tasks"]):
+        row = first["tasks"][task]
+        mark = "" if row["teacher_passes"] else " (teacher below chance + margin: excluded)"
+        cells = []
+        for n in names:
+            t = comparisons[n]["tasks"][task]
+            recovery = f"{t['recovery']:.2f}" if t["recovery"] is not None else "n/a"
+            cells.append(f"{t['student']:.3f} ({t['gap']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}], {recovery})")
+        lines.append(f"| {task}{mark} | {teacher_scores[task]:.3f} ({row['items']} items) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def preset_table(comparisons: dict[str, dict]) -> str:
+    """Markdown: alpha* [90 % interval] of each run in both Win-and-Tie presets."""
+    lines = ["| student | strict alpha* (absolute, all tasks) | paper alpha* (relative, C_alpha >= 0.5) |",
+             "|---|---:|---:|"]
+    for name, c in comparisons.items():
+        cells = []
+        for preset in ("strict", "paper"):
+            star = c["presets"].get(preset, {}).get("alpha_star")
+            cells.append("n/a" if star is None else f"{star['value']:.3f} [{star['low']:.3f}, {star['high']:.3f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 class EvalCallback(L.Callback):
@@ -172,7 +321,7 @@ class EvalCallback(L.Callback):
                  max_length: int = 2048, every_n_validations: int = 0, at_fit_end: bool = True,
                  alphas: list[float] | None = None, target: float = 1.0, relative: bool = False,
                  out_dir: str | None = None, offline: bool = True, compare: dict[str, str] | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, suite: SuiteSize | None = None):
         """
         Args:
             tasks: lm-eval task names; ``xdistill-suite`` is the embedded offline suite.
@@ -190,13 +339,14 @@ class EvalCallback(L.Callback):
             offline: set HF_DATASETS_OFFLINE/HF_HUB_OFFLINE, so hub tasks fail at once with a clear error.
             compare: other runs to overlay on the curve: {label: path to their scores.json}.
             cache_dir: where teacher scores and the built suite are cached (default $XDISTILL_CACHE).
+            suite: items per task of the embedded suite and its needle lengths (default ``SuiteSize()``).
         """
         self.tasks, self.include_path, self.num_fewshot, self.limit = list(tasks), include_path, num_fewshot, limit
         self.batch_size, self.max_length = batch_size, max_length
         self.every_n, self.at_fit_end = every_n_validations, at_fit_end
         self.alphas = alphas or [round(0.005 * i, 4) for i in range(101)]
         self.target, self.relative, self.out_dir, self.offline = target, relative, out_dir, offline
-        self.compare, self.cache_dir = compare or {}, cache_dir
+        self.compare, self.cache_dir, self.suite = compare or {}, cache_dir, suite
         self.validations = 0
         self.last_report: dict | None = None
 
@@ -205,9 +355,9 @@ class EvalCallback(L.Callback):
 
         return Path(self.cache_dir) if self.cache_dir else cache_dir()
 
-    def teacher_scores(self, pl_module, tokenizer) -> dict[str, float]:
-        return cached_teacher_scores(pl_module.teacher, tokenizer, self.tasks, self.include_path, self.num_fewshot,
-                                     self.limit, self.batch_size, self.max_length, self._cache_root())
+    def teacher_evaluation(self, pl_module, tokenizer) -> dict:
+        return cached_teacher_evaluation(pl_module.teacher, tokenizer, self.tasks, self.include_path, self.num_fewshot,
+                                         self.limit, self.batch_size, self.max_length, self._cache_root(), self.suite)
 
     def run(self, trainer, pl_module) -> dict | None:
         if self.offline:
@@ -221,14 +371,16 @@ class EvalCallback(L.Callback):
 
             tokenizer = load_tokenizer(pl_module.hparams.teacher)
         was_training = student.training
-        teacher = self.teacher_scores(pl_module, tokenizer)
+        teacher = self.teacher_evaluation(pl_module, tokenizer)
         started = time.perf_counter()
-        student_scores, _ = evaluate_model(student, tokenizer, self.tasks, self.include_path, self.num_fewshot,
-                                           self.limit, self.batch_size, self.max_length, self._cache_root())
+        student_scores, results = evaluate_model(student, tokenizer, self.tasks, self.include_path, self.num_fewshot,
+                                                 self.limit, self.batch_size, self.max_length, self._cache_root(),
+                                                 self.suite)
         student.train(was_training)
         others = {label: json.loads(Path(p).read_text())["student"] for label, p in self.compare.items()}
         out = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "eval"
-        report = write_report(out, student_scores, teacher, self.alphas, self.target, self.relative, others=others)
+        report = write_report(out, student_scores, teacher["scores"], self.alphas, self.target, self.relative,
+                              others=others, items={"student": item_scores(results)}, teacher_items=teacher["items"])
         report["student_seconds"] = time.perf_counter() - started
         self._log(trainer, report)
         self.last_report = report
@@ -242,6 +394,15 @@ class EvalCallback(L.Callback):
         for task, value in report["student"].items():
             scalars[f"eval/student/{task}"] = value
             scalars[f"eval/teacher/{task}"] = report["teacher"][task]
+        comparison = report.get("comparisons", {}).get("student")
+        if comparison:
+            for task, row in comparison["tasks"].items():
+                scalars.update({f"eval/gap/{task}": row["gap"], f"eval/gap_low/{task}": row["low"],
+                                f"eval/gap_high/{task}": row["high"]})
+            for name, preset in comparison["presets"].items():
+                star = preset["alpha_star"]
+                scalars.update({f"eval/{name}/alpha_star": star["value"], f"eval/{name}/alpha_star_low": star["low"],
+                                f"eval/{name}/alpha_star_high": star["high"]})
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             experiment = getattr(logger, "experiment", None)

@@ -1,8 +1,10 @@
 """``HarnessLM``: the lm-evaluation-harness model interface for a hybrid student or a teacher.
 
-Log-likelihoods come from one batched forward per group of requests (right padding, which the
-student handles exactly); generation goes through ``models.generate`` (the student's recurrent
-decoding, the teacher's own ``generate``) with left padding.
+Log-likelihoods of requests that share their context (the choices of a multiple-choice item) run
+the context once and score every continuation from the state after it (the student's
+``DecodeState``, the teacher's KV cache); other requests come from one batched forward per group
+(right padding, which the student handles exactly). Generation goes through ``models.generate``
+(the student's recurrent decoding, the teacher's own ``generate``) with left padding.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from models import generate
+from models import StudentLM, generate, prefill
 
 
 class HarnessLM(LM):
@@ -47,6 +49,14 @@ class HarnessLM(LM):
             return [self.prefix_token], whole
         return ctx, whole[len(ctx):]
 
+    @staticmethod
+    def _span_score(logits: torch.Tensor, continuation: list[int]) -> tuple[float, bool]:
+        """(sum of log p(continuation), continuation is the greedy one) from the logits [n, V] that
+        predict its n tokens."""
+        logprobs = F.log_softmax(logits.float(), -1)
+        target = torch.tensor(continuation, dtype=torch.long, device=logits.device)
+        return logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
+
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str = "log-likelihoods") -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), continuation is the greedy one) per token pair."""
@@ -66,18 +76,92 @@ class HarnessLM(LM):
             for r, row in enumerate(rows):
                 ids[r, : len(row)] = torch.tensor(row)
                 mask[r, : len(row)] = 1
-            logprobs = F.log_softmax(self.model(ids.to(self.device), attention_mask=mask.to(self.device)).logits.float(), -1)
+            # only the positions from the earliest continuation on need the vocabulary head; the
+            # student computes them all (it takes logits_to_keep only for unpadded batches)
+            keep = 0 if isinstance(self.model, StudentLM) else width - min(len(r) - len(c) for r, c in zip(rows, conts))
+            logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device), logits_to_keep=keep).logits
+            offset = width - logits.shape[1]
             for r, i in enumerate(chunk):
-                n, cont = len(rows[r]), conts[r]
-                span = logprobs[r, n - len(cont): n]
-                target = torch.tensor(cont, device=span.device)
-                total = span.gather(-1, target[:, None]).sum().item()
-                greedy = bool((span.argmax(-1) == target).all())
-                results[i] = (total, greedy)
+                end = len(rows[r]) - offset
+                results[i] = self._span_score(logits[r, end - len(conts[r]): end], conts[r])
+        return results
+
+    def _continuation_logits(self, contexts: list[list[int]], continuations: list[list[int]],
+                             owner: torch.Tensor) -> torch.Tensor:
+        """Logits [M, L, V] whose row m, position j predicts ``continuations[m][j]`` given
+        ``contexts[owner[m]]`` (L: the longest continuation), from one run of each context and one
+        of all continuations after it."""
+        longest = max(len(c) for c in continuations)
+        # a continuation's last token predicts nothing; right padding after a row's real tokens
+        # cannot change its earlier logits (causal), and the state it leaves is discarded
+        follow = torch.full((len(continuations), max(longest - 1, 0)), self.pad_id, dtype=torch.long)
+        follow_mask = torch.zeros_like(follow)
+        for m, cont in enumerate(continuations):
+            follow[m, : len(cont[:-1])] = torch.tensor(cont[:-1], dtype=torch.long)
+            follow_mask[m, : len(cont[:-1])] = 1
+        follow, follow_mask = follow.to(self.device), follow_mask.to(self.device)
+        width = max(len(c) for c in contexts)
+        ids = torch.full((len(contexts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        if isinstance(self.model, StudentLM):
+            for r, ctx in enumerate(contexts):  # right padding: prefill runs every row unpadded
+                ids[r, : len(ctx)] = torch.tensor(ctx)
+                mask[r, : len(ctx)] = 1
+            first, state = prefill(self.model, ids.to(self.device), mask.to(self.device))
+            if longest <= 1:
+                return first[owner, None]
+            rest = self.model(follow, decode_state=state.index_select(owner)).logits
+        else:
+            for r, ctx in enumerate(contexts):  # left padding: every context ends where the cache goes on
+                ids[r, width - len(ctx):] = torch.tensor(ctx)
+                mask[r, width - len(ctx):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            out = self.model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            first = out.logits[:, -1]
+            if longest <= 1:
+                return first[owner, None]
+            # transformers 5 names the cache ``cache`` (``past_key_values`` is deprecated);
+            # batch_select_indices works in place: one copy of its context's cache per continuation
+            out.cache.batch_select_indices(owner)
+            rest = self.model(follow, attention_mask=torch.cat([mask[owner], follow_mask], 1), cache=out.cache).logits
+        return torch.cat([first[owner, None], rest], 1)
+
+    @torch.no_grad()
+    def _score_shared(self, contexts: list[list[int]], continuations: list[list[list[int]]],
+                      desc: str = "shared-context log-likelihoods") -> list[list[tuple[float, bool]]]:
+        """``_score``'s results for every continuation of every context, running each context once."""
+        order = sorted(range(len(contexts)), key=lambda g: -len(contexts[g]))
+        results: list = [None] * len(contexts)
+        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", disable=len(order) <= self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            conts = [cont for g in chunk for cont in continuations[g]]
+            owner = torch.tensor([r for r, g in enumerate(chunk) for _ in continuations[g]], device=self.device)
+            logits = self._continuation_logits([contexts[g] for g in chunk], conts, owner)
+            scores = iter([self._span_score(logits[m, : len(cont)], cont) for m, cont in enumerate(conts)])
+            for g in chunk:
+                results[g] = [next(scores) for _ in continuations[g]]
         return results
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        return self._score([self._encode_pair(*req.args) for req in requests])
+        pairs = [self._encode_pair(*req.args) for req in requests]
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        alone = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if len(ctx) + len(cont) > self.max_length + 1:
+                alone.append(i)  # truncated from the left: the context kept depends on the continuation
+            else:
+                by_context.setdefault(tuple(ctx), []).append(i)
+        shared = [members for members in by_context.values() if len(members) > 1]
+        alone += [members[0] for members in by_context.values() if len(members) == 1]
+        results: list = [None] * len(pairs)
+        for i, result in zip(alone, self._score([pairs[i] for i in alone])):
+            results[i] = result
+        scores = self._score_shared([pairs[members[0]][0] for members in shared],
+                                    [[pairs[i][1] for i in members] for members in shared])
+        for members, group_scores in zip(shared, scores):
+            for i, result in zip(members, group_scores):
+                results[i] = result
+        return results
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         out = []

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from models.checkpoint import atomic_file_write
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: skips the standard-library files the eval suite reserves (suite v5)
 DOMAINS = ("general", "code", "math", "stem", "chat")
 FORMATS = {"general": "text", "code": "text", "math": "chat", "stem": "chat", "chat": "chat"}
 LICENCES = {
@@ -103,11 +103,15 @@ def _cut(text: str, limit: int) -> str:
 
 
 def code_documents(n_files: int, max_chars: int, seed: int) -> list[dict]:
-    """A deterministic sample of the standard library's Python files (no tests, no private modules)."""
+    """A deterministic sample of the standard library's Python files (no tests, no private modules,
+    none that the eval suite reserves)."""
+    from .eval_suite import is_eval_file
+
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__", "turtledemo"}
     files = sorted(p for p in root.rglob("*.py")
-                   if not skip & set(p.relative_to(root).parts) and not p.name.startswith(("_", "test")))
+                   if not skip & set(p.relative_to(root).parts) and not p.name.startswith(("_", "test"))
+                   and not is_eval_file(str(p.relative_to(root))))
     random.Random(seed).shuffle(files)
     docs = []
     for path in files:
@@ -191,16 +195,17 @@ def math_documents(n: int, seed: int) -> list[dict]:
     return [math_problem(rng, excluded) for _ in range(n)]
 
 
-def suite_arithmetic(items: int = 100) -> set[tuple[int, str, int]]:
-    """The (a, op, b) expressions the eval suite asks about, which training problems must avoid."""
-    from .eval_suite import arith_gen, arith_mc, SEED, TASKS
+def suite_arithmetic(items: int | None = None) -> set[tuple[int, str, int]]:
+    """The (a, op, b) expressions the eval suite asks about, which training problems must avoid
+    (``items`` per task; default the suite's default size)."""
+    from .eval_suite import SuiteSize, suite_items
 
+    size = SuiteSize()
     excluded = set()
-    for task, maker in (("xd_arith_mc", arith_mc), ("xd_arith_gen", arith_gen)):
-        rng = random.Random(SEED * 100 + TASKS.index(task))
-        for _ in range(items):
-            m = re.search(r"What is (-?\d+) ([-+*]) (-?\d+)\?", maker(rng)["question"])
-            excluded.add((int(m.group(1)), m.group(2), int(m.group(3))))
+    for task, n in (("xd_arith_mc", items or size.mc_items), ("xd_arith_gen", items or size.gen_items)):
+        for item in suite_items(task, n):
+            m = re.search(r"What is (-?\d+) ([-+*]|times) (-?\d+)\?", item["question"])
+            excluded.add((int(m.group(1)), "*" if m.group(2) == "times" else m.group(2), int(m.group(3))))
     return excluded
 
 
@@ -298,11 +303,13 @@ def _suite_signatures() -> list[tuple[str, str]]:
     folder = build_suite(cache_dir() / "eval_suite")
     signatures = []
     for task in TASKS:
+        if task == "xd_code_mc":  # its files are reserved whole (code_documents skips them)
+            continue
         for line in (folder / f"{task}.jsonl").read_text().splitlines():
             item = json.loads(line)
-            if "choices" in item and task == "xd_cloze_mc":
-                signatures.append((task, f"{item['question']}{item['choices'][item['label']]}"))
-            elif task not in ("xd_kv_retrieval", "xd_passkey"):  # their filler and keys are random, not text
+            if task == "xd_cloze_mc":
+                signatures.append((task, f"{item['question']} {item['choices'][item['label']]}"))
+            else:
                 core = re.sub(r"^(Question|Instruction): ", "", item["question"]).split("\n")[0]
                 signatures.append((task, core))
     return signatures

@@ -25,6 +25,7 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.corpus import DOMAINS, CorpusConfig, build_corpus
+from experiments.heldout import METRICS, block_scores, select_blocks, summarise
 from experiments.pipeline import StageRunner, TrainSettings, _write_json, data_sources, train_stage
 from models import HybridConfig
 from models.config import PREVIOUS_LAYER
@@ -38,7 +39,6 @@ DEFAULT_VARIANTS = {
     "mLSTM only, raw q/k": {"mode": "mlstm", "feature_map": "none"},
     "mLSTM only, previous layer": {"mode": "mlstm", **PREVIOUS_LAYER},
 }
-METRICS = ("student_ce", "kl_teacher_student", "top1_agreement")
 
 
 @dataclass
@@ -51,6 +51,9 @@ class HeldoutSettings:
     val_fraction: float = 0.25
     bootstrap: int = 2000
     """Bootstrap resamples of the blocks (intervals are the 5th and 95th percentiles)."""
+    spread: bool = True
+    """Blocks evenly spaced through each domain's held-out text (false: its first blocks, as the
+    committed results of configs/studies/layer*.yaml were made)."""
 
 
 def heldout_blocks(corpus: Path, teacher: str, settings: HeldoutSettings, seed: int) -> dict[str, torch.Tensor]:
@@ -60,83 +63,7 @@ def heldout_blocks(corpus: Path, teacher: str, settings: HeldoutSettings, seed: 
     data = TextDataModule(tokenizer=teacher, sources=[DataSource(**s) for s in data_sources(corpus, DOMAINS)],
                           seq_len=settings.seq_len, batch_size=1, val_fraction=settings.val_fraction, seed=seed)
     data.setup("validate")
-    blocks = {}
-    for domain, split in data.validation_blocks_by_source().items():
-        ids = split["input_ids"]
-        if len(ids) < settings.blocks_per_domain:
-            raise ValueError(f"domain {domain!r} has {len(ids)} held-out blocks of {settings.seq_len} tokens, fewer "
-                             f"than heldout.blocks_per_domain={settings.blocks_per_domain}: raise heldout.val_fraction "
-                             "or the corpus size, or lower blocks_per_domain / seq_len")
-        blocks[domain] = ids[:settings.blocks_per_domain]
-    return blocks
-
-
-@torch.no_grad()
-def block_scores(teacher, students: dict, blocks: dict[str, torch.Tensor]) -> dict:
-    """Per student, per domain, per block: token-summed CE, KL(teacher || student), top-1 agreements,
-    and the token count, so means and bootstrap intervals over blocks can be formed afterwards."""
-    out = {name: {} for name in ("teacher", *students)}
-    for domain, ids in blocks.items():
-        for name in out:
-            out[name][domain] = []
-        for row in ids:
-            x = row[None]
-            targets = x[:, 1:]
-            t_logp = torch.log_softmax(teacher(x).logits[:, :-1].float(), -1)
-            t_top = t_logp.argmax(-1)
-            n = targets.numel()
-            out["teacher"][domain].append({"student_ce": -t_logp.gather(-1, targets[..., None]).sum().item(), "n": n})
-            for name, model in students.items():
-                s_logp = torch.log_softmax(model(x).logits[:, :-1].float(), -1)
-                out[name][domain].append({
-                    "student_ce": -s_logp.gather(-1, targets[..., None]).sum().item(),
-                    "kl_teacher_student": (t_logp.exp() * (t_logp - s_logp)).sum().item(),
-                    "top1_agreement": (s_logp.argmax(-1) == t_top).sum().item(),
-                    "n": n,
-                })
-    return out
-
-
-def _ratio(rows: list[dict], metric: str, index) -> float:
-    return sum(rows[i][metric] for i in index) / sum(rows[i]["n"] for i in index)
-
-
-def summarise(scores: dict, baseline: str | None, iterations: int, seed: int) -> dict:
-    """Means per domain and overall with 90 % bootstrap intervals (blocks resampled within each domain,
-    the same resample for every model, so differences are paired)."""
-    g = torch.Generator().manual_seed(seed)
-    domains = list(next(iter(scores.values())))
-    counts = {d: len(scores["teacher"][d]) for d in domains}
-    resamples = [{d: torch.randint(0, counts[d], (counts[d],), generator=g).tolist() for d in domains}
-                 for _ in range(iterations)]
-    full = {d: list(range(counts[d])) for d in domains}
-
-    def stat(name, metric, domain, index):
-        if domain != "all":
-            return _ratio(scores[name][domain], metric, index[domain])
-        rows = [r for d in domains for r in (scores[name][d][i] for i in index[d])]
-        return sum(r[metric] for r in rows) / sum(r["n"] for r in rows)
-
-    def interval(values):
-        ordered = sorted(values)
-        return [ordered[int(0.05 * (len(ordered) - 1))], ordered[int(math.ceil(0.95 * (len(ordered) - 1)))]]
-
-    summary = {}
-    for name, per_domain in scores.items():
-        metrics = ("student_ce",) if name == "teacher" else METRICS
-        summary[name] = {}
-        for domain in [*domains, "all"]:
-            entry = {}
-            for metric in metrics:
-                entry[metric] = stat(name, metric, domain, full)
-                entry[f"{metric}_90"] = interval([stat(name, metric, domain, r) for r in resamples])
-            if baseline and name not in ("teacher", baseline):
-                diff = lambda index: (stat(name, "student_ce", domain, index)  # noqa: E731
-                                      - stat(baseline, "student_ce", domain, index))
-                entry["ce_minus_baseline"] = diff(full)
-                entry["ce_minus_baseline_90"] = interval([diff(r) for r in resamples])
-            summary[name][domain] = entry
-    return summary
+    return select_blocks(data.validation_blocks_by_source(), settings.blocks_per_domain, settings.spread)
 
 
 def mix_gate_trajectory(logs: Path) -> dict | None:

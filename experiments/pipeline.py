@@ -34,14 +34,17 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.corpus import CorpusConfig, build_corpus, read_manifest
+from datamodules.eval_suite import SuiteSize
 from models import DistilXLSTMConfig, HybridConfig
 from models.checkpoint import atomic_file_write
 
 PROJECT = Path(__file__).resolve().parents[1]
 DOMAINS = ("math", "code", "stem", "chat")
-REPORT_ALPHAS = (0.0, 0.01, 0.02, 0.05)
-STUDENT_KEYS = ("converted", "kd", "merged")
-LABELS = {"merged": "merged", "kd": "stage-2", "converted": "converted"}
+CURVE_ALPHAS = [round(0.005 * i, 4) for i in range(101)]
+# swa_only: the teacher converted with the memory branch off (same window and sinks), the baseline
+# that shows what the memory adds; hybrid students only
+STUDENT_KEYS = ("swa_only", "converted", "kd", "merged")
+LABELS = {"merged": "merged", "kd": "stage-2", "converted": "converted", "swa_only": "SWA-only"}
 
 
 @dataclass
@@ -99,8 +102,10 @@ class EvalSettings:
     """Few-shot examples (None: each task's default)."""
     batch_size: int = 8
     """Requests per forward."""
-    heldout_blocks: int = 16
-    """Held-out blocks (of ``seq_len`` tokens, all domains) for cross-entropy, KL and top-1 agreement."""
+    heldout_blocks_per_domain: int = 4
+    """Held-out blocks (of ``seq_len`` tokens) of every domain for cross-entropy, KL and top-1 agreement."""
+    suite: SuiteSize = field(default_factory=SuiteSize)
+    """Items per task of the embedded suite, and the needle lengths (give 4x-16x the window)."""
     target: float = 1.0
     """C_alpha that defines alpha*."""
     offline: bool = True
@@ -353,43 +358,46 @@ def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig, dtype: str, 
 
 @torch.no_grad()
 def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, str], sources: list[dict], seq_len: int,
-                  val_fraction: float, seed: int, blocks: int) -> dict:
-    """Cross-entropy of the teacher and each student on the same held-out blocks of every domain,
-    with KL(teacher || student) and top-1 agreement (the training stages' validation metrics)."""
-    from tqdm import tqdm
-
+                  val_fraction: float, seed: int, blocks_per_domain: int, bootstrap: int = 2000) -> dict:
+    """Cross-entropy of the teacher and each student on the same held-out blocks: ``blocks_per_domain``
+    blocks of every domain (documents no stage trains on, spread through each domain's held-out
+    text), with KL(teacher || student) and top-1 agreement, per domain and overall (every domain
+    weighted by its tokens, equal here), each with a 90 % bootstrap interval over blocks and, for
+    every student, its CE minus the converted student's on the same blocks (paired)."""
     from datamodules import DataSource, TextDataModule
-    from lightning_modules.losses import IGNORE, heldout_metrics, next_token_targets
+    from experiments.heldout import block_scores, select_blocks, summarise
     from models import load_student, load_teacher
 
-    # two blocks per batch: each batch holds vocabulary-sized logits of the teacher and a student
-    data = TextDataModule(tokenizer=teacher, sources=[DataSource(**s) for s in sources], seq_len=seq_len, batch_size=2,
-                          seed=seed, val_fraction=val_fraction, max_val_blocks=blocks)
+    data = TextDataModule(tokenizer=teacher, sources=[DataSource(**s) for s in sources], seq_len=seq_len, batch_size=1,
+                          seed=seed, val_fraction=val_fraction)
     data.setup("validate")
+    blocks = select_blocks(data.validation_blocks_by_source(), blocks_per_domain)
     device = _device()
     teacher_model = load_teacher(teacher, dtype=getattr(torch, dtype), device=device)
     models = {name: load_student(path).eval().to(device) for name, path in students.items()}
-    sums = {name: {} for name in models}
-    tokens = 0
-    for batch in tqdm(data.val_dataloader(), desc="held-out blocks", unit="batch"):
-        ids, targets = batch["input_ids"].to(device), next_token_targets(batch["labels"]).to(device)
-        n = int((targets != IGNORE).sum())
-        t_logits = teacher_model(ids).logits
-        for name, model in models.items():
-            for metric, value in heldout_metrics(model(ids).logits, t_logits, targets).items():
-                sums[name][metric] = sums[name].get(metric, 0.0) + float(value) * n
-        tokens += n
-    if not tokens:
-        raise ValueError("no held-out tokens to score: raise eval.heldout_blocks or the corpus size")
-    result = {name: {metric: total / tokens for metric, total in s.items()} for name, s in sums.items()}
-    result["tokens"] = tokens
+    per_block = block_scores(teacher_model, models, {d: ids.to(device) for d, ids in blocks.items()})
+    summary = summarise(per_block, "converted" if "converted" in models else None, bootstrap, seed)
+    result = {}
+    for name in models:
+        overall = summary[name]["all"]
+        result[name] = {**{k: v for k, v in overall.items()}, "teacher_ce": summary["teacher"]["all"]["student_ce"],
+                        "teacher_ce_90": summary["teacher"]["all"]["student_ce_90"],
+                        "domains": {d: e for d, e in summary[name].items() if d != "all"}}
+    result["teacher"] = {"student_ce": summary["teacher"]["all"]["student_ce"],
+                         "student_ce_90": summary["teacher"]["all"]["student_ce_90"],
+                         "domains": {d: e for d, e in summary["teacher"].items() if d != "all"}}
+    tokens_per_domain = {d: int(sum(row["n"] for row in per_block["teacher"][d])) for d in blocks}
+    result["tokens"] = sum(tokens_per_domain.values())
+    result["tokens_per_domain"] = tokens_per_domain
+    result["blocks_per_domain"] = blocks_per_domain
     _write_json(folder / "heldout.json", result)
     return result
 
 
 def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: EvalSettings, dtype: str) -> dict:
-    """One model's scores on the task list (``model_path`` None: the teacher, cached across runs)."""
-    from callbacks.eval import cached_teacher_scores, evaluate_model
+    """One model's scores and per-item scores on the task list ({"scores", "items"}; ``model_path``
+    None: the teacher, cached across runs)."""
+    from callbacks.eval import cached_teacher_evaluation, evaluate_model, item_scores
     from models import load_student, load_teacher, load_tokenizer
 
     if settings.offline:
@@ -397,11 +405,14 @@ def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: Eva
     tokenizer = load_tokenizer(teacher)
     args = (settings.tasks, settings.include_path, settings.num_fewshot, settings.limit, settings.batch_size)
     if model_path is None:
-        scores = cached_teacher_scores(load_teacher(teacher, dtype=getattr(torch, dtype), device=_device()), tokenizer, *args)
+        evaluation = cached_teacher_evaluation(load_teacher(teacher, dtype=getattr(torch, dtype), device=_device()),
+                                               tokenizer, *args, suite=settings.suite)
     else:
-        scores, _ = evaluate_model(load_student(model_path).eval().to(_device()), tokenizer, *args)
-    _write_json(folder / "scores.json", scores)
-    return scores
+        scores, results = evaluate_model(load_student(model_path).eval().to(_device()), tokenizer, *args,
+                                         suite=settings.suite)
+        evaluation = {"scores": scores, "items": item_scores(results)}
+    _write_json(folder / "scores.json", evaluation)
+    return evaluation
 
 
 def decode_stage(folder: Path, teacher: str, student: str, settings: DecodeSettings) -> dict:
@@ -423,58 +434,80 @@ def decode_stage(folder: Path, teacher: str, student: str, settings: DecodeSetti
 
 # ---- the report -------------------------------------------------------------------------------
 
-def _fmt_alpha(value: float) -> str:
-    return f"{value:.3f}" if value == value else "n/a"
+def _span(entry: dict, key: str, fmt: str = ".3f") -> str:
+    lo, hi = entry[f"{key}_90"]
+    return f"{entry[key]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def heldout_tables(heldout: dict, keys: list[str]) -> str:
+    """Markdown: every model's held-out CE, KL and top-1 agreement overall (90 % intervals over
+    blocks; CE minus the converted student's, paired), then CE per domain."""
+    lines = ["| model | CE | CE − converted (paired) | KL(teacher‖student) | top-1 agreement |",
+             "|---|---:|---:|---:|---:|"]
+    for key in keys:
+        h = heldout[key]
+        diff = _span(h, "ce_minus_baseline", "+.3f") if "ce_minus_baseline" in h else "baseline" if key == "converted" else ""
+        lines.append(f"| {LABELS[key]} | {_span(h, 'student_ce')} | {diff} | {_span(h, 'kl_teacher_student')} | "
+                     f"{_span(h, 'top1_agreement')} |")
+    lines.append(f"| teacher | {_span(heldout['teacher'], 'student_ce')} | | | |")
+    domains = list(heldout["teacher"]["domains"])
+    lines += ["", "| CE per domain | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for key in keys:
+        lines.append(f"| {LABELS[key]} | " + " | ".join(_span(heldout[key]["domains"][d], "student_ce") for d in domains) + " |")
+    lines.append("| teacher | " + " | ".join(_span(heldout["teacher"]["domains"][d], "student_ce") for d in domains) + " |")
+    return "\n".join(lines)
+
+
+def needle_table(scores: dict[str, dict], items: dict[str, dict], keys: list[str]) -> str:
+    """Markdown: needle retrieval accuracy by context length (items correct / items)."""
+    from datamodules.eval_suite import NEEDLE_PREFIX
+
+    tasks = sorted((t for t in scores["teacher"] if t.startswith(NEEDLE_PREFIX)), key=lambda t: int(t.rsplit("_", 1)[1]))
+    if not tasks:
+        return ""
+    lines = ["| model | " + " | ".join(f"{t.rsplit('_', 1)[1]} tokens" for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for key in ["teacher", *keys]:
+        name = "teacher" if key == "teacher" else LABELS[key]
+        cells = [f"{scores[key][t]:.2f} ({int(round(sum(items[key][t])))}/{len(items[key][t])})" for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, decode: dict | None,
-                          timings: dict[str, float], target: float, settings: dict) -> str:
+                          timings: dict[str, float], target: float, settings: dict, items: dict[str, dict]) -> str:
     """report.md, win_tie.png, win_tie.csv, scores.json and TensorBoard scalars and figure; returns the
-    Markdown table (also printed). ``scores``: the teacher's and those of the scored students
-    (``merged``, ``kd``, ``converted``; the first present is the final student)."""
-    from callbacks.eval import write_report
-    from callbacks.win_tie import critical_tolerance, win_and_tie
+    Markdown (also printed). ``scores`` / ``items``: the teacher's and those of the scored students
+    (``merged``, ``kd``, ``converted``, ``swa_only``; the first present of the first three is the
+    final student), per task and per item."""
+    from callbacks.eval import comparison_table, preset_table, write_report
 
     teacher = scores["teacher"]
     keys = [k for k in STUDENT_KEYS[::-1] if k in scores]
     final_key = keys[0]
-    students = {LABELS[k]: scores[k] for k in keys}
     final = LABELS[final_key]
-    alphas = [round(0.005 * i, 4) for i in range(101)]
-    report = write_report(out, students[final], teacher, alphas, target, label=final,
-                          others={k: v for k, v in students.items() if k != final})
-    lines = ["| task | teacher | " + " | ".join(f"{n} student" for n in students) + " |", "|---|---:|" + "---:|" * len(students)]
-    for task in sorted(teacher):
-        lines.append(f"| {task} | {teacher[task]:.3f} | " + " | ".join(f"{s[task]:.3f}" for s in students.values()) + " |")
-    mean = {name: sum(s.values()) / len(s) for name, s in {"teacher": teacher, **students}.items()}
-    lines.append("| **mean** | " + " | ".join(f"**{mean[n]:.3f}**" for n in ("teacher", *students)) + " |")
-    lines += ["", "| student | " + " | ".join(f"C_{a:g}" for a in REPORT_ALPHAS) + " | alpha* | held-out CE | "
-              "KL(teacher‖student) | top-1 agreement |", "|---|" + "---:|" * (len(REPORT_ALPHAS) + 4)]
-    for key in STUDENT_KEYS[::-1]:
-        if key not in heldout:
-            continue
-        h = heldout[key]
-        if key in scores:
-            c = " | ".join(f"{v:.3f}" for v in win_and_tie(scores[key], teacher, REPORT_ALPHAS))
-            star = _fmt_alpha(critical_tolerance(scores[key], teacher, target))
-        else:  # held out but not scored on the suite (eval.students)
-            c, star = " | ".join("" for _ in REPORT_ALPHAS), "not scored"
-        lines.append(f"| {LABELS[key]} | {c} | {star} | {h['student_ce']:.3f} | {h['kl_teacher_student']:.3f} | "
-                     f"{h['top1_agreement']:.3f} |")
-    lines.append("| teacher | " + " | " * (len(REPORT_ALPHAS) + 1) + f"{heldout['kd']['teacher_ce']:.3f} | | |")
-    table = "\n".join(lines)
-    items = settings.get("limit")
-    final_ce, converted_ce = heldout[final_key]["student_ce"], heldout["converted"]["student_ce"]
+    labelled = {LABELS[k]: scores[k] for k in keys}
+    report = write_report(out, labelled[final], teacher, CURVE_ALPHAS, target, relative=False, label=final,
+                          others={k: v for k, v in labelled.items() if k != final},
+                          items={LABELS[k]: items[k] for k in keys}, teacher_items=items["teacher"])
+    comparisons = report["comparisons"]
+    heldout_keys = [k for k in STUDENT_KEYS[::-1] if k in heldout]
     parts = []
-    if "converted" in scores:
-        parts.append(f"{'helped' if mean[final] > mean['converted'] else 'did not help'} on the suite (mean score "
-                     f"{mean[final]:.3f} {final} vs {mean['converted']:.3f} converted)")
-    parts.append(f"{'helped' if final_ce < converted_ce else 'did not help'} on held-out text (cross-entropy "
-                 f"{final_ce:.3f} {final} vs {converted_ce:.3f} converted; teacher {heldout[final_key]['teacher_ce']:.3f})")
-    verdict = "Distillation " + " and ".join(parts) + "."
-    if items:
-        verdict += (f" Each task has {items} items, so one item moves a score by {1 / items:.3f} and a score near 0.5 "
-                    f"has a standard error of about {0.5 / items ** 0.5:.2f}: differences below that are noise.")
+    h = heldout[final_key]
+    if "ce_minus_baseline" in h:
+        lo, hi = h["ce_minus_baseline_90"]
+        verdict = "lowered" if hi < 0 else "raised" if lo > 0 else "did not measurably change"
+        parts.append(f"Training {verdict} held-out CE against the converted student: {h['ce_minus_baseline']:+.3f} "
+                     f"[{lo:+.3f}, {hi:+.3f}] (90 % interval over blocks; teacher {heldout['teacher']['student_ce']:.3f}).")
+    if "swa_only" in heldout and "converted" in heldout:
+        m = heldout["swa_only"]
+        parts.append(f"SWA-only conversion (no memory) CE {_span(m, 'student_ce')} against the converted hybrid's "
+                     f"{_span(heldout['converted'], 'student_ce')}.")
+    tied = [t for t, row in comparisons[final]["tasks"].items() if row["low"] <= 0 <= row["high"]]
+    parts.append(f"On the suite the {final} student's gap to the teacher has a 95 % interval that includes 0 on "
+                 f"{len(tied)} of {len(comparisons[final]['tasks'])} tasks.")
+    excluded = comparisons[final]["excluded"]
+    if excluded:
+        parts.append(f"Left out of Win-and-Tie because the teacher does not pass them (chance + margin): {', '.join(excluded)}.")
     decode_md = ""
     if decode:
         decode_md = ("| prompt | teacher ms/token | student ms/token | speed-up | teacher KV cache | student state | "
@@ -485,34 +518,53 @@ def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, dec
                      f"{decode['student_prefill_s']:.2f} s |")
     total = sum(timings.values())
     stage_times = " · ".join(f"{name} {sec:.0f} s" for name, sec in timings.items())
+    needles = needle_table(scores, items, keys)
     md = (f"# xdistill pipeline report\n\nRun folder `{out}`; teacher `{settings['teacher']}`; student "
           f"{settings['student']}; machine {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}.\n\n## Tasks\n\n{table}\n\n"
-          f"C_alpha: share of tasks where student >= teacher - alpha; alpha*: smallest alpha with C_alpha >= {target:g}. "
-          f"Held-out CE on {heldout['tokens']} tokens of every domain.\n\n{verdict}\n\n![Win-and-Tie](win_tie.png)\n\n"
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}.\n\n"
+          f"## Held-out text\n\n{heldout['blocks_per_domain']} blocks of every domain ({heldout['tokens']} scored "
+          f"tokens; documents no stage trained on); [90 % bootstrap interval over blocks].\n\n"
+          f"{heldout_tables(heldout, heldout_keys)}\n\n"
+          f"## Tasks\n\nScore (gap to the teacher [95 % paired bootstrap interval over items], teacher recovery = "
+          f"student / teacher).\n\n{comparison_table(comparisons, teacher)}\n\n"
+          f"Win-and-Tie over the tasks the teacher passes, alpha* [90 % interval]: `strict` = absolute tolerance, "
+          f"every task (C_alpha >= 1); `paper` = the seed paper's, relative tolerance A_S >= (1 - alpha) A_T, "
+          f"C_alpha >= 0.5.\n\n{preset_table(comparisons)}\n\n"
+          + (f"## Retrieval beyond the window\n\nA 5-digit number planted at least half the context before the "
+             f"question (greedy decoding must give it exactly; chance 0).\n\n{needles}\n\n" if needles else "")
+          + " ".join(parts) + "\n\n![Win-and-Tie](win_tie.png)\n\n"
           + (f"## Decoding at a long prompt\n\n{decode_md}\n\n" if decode else "")
           + f"## Time\n\n{total:.0f} s in all: {stage_times}\n")
     atomic_file_write(out / "report.md", lambda tmp: tmp.write_text(md))
-    _tensorboard(out / "tensorboard" / "report", {k: scores[k] for k in keys}, teacher, heldout, report["figure"])
+    _tensorboard(out / "tensorboard" / "report", keys, scores, heldout, comparisons, report["figure"])
     return md
 
 
-def _tensorboard(folder: Path, students: dict, teacher: dict, heldout: dict, figure) -> None:
+def _tensorboard(folder: Path, keys: list[str], scores: dict, heldout: dict, comparisons: dict, figure) -> None:
     from torch.utils.tensorboard import SummaryWriter
-
-    from callbacks.win_tie import critical_tolerance, win_and_tie
 
     writer = SummaryWriter(str(folder))
     try:
-        for key, scores in students.items():
+        for key in keys:
             name = LABELS[key]
-            for a in REPORT_ALPHAS:
-                writer.add_scalar(f"pipeline/{name}/win_tie@{a:g}", win_and_tie(scores, teacher, [a])[0])
-            writer.add_scalar(f"pipeline/{name}/alpha_star", critical_tolerance(scores, teacher))
-            writer.add_scalar(f"pipeline/{name}/heldout_ce", heldout[key]["student_ce"])
-            for task, value in scores.items():
-                writer.add_scalar(f"pipeline/{name}/{task}", value)
-        for task, value in teacher.items():
+            c = comparisons[name]
+            for preset, result in c["presets"].items():
+                star = result["alpha_star"]
+                for part in ("value", "low", "high"):
+                    writer.add_scalar(f"pipeline/{name}/{preset}/alpha_star_{part}", star[part])
+            for metric in ("student_ce", "kl_teacher_student", "top1_agreement"):
+                h = heldout[key]
+                writer.add_scalar(f"pipeline/{name}/heldout/{metric}", h[metric])
+                writer.add_scalar(f"pipeline/{name}/heldout/{metric}_low", h[f"{metric}_90"][0])
+                writer.add_scalar(f"pipeline/{name}/heldout/{metric}_high", h[f"{metric}_90"][1])
+            for domain, entry in heldout[key]["domains"].items():
+                writer.add_scalar(f"pipeline/{name}/heldout_ce/{domain}", entry["student_ce"])
+            for task, row in c["tasks"].items():
+                writer.add_scalar(f"pipeline/{name}/{task}", row["student"])
+                writer.add_scalar(f"pipeline/{name}/gap/{task}", row["gap"])
+                writer.add_scalar(f"pipeline/{name}/gap_low/{task}", row["low"])
+                writer.add_scalar(f"pipeline/{name}/gap_high/{task}", row["high"])
+        for task, value in scores["teacher"].items():
             writer.add_scalar(f"pipeline/teacher/{task}", value)
         writer.add_figure("pipeline/win_tie", figure)
     finally:
@@ -593,7 +645,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     if "merged" in (eval.students or ()) and not domains:
         raise ValueError("eval.students names 'merged' but domains is empty, so there is no merged student; "
                          "drop 'merged' or add domains")
-    available = [k for k in STUDENT_KEYS if k != "merged" or domains]
+    available = [k for k in STUDENT_KEYS if (k != "merged" or domains) and (k != "swa_only" or not distil)]
     scored = [k for k in available if eval.students is None or k in eval.students or k == final]
     if threads:
         torch.set_num_threads(threads)
@@ -622,7 +674,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     _write_json(run_dir / "pipeline.json", {**settings, "align": asdict(align), "kd": asdict(kd), "expert": asdict(expert),
                                             "domains": domains, "merge": asdict(merge), "eval": asdict(eval),
                                             "decode": asdict(decode)})
-    stages = ((3 if distil else 4) + len(domains) + (1 if domains else 0) + 1 + 1 + len(scored)
+    stages = ((3 if distil else 5) + len(domains) + (1 if domains else 0) + 1 + 1 + len(scored)
               + (1 if decode.prompt_length else 0))
     stage = StageRunner(run_dir, stages, reuse=[Path(r) for r in reuse or []])
     tensorboard = run_dir / "tensorboard"
@@ -651,6 +703,11 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                                               student_ckpt=conversion["student"], mixture_blocks=mixture_blocks,
                                               **common))["student"]
     converted = conversion["student"]
+    baselines = {}
+    if not distil:  # the memory branch off: what the window and sinks alone keep of the teacher
+        swa = HybridConfig.from_dict({**hybrid.to_dict(), "mode": "swa"})
+        baselines["swa_only"] = stage("convert_swa_only", {"teacher": teacher, "hybrid": swa.to_dict(), "dtype": teacher_dtype},
+                                      lambda f: convert_stage(f, teacher, swa, teacher_dtype))["student"]
     distillation = stage("kd", {**settings, "train": asdict(kd)},
                          lambda f: train_stage("kd", f, sources=everything, settings=kd, student_ckpt=aligned,
                                                mixture_blocks=mixture_blocks, **common))
@@ -670,20 +727,23 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                        scale=merge.scale, density=merge.density)
         return {"student": str(folder / "student"), "experts": experts}
 
-    students = {"converted": converted, "kd": distilled}
+    students = {**baselines, "converted": converted, "kd": distilled}
     if domains:
         students["merged"] = stage("merge", {**settings, "merge": asdict(merge), "domains": domains}, do_merge)["student"]
-    heldout = stage("heldout", {**settings, "blocks": eval.heldout_blocks, "students": students},
+    heldout = stage("heldout", {**settings, "blocks_per_domain": eval.heldout_blocks_per_domain, "students": students},
                     lambda f: heldout_stage(f, teacher, teacher_dtype, students, everything, seq_len, val_fraction, seed,
-                                            eval.heldout_blocks))
+                                            eval.heldout_blocks_per_domain))
     scores = {}
     # which students are scored does not change any score, so it is not a setting of the eval stages
     eval_settings = {"teacher": teacher, "dtype": teacher_dtype,
                      "eval": {k: v for k, v in asdict(eval).items() if k != "students"}}
-    scores["teacher"] = stage("eval_teacher", eval_settings, lambda f: eval_stage(f, None, teacher, eval, teacher_dtype))
+    items = {}
+    evaluation = stage("eval_teacher", eval_settings, lambda f: eval_stage(f, None, teacher, eval, teacher_dtype))
+    scores["teacher"], items["teacher"] = evaluation["scores"], evaluation["items"]
     for name in scored:
-        scores[name] = stage(f"eval_{name}", {**eval_settings, "student": students[name], "run": settings},
-                             lambda f, p=students[name]: eval_stage(f, p, teacher, eval, teacher_dtype))
+        evaluation = stage(f"eval_{name}", {**eval_settings, "student": students[name], "run": settings},
+                           lambda f, p=students[name]: eval_stage(f, p, teacher, eval, teacher_dtype))
+        scores[name], items[name] = evaluation["scores"], evaluation["items"]
     decoded = None
     if decode.prompt_length:
         decoded = stage("decode", {"teacher": teacher, "student": students[final], "decode": asdict(decode),
@@ -691,7 +751,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                         lambda f: decode_stage(f, teacher, students[final], decode))
     description = conversion.get("describe") or hybrid.describe()  # runs converted before descriptions were kept
     md = write_pipeline_report(run_dir, scores, heldout, decoded, stage.timings, eval.target,
-                               {**settings, "limit": eval.limit, "student": description})
+                               {**settings, "limit": eval.limit, "student": description}, items=items)
     summary = {"final": final, "describe": description, "students": students, "scores": scores, "heldout": heldout,
                "decode": decoded, "timings": stage.timings, "kd_metrics": distillation.get("metrics", {}),
                "target": eval.target}

@@ -103,14 +103,15 @@ def tiny_config(root: Path) -> Path:
         "extra_sources": [{"path": str(own["text"]), "name": "own_text"}],
         "expert_sources": {"chat": [{"path": str(own["chat"]), "format": "chat", "name": "own_chat"}]},
         "out": str(root / "run"), "teacher": str(teacher), "corpus_dir": str(root / "corpus"),
-        "hybrid": {"window": 8, "sink_tokens": 2, "chunk_size": 16}, "seq_len": 24, "val_fraction": 0.2, "mixture_blocks": 40,
-        "corpus": {"code_files": 3, "code_max_chars": 1500, "general_max_topics": 6, "math_problems": 60,
+        "hybrid": {"window": 8, "sink_tokens": 2, "chunk_size": 16}, "seq_len": 24, "val_fraction": 0.4, "mixture_blocks": 40,
+        "corpus": {"code_files": 6, "code_max_chars": 1500, "general_max_topics": 6, "math_problems": 60,
                    "stem_prompts": 12, "chat_prompts": 12, "answer_tokens": 8, "generation_batch_size": 6},
         "align": {"steps": 2, "batch_size": 2, "lr": 1.0e-3, "trainable": "new"},
         "kd": {"steps": 2, "batch_size": 2, "val_batches": 1, "checkpoint_every": 1},
         "expert": {"steps": 1, "batch_size": 2},
         "merge": {"method": "task_arithmetic", "scale": 0.5},
-        "eval": {"tasks": ["xd_arith_mc", "xd_instruct_gen"], "limit": 3, "batch_size": 2, "heldout_blocks": 4},
+        "eval": {"tasks": ["xd_arith_mc", "xd_instruct_gen"], "limit": 3, "batch_size": 2, "heldout_blocks_per_domain": 1,
+                 "suite": {"mc_items": 3, "gen_items": 3, "needle_items": 2, "needle_lengths": [64]}},
         "decode": {"prompt_length": 16, "new_tokens": 2, "warmup": 1},
     }
     path = root / "tiny.yaml"
@@ -152,16 +153,17 @@ def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, 
     for name in ("report.md", "win_tie.png", "win_tie.csv", "scores.json"):
         assert (run / name).is_file(), name
     report = (run / "report.md").read_text()
-    assert "| xd_arith_mc |" in report and "alpha*" in report and "ms/token" in report
-    assert set(result["scores"]) == {"teacher", "converted", "kd", "merged"}
+    assert "| xd_arith_mc" in report and "alpha*" in report and "ms/token" in report
+    assert set(result["scores"]) == {"teacher", "swa_only", "converted", "kd", "merged"}
     # the report's numbers are those of the eval stages' own score files
     from callbacks import critical_tolerance
 
-    stage_scores = {n: json.loads((run / f"eval_{n}" / "scores.json").read_text()) for n in result["scores"]}
+    stage_scores = {n: json.loads((run / f"eval_{n}" / "scores.json").read_text())["scores"] for n in result["scores"]}
     summary = json.loads((run / "scores.json").read_text())
     assert summary["student"] == stage_scores["merged"] and summary["teacher"] == stage_scores["teacher"]
     assert summary["alpha_star"] == critical_tolerance(stage_scores["merged"], stage_scores["teacher"])
-    assert set(result["heldout"]) >= {"converted", "kd", "merged", "tokens"}
+    assert set(result["heldout"]) >= {"swa_only", "converted", "kd", "merged", "teacher", "tokens"}
+    assert "ce_minus_baseline_90" in result["heldout"]["merged"] and "## Held-out text" in report
     assert list(run.glob("tensorboard/*/version_0/events.out.tfevents*")) and list(run.glob("tensorboard/report/events*"))
     chat_args = json.loads((run / "expert_chat" / "stage.json").read_text())["settings"]["sources"]
     assert chat_args[0]["name"] == "own_chat"
