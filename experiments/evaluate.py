@@ -15,7 +15,8 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
-from callbacks.eval import EMBEDDED_SUITE, evaluate_model, write_report
+from callbacks.eval import EMBEDDED_SUITE, comparison_table, evaluate_model, item_scores, preset_table, write_report
+from datamodules.eval_suite import SuiteSize
 from models import HybridConfig, convert_to_hybrid, load_student, load_teacher, load_tokenizer
 
 
@@ -23,7 +24,7 @@ def evaluate(teacher: str = "smollm2-135m-instruct", student: str | None = None,
              tasks: list[str] = [EMBEDDED_SUITE], include_path: list[str] | None = None,
              num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
              hybrid: HybridConfig = HybridConfig(), compare: dict[str, str] | None = None,
-             target: float = 1.0, relative: bool = False, offline: bool = True) -> dict:
+             target: float = 1.0, relative: bool = False, offline: bool = True, suite: SuiteSize = SuiteSize()) -> dict:
     """
     Args:
         teacher: the teacher (hub id, folder, or the embedded default).
@@ -39,27 +40,29 @@ def evaluate(teacher: str = "smollm2-135m-instruct", student: str | None = None,
         target: C_alpha that defines alpha*.
         relative: relative tolerance instead of absolute.
         offline: refuse tasks that need the network, at once.
+        suite: items per task of the embedded suite, and its needle lengths.
     """
     if offline:
         os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
     teacher_model = load_teacher(teacher)
     tokenizer = load_tokenizer(teacher)
     student_model = load_student(student) if student else convert_to_hybrid(teacher_model, hybrid).eval()
-    timings, scores = {}, {}
+    timings, scores, items = {}, {}, {}
     for name, model in (("teacher", teacher_model), ("student", student_model)):
         started = time.perf_counter()
-        scores[name], _ = evaluate_model(model, tokenizer, tasks, include_path, num_fewshot, limit, batch_size)
+        scores[name], results = evaluate_model(model, tokenizer, tasks, include_path, num_fewshot, limit, batch_size,
+                                               suite=suite)
+        items[name] = item_scores(results)
         timings[name] = time.perf_counter() - started
     alphas = [round(0.005 * i, 4) for i in range(101)]
     others = {label: json.loads(Path(p).read_text())["student"] for label, p in (compare or {}).items()}
-    report = write_report(out, scores["student"], scores["teacher"], alphas, target, relative, others=others)
-    print(f"{'task':<18} {'teacher':>8} {'student':>8}")
-    for task in sorted(scores["teacher"]):
-        print(f"{task:<18} {scores['teacher'][task]:>8.3f} {scores['student'][task]:>8.3f}")
-    for a in (0.0, 0.01, 0.05, 0.1, 0.2):
-        c = report["win_tie"][f"{a:.4g}"]
-        print(f"C_{a:g} = {c:.3f}")
-    print(f"alpha* = {report['alpha_star']:.3f}; seconds: teacher {timings['teacher']:.0f}, student {timings['student']:.0f}")
+    report = write_report(out, scores["student"], scores["teacher"], alphas, target, relative, others=others,
+                          items={"student": items["student"]}, teacher_items=items["teacher"])
+    comparison = {"student": report["comparisons"]["student"]}
+    print(comparison_table(comparison, scores["teacher"]))
+    print()
+    print(preset_table(comparison))
+    print(f"seconds: teacher {timings['teacher']:.0f}, student {timings['student']:.0f}")
     return {"scores": scores, "alpha_star": report["alpha_star"], "seconds": timings}
 
 

@@ -317,6 +317,13 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _with_interval(row: dict, key: str) -> str:
+    """``x [low, high]``, or ``x`` alone when the run has no interval."""
+    if row.get(f"{key}_low") is None:
+        return _fmt(row.get(key))
+    return f"{_fmt(row.get(key))} [{_fmt(row[f'{key}_low'])}, {_fmt(row[f'{key}_high'])}]"
+
+
 def point_row(point: SweepPoint, alphas: list[float], target: float) -> dict:
     """One point's numbers (only ``status`` and ``error`` for a point without a finished run)."""
     from callbacks.win_tie import critical_tolerance, win_and_tie
@@ -334,6 +341,12 @@ def point_row(point: SweepPoint, alphas: list[float], target: float) -> dict:
     heldout = summary["heldout"][final]
     row.update({
         "student": final, "heldout_ce": heldout["student_ce"], "kl_teacher_student": heldout["kl_teacher_student"],
+        # 90 % bootstrap intervals over the held-out blocks (runs before the per-domain held-out set have none)
+        "heldout_ce_low": (heldout.get("student_ce_90") or [None, None])[0],
+        "heldout_ce_high": (heldout.get("student_ce_90") or [None, None])[1],
+        "ce_minus_converted": heldout.get("ce_minus_baseline"),
+        "ce_minus_converted_low": (heldout.get("ce_minus_baseline_90") or [None, None])[0],
+        "ce_minus_converted_high": (heldout.get("ce_minus_baseline_90") or [None, None])[1],
         "top1_agreement": heldout["top1_agreement"], "teacher_ce": heldout["teacher_ce"],
         # where training started: the untrained conversion on the same held-out blocks
         "converted_ce": summary["heldout"].get("converted", {}).get("student_ce"),
@@ -389,7 +402,8 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
     done = [r for r in rows if "heldout_ce" in r]
     tasks = sorted({t for r in done for t in r["teacher_scores"]})
     calpha = [f"C_{a:g}" for a in alphas]
-    columns = ["point", "overrides", "status", "student", "heldout_ce", "converted_ce", "kl_teacher_student",
+    columns = ["point", "overrides", "status", "student", "heldout_ce", "heldout_ce_low", "heldout_ce_high",
+               "ce_minus_converted", "ce_minus_converted_low", "ce_minus_converted_high", "converted_ce", "kl_teacher_student",
                "top1_agreement",
                "suite_mean", *calpha, "alpha_star", "kd_tokens_per_s", "decode_ms_per_token", "decode_speedup", "decode_state_mb", "seconds",
                *(f"task:{t}" for t in tasks), "error"]
@@ -406,14 +420,15 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
     out.mkdir(parents=True, exist_ok=True)
     atomic_file_write(out / "sweep.csv", write_csv)
 
-    header = (["point", "overrides", "held-out CE", "(converted)", "KL(teacher‖student)", "top-1 agreement", "suite mean", *calpha,
+    header = (["point", "overrides", "held-out CE [90 %]", "CE − converted [90 %, paired]", "(converted)", "KL(teacher‖student)", "top-1 agreement", "suite mean", *calpha,
                "alpha*", "KD tokens/s", "decode ms/token", "decode speed-up", "state MB", "status"])
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 3) + "---|"]
     for r in rows:
         overrides = ", ".join(f"`{k}={_value_name(v)}`" for k, v in json.loads(r["overrides"]).items()) or "(base)"
         status = r["status"] if r["status"] != "failed" else "failed (see below)"
-        lines.append(f"| {r['point']} | {overrides} | " + " | ".join(_fmt(r.get(c)) for c in (
-            "heldout_ce", "converted_ce", "kl_teacher_student", "top1_agreement", "suite_mean", *calpha,
+        lines.append(f"| {r['point']} | {overrides} | {_with_interval(r, 'heldout_ce')} | "
+                     f"{_with_interval(r, 'ce_minus_converted')} | " + " | ".join(_fmt(r.get(c)) for c in (
+            "converted_ce", "kl_teacher_student", "top1_agreement", "suite_mean", *calpha,
             "alpha_star")) + " | "
             + f"{_fmt(r.get('kd_tokens_per_s'), 0)} | {_fmt(r.get('decode_ms_per_token'), 1)} | "
             f"{_fmt(r.get('decode_speedup'), 2)}{'x' if r.get('decode_speedup') else ''} | "

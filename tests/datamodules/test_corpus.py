@@ -50,8 +50,8 @@ def test_math_answers_are_right_and_avoid_the_suite_expressions():
     asked = set()
     for task in ("xd_arith_mc", "xd_arith_gen"):
         for line in (suite / f"{task}.jsonl").read_text().splitlines():
-            a, op, b = re.search(r"What is (-?\d+) ([-+*]) (-?\d+)\?", json.loads(line)["question"]).groups()
-            asked.add((int(a), op, int(b)))
+            a, op, b = re.search(r"What is (-?\d+) ([-+*]|times) (-?\d+)\?", json.loads(line)["question"]).groups()
+            asked.add((int(a), "*" if op == "times" else op, int(b)))
     assert C.suite_arithmetic() == asked
     words = {"times": "*", "sum of": "+", "minus": "-"}
     for doc in docs:
@@ -73,6 +73,10 @@ def test_general_text_skips_eval_topics_and_code_is_the_stdlib():
     import sysconfig
     from pathlib import Path
 
+    from datamodules.eval_suite import is_eval_file
+
+    for doc in C.code_documents(60, 2000, seed=1):  # the suite's code files never train
+        assert not is_eval_file(doc["file"])
     for doc in code:
         assert not doc["file"].startswith(("test", "_")) and len(doc["text"]) <= 2000
         real = (Path(sysconfig.get_paths()["stdlib"]) / doc["file"]).read_text()

@@ -1,52 +1,80 @@
-"""The offline suite: enough items, answers recomputed independently, long contexts really long."""
+"""The offline suite: answers recomputed independently, no repeated item, one space before the
+answer, needles planted far outside any window shorter than half the context."""
 
-import contextlib
-import io
 import json
 import re
 
 import pytest
 
-from datamodules.eval_suite import TASKS, build_suite, is_eval_topic
+from datamodules.eval_suite import (NUMBER_WORDS, TASKS, SuiteSize, build_suite, is_eval_file, is_eval_topic,
+                                    needle_task, reserved_code_files, task_info)
+
+SIZE = SuiteSize(mc_items=120, gen_items=60, needle_items=4, needle_lengths=[128, 256])
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    folder = build_suite(tmp_path_factory.mktemp("suite"))
-    return {t: [json.loads(line) for line in (folder / f"{t}.jsonl").open()] for t in TASKS}, folder
+    from tests.fixtures import make_tokenizer
+
+    folder = build_suite(tmp_path_factory.mktemp("suite"), SIZE, make_tokenizer())
+    tasks = SIZE.tasks()
+    return {t: [json.loads(line) for line in (folder / f"{t}.jsonl").open()] for t in tasks}, folder
 
 
 def answer_of(item):
-    return item["choices"][item["label"]].strip() if "choices" in item else item["answer"]
+    return item["choices"][item["label"]] if "choices" in item else item["answer"]
 
 
-def test_every_task_has_100_items_and_a_yaml(suite):
+def test_every_task_has_its_items_a_yaml_and_no_repeats(suite):
     items, folder = suite
-    assert len(TASKS) >= 6
-    for task in TASKS:
-        assert len(items[task]) >= 100, task
+    for task in SIZE.tasks():
+        want = SIZE.needle_items if task.startswith("xd_needle_") else SIZE.gen_items if task.endswith("_gen") else SIZE.mc_items
+        assert len(items[task]) == want, task
+        assert len({i["question"] for i in items[task]}) == want, task  # no duplicate items
         assert (folder / f"{task}.yaml").is_file()
-    kinds = {("choices" in items[t][0]) for t in TASKS}
-    assert kinds == {True, False}  # both multiple-choice and generative tasks
+
+
+def test_one_space_between_prompt_and_answer(suite):
+    import yaml
+
+    items, folder = suite
+    for task in TASKS:
+        spec = yaml.safe_load((folder / f"{task}.yaml").read_text())
+        delimiter = spec.get("target_delimiter", " ")
+        for item in items[task]:
+            joined = item["question"] + delimiter + answer_of(item)
+            assert "  " not in joined[len(item["question"]) - 1:len(item["question"]) + 2] or task == "xd_code_mc", task
+            if "choices" in item:
+                assert all(not c.startswith(" ") for c in item["choices"]), task
+        if task == "xd_code_mc":
+            assert delimiter == ""  # the identifier follows the code directly
+        else:
+            assert delimiter == " "
 
 
 def test_arithmetic_answers(suite):
     items, _ = suite
-    for task in ("xd_arith_mc", "xd_arith_gen"):
-        for item in items[task]:
-            a, op, b = re.search(r"What is (\d+) ([+*-]) (\d+)\?", item["question"]).groups()
-            assert int(answer_of(item)) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    for item in items["xd_arith_mc"]:
+        a, op, b = re.search(r"What is (\d+) ([+*-]) (\d+)\?", item["question"]).groups()
+        assert int(answer_of(item)) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert len(set(item["choices"])) == 4
+    for item in items["xd_arith_gen"]:
+        a, b = re.search(r"What is (\d+) times (\d+)\?", item["question"]).groups()
+        assert int(item["answer"]) == int(a) * int(b)
 
 
-def test_code_answers_by_running_the_programs(suite):
+def test_code_items_are_the_next_identifier_of_reserved_files(suite):
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
     items, _ = suite
     for item in items["xd_code_mc"]:
-        program = item["question"].split("\n\n")[1]
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(program, {})
-        assert out.getvalue().strip() == answer_of(item)
+        assert is_eval_file(item["file"])
+        text = "\n".join(line.rstrip() for line in (root / item["file"]).read_text().splitlines() if line.strip())
+        assert item["question"] + answer_of(item) in text
         assert len(set(item["choices"])) == 4
+    assert reserved_code_files()
 
 
 def test_stem_answers(suite):
@@ -69,14 +97,19 @@ def test_stem_answers(suite):
 def test_instruction_answers(suite):
     items, _ = suite
     for item in items["xd_instruct_gen"]:
-        q = item["question"]
-        word = re.search(r"'(\w+)'", q).group(1)
-        if "capital letters" in q:
-            assert item["answer"] == word.upper()
-        elif m := re.search(r"(\d) times", q):
-            assert item["answer"] == " ".join([word] * int(m.group(1)))
+        q, ans = item["question"], item["answer"]
+        if m := re.search(r"'(\w+)' in lowercase", q):
+            assert ans == m.group(1).lower()
+        elif m := re.search(r"'(\w+)' in capital", q):
+            assert ans == m.group(1).upper()
+        elif m := re.search(r"first letter of the word '(\w+)'", q):
+            assert ans == m.group(1)[0]
+        elif m := re.search(r"plural of the word '(\w+)'", q):
+            assert ans == m.group(1) + "s"
+        elif m := re.search(r"number '(\w+)' as a digit", q):
+            assert ans == str(NUMBER_WORDS.index(m.group(1)))
         else:
-            assert item["answer"] == word[0]
+            assert ans == NUMBER_WORDS[int(re.search(r"number (\d+) as a word", q).group(1))]
 
 
 def test_cloze_answers_are_the_held_out_text(suite):
@@ -85,28 +118,33 @@ def test_cloze_answers_are_the_held_out_text(suite):
     held_out = re.sub(r"\s+", " ", " ".join(v for k, v in topics.topics.items() if is_eval_topic(k)))
     items, _ = suite
     for item in items["xd_cloze_mc"]:
-        assert item["question"] + item["choices"][item["label"]] in held_out
+        assert item["question"] + " " + answer_of(item) in held_out
     assert 0 < sum(map(is_eval_topic, topics.topics)) < len(topics.topics) / 3
 
 
-def test_long_context_answers_and_lengths(suite):
+def test_needles_are_far_from_the_question_and_past_the_sinks(suite):
+    from tests.fixtures import make_tokenizer
+
+    tokenizer = make_tokenizer()
     items, _ = suite
-    for item in items["xd_kv_retrieval"]:
-        pairs = dict(re.findall(r"key (\d+): (\d+)", item["question"]))
-        asked = re.search(r"value of key (\d+)\?", item["question"]).group(1)
-        assert pairs[asked] == item["answer"] and len(pairs) == 48
-    for item in items["xd_passkey"]:
-        key = re.search(r"The pass key is (\d+)\.", item["question"]).group(1)
-        assert item["question"].endswith("The pass key is")
-        assert answer_of(item) == key
+    for length in SIZE.needle_lengths:
+        for item in items[needle_task(length)]:
+            prompt = item["question"]
+            key = re.search(r"The secret number is (\d{5})\.", prompt).group(1)
+            assert key == item["answer"] and prompt.endswith("Answer: The secret number is")
+            before, _, after = prompt.partition(f"The secret number is {key}.")
+            tokens_after = len(tokenizer(after, add_special_tokens=False)["input_ids"])
+            assert tokens_after >= length // 2 - 2  # well outside any window shorter than length / 2
+            assert len(tokenizer(before, add_special_tokens=False)["input_ids"]) >= 12  # past the sink tokens
+            assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) >= length
 
 
-@pytest.mark.slow
-def test_long_contexts_are_several_windows_long_in_real_tokens(suite):
-    from models import EMBEDDED_TEACHER, load_tokenizer
-
-    tokenizer = load_tokenizer(EMBEDDED_TEACHER)
-    items, _ = suite
-    for task in ("xd_kv_retrieval", "xd_passkey"):
-        shortest = min(len(tokenizer(item["question"])["input_ids"]) for item in items[task])
-        assert shortest >= 5 * 64, (task, shortest)  # >= 5 default 64-token windows
+def test_task_info_and_refusals():
+    assert task_info("xd_arith_mc") == {"domain": "math", "kind": "loglikelihood", "chance": 0.25}
+    assert task_info("xd_needle_512")["chance"] == 0.0 and task_info("xd_arith_gen")["kind"] == "generation"
+    with pytest.raises(ValueError, match="xd_unknown"):
+        task_info("xd_unknown")
+    with pytest.raises(ValueError, match="mc_items"):
+        SuiteSize(mc_items=0)
+    with pytest.raises(ValueError, match="xd_arith_gen has only 121 distinct items"):
+        build_suite("/tmp/never-written", SuiteSize(gen_items=200))
