@@ -62,6 +62,23 @@ def _examples(source: DataSource, records, tokenizer, keep):
             yield encode_chat(tokenizer, value)
 
 
+def balanced_validation(per_source: list[dict], cap: int | None) -> dict[str, torch.Tensor]:
+    """The validation blocks of every source; under a cap, an equal share of each source (a source
+    with fewer blocks gives what it has), spread evenly through its held-out text. Taking the first
+    ``cap`` blocks in source order would score one long document of the first source."""
+    picked = []
+    sizes = [len(b["val_input_ids"]) for b in per_source]
+    share = sizes if cap is None else [0] * len(sizes)
+    while cap is not None and sum(share) < min(cap, sum(sizes)):  # round-robin: equal shares
+        for i, n in enumerate(sizes):
+            if share[i] < n and sum(share) < cap:
+                share[i] += 1
+    for blocks, n, k in zip(per_source, sizes, share):
+        index = torch.linspace(0, n - 1, k).round().long() if 0 < k < n else torch.arange(k)
+        picked.append({name: blocks[f"val_{name}"][index] for name in ("input_ids", "labels")})
+    return {name: torch.cat([p[name] for p in picked]) for name in ("input_ids", "labels")}
+
+
 def _is_validation(seed: int, source: DataSource, index: int, val_fraction: float) -> bool:
     """Deterministic per-document split: the same document always lands on the same side."""
     digest = hashlib.sha256(f"{seed}:{source.label}:{index}".encode()).digest()
@@ -117,7 +134,7 @@ class TextDataModule(L.LightningDataModule):
             seq_len: tokens per block.
             batch_size: blocks per batch.
             val_fraction: share of documents held out for validation (deterministic by seed).
-            max_val_blocks: cap on validation blocks (None: all).
+            max_val_blocks: cap on validation blocks, an equal share from every source (None: all).
             mixture_blocks: training blocks per epoch drawn from the weighted mixture (None: every
                 block once, weights ignored); a source whose share exceeds its blocks is repeated.
             seed: split, mixture and shuffling seed.
@@ -210,10 +227,7 @@ class TextDataModule(L.LightningDataModule):
                                  f"batch_size={self.batch_size}: add data or lower seq_len / batch_size")
             self.train_set = BlockDataset(train)
         if per_source:
-            val = {k: torch.cat([b[f"val_{k}"] for b in per_source]) for k in ("input_ids", "labels")}
-            if self.max_val_blocks is not None:
-                val = {k: v[: self.max_val_blocks] for k, v in val.items()}
-            self.val_set = BlockDataset(val)
+            self.val_set = BlockDataset(balanced_validation(per_source, self.max_val_blocks))
 
     def validation_blocks_by_source(self) -> dict[str, dict[str, torch.Tensor]]:
         """Each source's held-out blocks ({"input_ids", "labels"}), by source label, before the

@@ -120,3 +120,20 @@ def test_resumable_loader_continues_where_it_stopped():
     resumed = ResumableDataLoader(data, batch_size=3, seed=1)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     assert first + [b["x"].tolist() for b in resumed] == full
+
+
+def test_capped_validation_takes_an_equal_spread_share_of_every_source():
+    import torch
+
+    from datamodules.text import balanced_validation
+
+    def source(tag, n):
+        ids = torch.full((n, 3), tag) + torch.arange(n)[:, None] * 100
+        return {"val_input_ids": ids, "val_labels": ids.clone()}
+
+    out = balanced_validation([source(1, 10), source(2, 1), source(3, 6)], cap=7)
+    tags = (out["input_ids"][:, 0] % 100).tolist()
+    assert sorted(tags) == [1, 1, 1, 2, 3, 3, 3]  # the one-block source gives its one, the others share the rest
+    first = out["input_ids"][:3, 0].tolist()
+    assert first == [1, 401, 901]  # blocks 0, 4 (4.5 rounds to even) and 9: spread, not the first three
+    assert torch.equal(balanced_validation([source(1, 4)], cap=None)["input_ids"], source(1, 4)["val_input_ids"])
