@@ -33,7 +33,7 @@ def run_validate(env, out, cache):
          "init_args": {"experts": [str(root / "math"), str(root / "code")], "out": str(out / "merged"),
                        "method": "task_arithmetic", "base": str(root / "base"), "scale": 0.5}},
         {"class_path": "callbacks.EvalCallback",
-         "init_args": {"tasks": ["xd_arith_mc", "xd_kv_retrieval"], "limit": 4, "batch_size": 4,
+         "init_args": {"tasks": ["xd_arith_mc", "xd_cloze_mc"], "limit": 4, "batch_size": 4,
                        "out_dir": str(out / "eval"), "cache_dir": str(cache)}}]}}
     (out / "cb.yaml").parent.mkdir(parents=True, exist_ok=True)
     (out / "cb.yaml").write_text(yaml.safe_dump(config))
@@ -50,7 +50,7 @@ def test_merge_then_evaluate_in_one_validate_run(env, tmp_path, monkeypatch):
     run_validate(env, tmp_path / "a", tmp_path / "cache")
     assert (tmp_path / "a" / "merged" / "merge.json").is_file()
     scores = json.loads((tmp_path / "a" / "eval" / "scores.json").read_text())
-    assert set(scores["student"]) == set(scores["teacher"]) == {"xd_arith_mc", "xd_kv_retrieval"}
+    assert set(scores["student"]) == set(scores["teacher"]) == {"xd_arith_mc", "xd_cloze_mc"}
     assert (tmp_path / "a" / "eval" / "win_tie.png").is_file() and (tmp_path / "a" / "eval" / "win_tie.csv").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

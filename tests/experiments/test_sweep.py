@@ -153,8 +153,8 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
     for name in ("window4", "window8"):
         heldout_all = json.loads((points / name / "heldout" / "heldout.json").read_text())
         heldout = heldout_all["kd"]
-        scores = json.loads((points / name / "eval_kd" / "scores.json").read_text())
-        teacher = json.loads((points / name / "eval_teacher" / "scores.json").read_text())
+        scores = json.loads((points / name / "eval_kd" / "scores.json").read_text())["scores"]
+        teacher = json.loads((points / name / "eval_teacher" / "scores.json").read_text())["scores"]
         row = rows[name]
         assert float(row["heldout_ce"]) == pytest.approx(heldout["student_ce"])
         assert float(row["top1_agreement"]) == pytest.approx(heldout["top1_agreement"])
