@@ -156,26 +156,45 @@ def evaluate_model(model, tokenizer, tasks: list[str], include_path=None, num_fe
     return primary_scores(results), results
 
 
+def weights_fingerprint(folder) -> str:
+    """Identity of a saved model folder: a digest of its config and weight files (a student's
+    embeddings are its teacher's, so ``teacher_fingerprint`` cannot tell students apart)."""
+    h = hashlib.sha256()
+    paths = sorted(p for p in Path(folder).iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+    if not any(p.suffix == ".safetensors" for p in paths):
+        raise FileNotFoundError(f"{folder} has no .safetensors weights to fingerprint; pass a saved student folder")
+    for path in paths:
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def cached_teacher_evaluation(teacher, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
                               limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
-                              cache_dir: Path | None = None, suite=None) -> dict:
-    """The teacher's scores and per-item scores ({"scores", "items"}), computed once per (teacher
-    weights, tasks, suite size, few-shot, limit, context length) and kept under <cache>/eval: every
-    student of that teacher is compared with them."""
+                              cache_dir: Path | None = None, suite=None, fingerprint: str | None = None,
+                              role: str = "teacher") -> dict:
+    """A model's scores and per-item scores ({"scores", "items"}), computed once per (weights,
+    tasks, suite size, few-shot, limit, context length) and kept under <cache>/eval: every student
+    of a teacher is compared with the teacher's, and a baseline student (a fresh conversion, the
+    same for every run of a config) or a rerun's student is not scored twice. ``fingerprint``
+    names the weights (default: ``teacher_fingerprint``; ``weights_fingerprint`` for a saved
+    student); ``role`` prefixes the cache file."""
     from datamodules.eval_suite import SUITE_VERSION, SuiteSize
     from models.teacher import cache_dir as default_cache, teacher_fingerprint
 
     # the suite's version and size too: a rebuilt suite (new items) must not reuse old scores
-    payload = [teacher_fingerprint(teacher), list(tasks), include_path, num_fewshot, limit, max_length, SUITE_VERSION,
-               asdict(suite or SuiteSize())]
+    payload = [fingerprint or teacher_fingerprint(teacher), list(tasks), include_path, num_fewshot, limit, max_length,
+               SUITE_VERSION, asdict(suite or SuiteSize())]
     key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
-    path = Path(cache_dir or default_cache()) / "eval" / f"teacher-{key}.json"
+    path = Path(cache_dir or default_cache()) / "eval" / f"{role}-{key}.json"
     if path.is_file():
         try:
             cached = json.loads(path.read_text())
             return {"scores": cached["scores"], "items": cached["items"]}
         except (json.JSONDecodeError, KeyError, TypeError) as err:  # a derived cache: score again
-            warnings.warn(f"cached teacher scores {path} cannot be read ({err!r}); scoring the teacher again")
+            warnings.warn(f"cached {role} scores {path} cannot be read ({err!r}); scoring the {role} again")
     started = time.perf_counter()
     scores, results = evaluate_model(teacher, tokenizer, tasks, include_path, num_fewshot, limit, batch_size, max_length,
                                      cache_dir, suite)

@@ -19,12 +19,23 @@ from models import StudentLM, generate, prefill
 
 
 class HarnessLM(LM):
-    """An ``lm_eval.api.model.LM`` over any causal LM of this project (student or teacher)."""
+    """An ``lm_eval.api.model.LM`` over any causal LM of this project (student or teacher).
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 2048, max_gen_toks: int = 256):
+    ``batch_size`` rows go through one full forward (log-likelihoods of long contexts);
+    ``short_batch_size`` (default 4x) contexts share one batch where the work per row is small: the
+    prompts of multiple-choice items (run once for all their choices) and of generations. The
+    student prefills rows of equal length together, so a larger batch of length-sorted prompts
+    means fewer, fuller forwards."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int = 2048, max_gen_toks: int = 256,
+                 short_batch_size: int | None = None):
         super().__init__()
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size, self.max_length, self.max_gen_toks = batch_size, max_length, max_gen_toks
+        self.short_batch_size = short_batch_size or 4 * batch_size
+        if self.batch_size < 1 or self.short_batch_size < 1:
+            raise ValueError(f"HarnessLM batch sizes must be >= 1; got batch_size={batch_size}, "
+                             f"short_batch_size={short_batch_size}")
         self.prefix_token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -76,9 +87,9 @@ class HarnessLM(LM):
             for r, row in enumerate(rows):
                 ids[r, : len(row)] = torch.tensor(row)
                 mask[r, : len(row)] = 1
-            # only the positions from the earliest continuation on need the vocabulary head; the
-            # student computes them all (it takes logits_to_keep only for unpadded batches)
-            keep = 0 if isinstance(self.model, StudentLM) else width - min(len(r) - len(c) for r, c in zip(rows, conts))
+            # only the positions from the earliest continuation on need the vocabulary head (rows
+            # are right-padded, so those are the last ``keep`` of every row, teacher and student)
+            keep = width - min(len(r) - len(c) for r, c in zip(rows, conts))
             logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device), logits_to_keep=keep).logits
             offset = width - logits.shape[1]
             for r, i in enumerate(chunk):
@@ -132,8 +143,9 @@ class HarnessLM(LM):
         """``_score``'s results for every continuation of every context, running each context once."""
         order = sorted(range(len(contexts)), key=lambda g: -len(contexts[g]))
         results: list = [None] * len(contexts)
-        for start in tqdm(range(0, len(order), self.batch_size), desc=desc, unit="batch", disable=len(order) <= self.batch_size):
-            chunk = order[start:start + self.batch_size]
+        step = self.short_batch_size
+        for start in tqdm(range(0, len(order), step), desc=desc, unit="batch", disable=len(order) <= step):
+            chunk = order[start:start + step]
             conts = [cont for g in chunk for cont in continuations[g]]
             owner = torch.tensor([r for r, g in enumerate(chunk) for _ in continuations[g]], device=self.device)
             logits = self._continuation_logits([contexts[g] for g in chunk], conts, owner)
@@ -178,7 +190,7 @@ class HarnessLM(LM):
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
-        progress = tqdm(total=len(requests), desc="generations", unit="request", disable=len(requests) <= self.batch_size)
+        progress = tqdm(total=len(requests), desc="generations", unit="request", disable=len(requests) <= self.short_batch_size)
         for indices in groups.values():
             kwargs = dict(requests[indices[0]].args[1])
             until = kwargs.get("until") or []
@@ -188,8 +200,8 @@ class HarnessLM(LM):
             temperature = float(kwargs.get("temperature", 1.0) or 1.0)
             # longest prompts first, so each batch holds prompts of similar length (little padding)
             indices.sort(key=lambda i: -len(requests[i].args[0]))
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
+            for start in range(0, len(indices), self.short_batch_size):
+                chunk = indices[start:start + self.short_batch_size]
                 prompts = [self._encode(requests[i].args[0])[-(self.max_length - max_new):] for i in chunk]
                 width = max(len(p) for p in prompts)
                 ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from models.checkpoint import atomic_file_write
 
-CORPUS_VERSION = 2  # 2: skips the standard-library files the eval suite reserves (suite v5)
+CORPUS_VERSION = 3  # 3: also avoids the suite's solved examples (suite v6); 2: 2: skips the standard-library files the eval suite reserves (suite v5)
 DOMAINS = ("general", "code", "math", "stem", "chat")
 FORMATS = {"general": "text", "code": "text", "math": "chat", "stem": "chat", "chat": "chat"}
 LICENCES = {
@@ -204,8 +204,9 @@ def suite_arithmetic(items: int | None = None) -> set[tuple[int, str, int]]:
     excluded = set()
     for task, n in (("xd_arith_mc", items or size.mc_items), ("xd_arith_gen", items or size.gen_items)):
         for item in suite_items(task, n):
-            m = re.search(r"What is (-?\d+) ([-+*]|times) (-?\d+)\?", item["question"])
-            excluded.add((int(m.group(1)), "*" if m.group(2) == "times" else m.group(2), int(m.group(3))))
+            # the asked expression and the solved examples shown before it
+            for a, op, b in re.findall(r"What is (-?\d+) ([-+*]|times) (-?\d+)\?", item["question"]):
+                excluded.add((int(a), "*" if op == "times" else op, int(b)))
     return excluded
 
 
@@ -297,7 +298,7 @@ def teacher_answers(teacher, tokenizer, prompts: list[str], cfg: CorpusConfig, d
 def _suite_signatures() -> list[tuple[str, str]]:
     """(task, text) pairs that must not occur in training documents: each eval question's own text
     and, for the cloze task, the sentence up to and including its answer word."""
-    from .eval_suite import TASKS, build_suite
+    from .eval_suite import TASKS, asked, build_suite
     from models.teacher import cache_dir
 
     folder = build_suite(cache_dir() / "eval_suite")
@@ -310,7 +311,7 @@ def _suite_signatures() -> list[tuple[str, str]]:
             if task == "xd_cloze_mc":
                 signatures.append((task, f"{item['question']} {item['choices'][item['label']]}"))
             else:
-                core = re.sub(r"^(Question|Instruction): ", "", item["question"]).split("\n")[0]
+                core = re.sub(r"^(Question|Instruction): ", "", asked(item["question"])).split("\n")[0]
                 signatures.append((task, core))
     return signatures
 

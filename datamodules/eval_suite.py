@@ -36,7 +36,7 @@ import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SUITE_VERSION = 5
+SUITE_VERSION = 6  # 6: needle target with its space; solved examples in arith_mc and instruct_gen
 TASKS = ("xd_arith_mc", "xd_arith_gen", "xd_code_mc", "xd_stem_mc", "xd_instruct_gen", "xd_cloze_mc")
 NEEDLE_PREFIX = "xd_needle_"
 DOMAINS = {"xd_arith_mc": "math", "xd_arith_gen": "math", "xd_code_mc": "code", "xd_stem_mc": "stem",
@@ -56,7 +56,7 @@ class SuiteSize:
     mc_items: int = 300
     """Items of each multiple-choice task (cheap: one short forward per choice)."""
     gen_items: int = 100
-    """Items of each generation task (``xd_instruct_gen`` has at most 182 distinct items, ``xd_arith_gen`` 121)."""
+    """Items of each generation task (``xd_instruct_gen`` has at most 142 distinct items, ``xd_arith_gen`` 121)."""
     needle_items: int = 40
     """Items of each needle length (one forward over the whole context each)."""
     needle_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
@@ -110,13 +110,19 @@ def is_eval_file(relative_path: str) -> bool:
     return _stable_fifth("code:" + relative_path)
 
 
+def asked(question: str) -> str:
+    """The question an item asks: its last paragraph (the solved examples some tasks show first
+    are not part of the item's identity)."""
+    return question.split("\n\n")[-1]
+
+
 def _distinct(task: str, maker, rng: random.Random, n: int) -> list[dict]:
-    """n items of ``maker`` with distinct questions (a repeated item adds no information)."""
+    """n items of ``maker`` asking distinct questions (a repeated item adds no information)."""
     items, seen = [], set()
     for _ in range(50 * n):
         item = maker(rng)
-        if item["question"] not in seen:
-            seen.add(item["question"])
+        if asked(item["question"]) not in seen:
+            seen.add(asked(item["question"]))
             items.append(item)
             if len(items) == n:
                 return items
@@ -143,9 +149,16 @@ def small_arithmetic(rng) -> tuple[int, str, int, int]:
 
 
 def arith_mc(rng):
+    """Two solved problems, then the one asked (the teacher's pilot: 0.53 without them, 0.76 with)."""
     a, op, b, ans = small_arithmetic(rng)
+    solved = []
+    while len(solved) < 2:
+        sa, sop, sb, sans = small_arithmetic(rng)
+        if (sa, sop, sb) != (a, op, b):
+            solved.append(f"Question: What is {sa} {sop} {sb}?\nAnswer: {sans}")
     choices, label = _choices(rng, ans, spread=5)
-    return {"question": f"Question: What is {a} {op} {b}?\nAnswer:", "choices": choices, "label": label}
+    question = "\n\n".join([*solved, f"Question: What is {a} {op} {b}?\nAnswer:"])
+    return {"question": question, "choices": choices, "label": label}
 
 
 def arith_gen(rng):
@@ -223,23 +236,38 @@ WORDS = ["river", "garden", "planet", "bridge", "forest", "window", "candle", "r
          "orange", "castle", "mirror", "tunnel", "basket", "dragon", "violin", "table", "chair", "flower",
          "bottle", "jacket", "ladder", "pillow", "rabbit", "hammer", "kitten", "teacher", "doctor", "farmer",
          "market", "wallet", "ticket", "helmet", "carpet", "blanket", "pocket", "camera", "island", "anchor"]
+WORDS += ["cookie", "spoon", "lamp", "desk", "bird", "boat", "coat", "road", "star", "tree", "cloud", "door",
+          "book", "apple", "horse", "shirt", "train", "plant", "glove", "drum"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
-def instruct_gen(rng):
-    """Instructions whose answer a program checks; kinds the teacher follows in its pilot (repeating
-    a word n times and yes/no comparisons were dropped: the teacher scored 0.27 and 0.43 on them)."""
-    kind = rng.choice(["lower", "upper", "first", "plural", "digit", "word"])
-    word, n = rng.choice(WORDS), rng.randint(0, 10)
-    instruction, answer = {
+INSTRUCTION_KINDS = ("lower", "plural", "digit", "word")
+
+
+def _instruction(kind: str, word: str, n: int) -> tuple[str, str]:
+    return {
         "lower": (f"Write the word '{word.upper()}' in lowercase letters.", word),
-        "upper": (f"Write the word '{word}' in capital letters.", word.upper()),
-        "first": (f"What is the first letter of the word '{word}'? Reply with the letter only.", word[0]),
         "plural": (f"Write the plural of the word '{word}'.", word + "s"),
         "digit": (f"Write the number '{NUMBER_WORDS[n]}' as a digit.", str(n)),
         "word": (f"Write the number {n} as a word.", NUMBER_WORDS[n]),
     }[kind]
-    return {"question": f"Instruction: {instruction}\nResponse:", "answer": answer}
+
+
+def instruct_gen(rng):
+    """An instruction whose answer a program checks, after two solved ones of the same kind (the
+    response format is the instruction's, not a neighbour's). Kinds the teacher follows in its pilot
+    (60 items, two solved examples of the same kind): lowercase 0.9, plural, digit and word 1.0;
+    uppercase 0.43, first letter 0.29, repeat-n-times and yes/no comparisons were dropped."""
+    kind = rng.choice(INSTRUCTION_KINDS)
+    word, n = rng.choice(WORDS), rng.randint(0, 10)
+    instruction, answer = _instruction(kind, word, n)
+    solved = []
+    while len(solved) < 2:
+        other = _instruction(kind, rng.choice(WORDS), rng.randint(0, 10))
+        if other[0] != instruction and other not in solved:
+            solved.append(other)
+    paragraphs = [f"Instruction: {q}\nResponse: {a}" for q, a in solved] + [f"Instruction: {instruction}\nResponse:"]
+    return {"question": "\n\n".join(paragraphs), "answer": answer}
 
 
 PROSE = r"[A-Za-z0-9 ,.;:'\"()-]+"  # sentences of words and punctuation only (no code)
@@ -326,9 +354,10 @@ def _mc_yaml(task, path, target_delimiter=" "):
 
 def _needle_yaml(task, path):
     # acc of a log-likelihood request is lm-eval's is_greedy: greedy decoding gives exactly the
-    # answer's tokens (one forward, no generation)
+    # answer's tokens (one forward, no generation). lm-eval adds target_delimiter only to
+    # multiple-choice targets, so the space before the number is part of the target here
     return _yaml(task, path, "loglikelihood", {
-        "doc_to_target": "{{answer}}", "target_delimiter": " ",
+        "doc_to_target": " {{answer}}",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]})
 
 
@@ -392,9 +421,10 @@ def build_suite(out_dir, size: SuiteSize | None = None, tokenizer=None) -> Path:
             generation = task.endswith("_gen")
             rows = suite_items(task, size.gen_items if generation else size.mc_items)
             if generation:
-                # three solved items first, so the answer format is clear
-                spec = _gen_yaml(task, out / f"{task}.jsonl", 24 if task == "xd_instruct_gen" else 8, num_fewshot=3,
-                                 numeric=task == "xd_arith_gen")
+                # solved items first, so the answer format is clear: lm-eval's three few-shot items
+                # for arithmetic; the instruction task shows two of the item's own kind in its prompt
+                spec = _gen_yaml(task, out / f"{task}.jsonl", 8,
+                                 num_fewshot=3 if task == "xd_arith_gen" else 0, numeric=task == "xd_arith_gen")
             else:
                 spec = _mc_yaml(task, out / f"{task}.jsonl", target_delimiter="" if task == "xd_code_mc" else " ")
             _write_task(tmp, task, rows, spec)

@@ -396,8 +396,9 @@ def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, st
 
 def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: EvalSettings, dtype: str) -> dict:
     """One model's scores and per-item scores on the task list ({"scores", "items"}; ``model_path``
-    None: the teacher, cached across runs)."""
-    from callbacks.eval import cached_teacher_evaluation, evaluate_model, item_scores
+    None: the teacher). Cached across runs by weights: the teacher and the fresh conversions are
+    scored once per config, and a rerun into another folder reuses every score."""
+    from callbacks.eval import cached_teacher_evaluation, weights_fingerprint
     from models import load_student, load_teacher, load_tokenizer
 
     if settings.offline:
@@ -408,9 +409,9 @@ def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: Eva
         evaluation = cached_teacher_evaluation(load_teacher(teacher, dtype=getattr(torch, dtype), device=_device()),
                                                tokenizer, *args, suite=settings.suite)
     else:
-        scores, results = evaluate_model(load_student(model_path).eval().to(_device()), tokenizer, *args,
-                                         suite=settings.suite)
-        evaluation = {"scores": scores, "items": item_scores(results)}
+        evaluation = cached_teacher_evaluation(load_student(model_path).eval().to(_device()), tokenizer, *args,
+                                               suite=settings.suite, fingerprint=weights_fingerprint(model_path),
+                                               role="student")
     _write_json(folder / "scores.json", evaluation)
     return evaluation
 

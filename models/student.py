@@ -89,8 +89,14 @@ class StudentLM(nn.Module):
             if decode_state is not None:
                 raise ValueError("decode_state with a padded attention_mask is not supported; use models.generate")
             gather, scatter, _ = _left_align(attention_mask)
+            right_padded = bool((gather == torch.arange(gather.shape[1], device=gather.device)).all())
+            if logits_to_keep and right_padded:
+                # causal: the real tokens before the padding see none of it, so the last n positions
+                # of the padded batch are those of the unpadded forward (no vocabulary head on the rest)
+                return self._forward_unpadded(input_ids, None, output_hidden_states, logits_to_keep)
             if logits_to_keep:
-                raise ValueError("logits_to_keep needs an unpadded batch; use models.generate for padded prompts")
+                raise ValueError("logits_to_keep needs an unpadded or right-padded batch (left padding moves "
+                                 "the last positions); use models.generate for left-padded prompts")
             out = self._forward_unpadded(input_ids.gather(1, gather), None, output_hidden_states, 0)
             index = scatter.unsqueeze(-1)
             logits = out.logits.gather(1, index.expand(-1, -1, out.logits.shape[-1]))

@@ -50,8 +50,8 @@ def test_math_answers_are_right_and_avoid_the_suite_expressions():
     asked = set()
     for task in ("xd_arith_mc", "xd_arith_gen"):
         for line in (suite / f"{task}.jsonl").read_text().splitlines():
-            a, op, b = re.search(r"What is (-?\d+) ([-+*]|times) (-?\d+)\?", json.loads(line)["question"]).groups()
-            asked.add((int(a), "*" if op == "times" else op, int(b)))
+            for a, op, b in re.findall(r"What is (-?\d+) ([-+*]|times) (-?\d+)\?", json.loads(line)["question"]):
+                asked.add((int(a), "*" if op == "times" else op, int(b)))
     assert C.suite_arithmetic() == asked
     words = {"times": "*", "sum of": "+", "minus": "-"}
     for doc in docs:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from datamodules.eval_suite import (NUMBER_WORDS, TASKS, SuiteSize, build_suite, is_eval_file, is_eval_topic,
+from datamodules.eval_suite import (NUMBER_WORDS, TASKS, SuiteSize, asked, build_suite, is_eval_file, is_eval_topic,
                                     needle_task, reserved_code_files, task_info)
 
 SIZE = SuiteSize(mc_items=120, gen_items=60, needle_items=4, needle_lengths=[128, 256])
@@ -30,7 +30,8 @@ def test_every_task_has_its_items_a_yaml_and_no_repeats(suite):
     for task in SIZE.tasks():
         want = SIZE.needle_items if task.startswith("xd_needle_") else SIZE.gen_items if task.endswith("_gen") else SIZE.mc_items
         assert len(items[task]) == want, task
-        assert len({i["question"] for i in items[task]}) == want, task  # no duplicate items
+        identity = (lambda i: i["answer"]) if task.startswith("xd_needle_") else (lambda i: asked(i["question"]))
+        assert len({identity(i) for i in items[task]}) == want, task  # no item asked twice
         assert (folder / f"{task}.yaml").is_file()
 
 
@@ -52,12 +53,42 @@ def test_one_space_between_prompt_and_answer(suite):
             assert delimiter == " "
 
 
+def test_lm_eval_requests_put_one_space_before_the_answer(suite):
+    """What lm-eval itself sends the model (its target delimiter applies to multiple choice only)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    items, folder = suite
+    tasks = get_task_dict(SIZE.tasks(), TaskManager(include_path=str(folder), include_defaults=False))
+    for name, task in tasks.items():
+        doc = next(iter(task.test_docs()))
+        if task.OUTPUT_TYPE == "generate_until":
+            assert not task.doc_to_text(doc).endswith(" "), name  # the model writes the answer's space
+            continue
+        requests = task.construct_requests(doc, task.doc_to_text(doc), metadata=(name, 0, 1))
+        requests = requests if isinstance(requests, list) else [requests]
+        for request in requests:
+            context, continuation = request.args
+            if name == "xd_code_mc":  # the identifier follows the code directly, as written in it
+                assert not continuation.startswith(" "), name
+            else:
+                assert not context.endswith(" "), name
+                assert continuation.startswith(" ") and not continuation.startswith("  "), (name, continuation)
+        if name.startswith("xd_needle_"):
+            assert requests[0].args[1] == " " + doc["answer"]
+
+
 def test_arithmetic_answers(suite):
     items, _ = suite
+    value = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
     for item in items["xd_arith_mc"]:
-        a, op, b = re.search(r"What is (\d+) ([+*-]) (\d+)\?", item["question"]).groups()
-        assert int(answer_of(item)) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        *shown, last = item["question"].split("\n\n")
+        a, op, b = re.fullmatch(r"Question: What is (\d+) ([+*-]) (\d+)\?\nAnswer:", last).groups()
+        assert int(answer_of(item)) == value[op](int(a), int(b))
         assert len(set(item["choices"])) == 4
+        assert len(shown) == 2  # two solved problems, correct, and not the one asked
+        for paragraph in shown:
+            sa, sop, sb, sans = re.fullmatch(r"Question: What is (\d+) ([+*-]) (\d+)\?\nAnswer: (-?\d+)", paragraph).groups()
+            assert int(sans) == value[sop](int(sa), int(sb)) and (sa, sop, sb) != (a, op, b)
     for item in items["xd_arith_gen"]:
         a, b = re.search(r"What is (\d+) times (\d+)\?", item["question"]).groups()
         assert int(item["answer"]) == int(a) * int(b)
@@ -96,20 +127,24 @@ def test_stem_answers(suite):
 
 def test_instruction_answers(suite):
     items, _ = suite
+    def expected(instruction):
+        """(kind, answer) recomputed from the instruction's words."""
+        if m := re.search(r"'(\w+)' in lowercase", instruction):
+            return "lower", m.group(1).lower()
+        if m := re.search(r"plural of the word '(\w+)'", instruction):
+            return "plural", m.group(1) + "s"
+        if m := re.search(r"number '(\w+)' as a digit", instruction):
+            return "digit", str(NUMBER_WORDS.index(m.group(1)))
+        return "word", NUMBER_WORDS[int(re.fullmatch(r"Write the number (\d+) as a word\.", instruction).group(1))]
+
     for item in items["xd_instruct_gen"]:
-        q, ans = item["question"], item["answer"]
-        if m := re.search(r"'(\w+)' in lowercase", q):
-            assert ans == m.group(1).lower()
-        elif m := re.search(r"'(\w+)' in capital", q):
-            assert ans == m.group(1).upper()
-        elif m := re.search(r"first letter of the word '(\w+)'", q):
-            assert ans == m.group(1)[0]
-        elif m := re.search(r"plural of the word '(\w+)'", q):
-            assert ans == m.group(1) + "s"
-        elif m := re.search(r"number '(\w+)' as a digit", q):
-            assert ans == str(NUMBER_WORDS.index(m.group(1)))
-        else:
-            assert ans == NUMBER_WORDS[int(re.search(r"number (\d+) as a word", q).group(1))]
+        *shown, last = item["question"].split("\n\n")
+        kind, answer = expected(re.fullmatch(r"Instruction: (.+)\nResponse:", last).group(1))
+        assert item["answer"] == answer
+        assert len(shown) == 2
+        for paragraph in shown:  # solved examples of the same kind, correct, other than the item
+            instruction, response = re.fullmatch(r"Instruction: (.+)\nResponse: (\S+)", paragraph).groups()
+            assert expected(instruction) == (kind, response) and paragraph.split("\n")[0] != last.split("\n")[0]
 
 
 def test_cloze_answers_are_the_held_out_text(suite):

@@ -136,5 +136,20 @@ def test_logits_to_keep_gives_the_last_rows_of_the_full_forward():
     assert rel_err(last, full[:, -3:]) < 1e-6
     with pytest.raises(ValueError, match="logits_to_keep"):
         student(ids, logits_to_keep=1, labels=ids)
-    with pytest.raises(ValueError, match="logits_to_keep"):
+    with pytest.raises(ValueError, match="left-padded"):
         student(ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0), logits_to_keep=1)
+
+
+def test_logits_to_keep_on_a_right_padded_batch_matches_each_row_alone():
+    student = make_student(**VARIANTS[0])
+    ids = torch.randint(5, 90, (2, 21))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # row 1 has 15 real tokens, then padding
+    with torch.no_grad():
+        kept = student(ids, attention_mask=mask, logits_to_keep=8).logits
+        alone0 = student(ids[:1]).logits
+        alone1 = student(ids[1:, :15]).logits
+    assert kept.shape == (2, 8, alone0.shape[-1])
+    assert rel_err(kept[0], alone0[0, -8:]) < 1e-5
+    # the last 8 are positions 13..20: row 1's real positions 13 and 14 come first
+    assert rel_err(kept[1, :2], alone1[0, 13:15]) < 1e-5
