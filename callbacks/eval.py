@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from datamodules.eval_suite import SuiteSize
 from models.checkpoint import atomic_file_write
@@ -157,17 +158,26 @@ def evaluate_model(model, tokenizer, tasks: list[str], include_path=None, num_fe
 
 
 def weights_fingerprint(folder) -> str:
-    """Identity of a saved model folder: a digest of its config and weight files (a student's
-    embeddings are its teacher's, so ``teacher_fingerprint`` cannot tell students apart)."""
-    h = hashlib.sha256()
-    paths = sorted(p for p in Path(folder).iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
-    if not any(p.suffix == ".safetensors" for p in paths):
+    """Identity of a saved model folder: a digest of its config and of every tensor's name, dtype,
+    shape and values (a student's embeddings are its teacher's, so ``teacher_fingerprint`` cannot
+    tell students apart; the file bytes cannot either: safetensors writes its metadata in varying
+    order, so equal weights saved twice differ as files)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
         raise FileNotFoundError(f"{folder} has no .safetensors weights to fingerprint; pass a saved student folder")
-    for path in paths:
-        h.update(path.name.encode())
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
+    h = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        h.update(json.dumps(json.loads(config.read_text()), sort_keys=True).encode())
+    for path in files:
+        with safe_open(str(path), "pt") as weights:
+            for name in sorted(weights.keys()):
+                tensor = weights.get_tensor(name).contiguous()
+                h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                h.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

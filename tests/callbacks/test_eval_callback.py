@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 
 from experiments.run import main
@@ -86,25 +85,3 @@ def test_a_corrupt_teacher_score_cache_is_scored_again(tmp_path, monkeypatch):
     assert len(calls) == 2 and json.loads(cache.read_text())["scores"] == {"task": 0.25}
 
 
-
-def test_students_are_cached_by_their_weights_not_their_teachers_embeddings(tmp_path, monkeypatch):
-    import callbacks.eval as ev
-    from safetensors.torch import save_file
-
-    calls = []
-    monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: (calls.append(1) or {"task": 0.5}, {}))
-    folders = []
-    for name, value in (("a", 1.0), ("b", 2.0)):  # same config, different weights
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "config.json").write_text("{}")
-        save_file({"w": torch.full((4,), value)}, str(folder / "model.safetensors"))
-        folders.append(folder)
-    prints = [ev.weights_fingerprint(f) for f in folders]
-    assert prints[0] != prints[1]
-    for fingerprint in (*prints, prints[0]):
-        ev.cached_teacher_evaluation(None, None, ["task"], cache_dir=tmp_path, fingerprint=fingerprint, role="student")
-    assert len(calls) == 2  # the third call was the first student again: read from the cache
-    assert len(list((tmp_path / "eval").glob("student-*.json"))) == 2
-    with pytest.raises(FileNotFoundError, match="no .safetensors"):
-        ev.weights_fingerprint(tmp_path)

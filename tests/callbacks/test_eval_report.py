@@ -44,3 +44,33 @@ def test_comparison_sees_a_broken_student_and_leaves_out_tasks_the_teacher_fails
     assert header == "alpha,student,student_low,student_high"
     assert "comparisons" in json.loads((tmp_path / "scores.json").read_text())
     assert report["alpha_star"] == c_broken["presets"]["strict"]["alpha_star"]["value"]
+
+
+def test_students_are_cached_by_their_weights_not_their_teachers_embeddings(tmp_path, monkeypatch):
+    import callbacks.eval as ev
+    import torch
+    from safetensors.torch import save_file
+
+    calls = []
+    monkeypatch.setattr(ev, "evaluate_model", lambda *a, **k: (calls.append(1) or {"task": 0.5}, {}))
+    folders = []
+    for name, value in (("a", 1.0), ("b", 2.0)):  # same config, different weights
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        save_file({"w": torch.full((4,), value)}, str(folder / "model.safetensors"))
+        folders.append(folder)
+    prints = [ev.weights_fingerprint(f) for f in folders]
+    assert prints[0] != prints[1]
+    # the same tensors saved with other metadata (safetensors orders it differently run to run)
+    same = tmp_path / "a-again"
+    same.mkdir()
+    (same / "config.json").write_text("{}")
+    save_file({"w": torch.full((4,), 1.0)}, str(same / "model.safetensors"), metadata={"format": "x", "other": "y"})
+    assert ev.weights_fingerprint(same) == prints[0]
+    for fingerprint in (*prints, prints[0]):
+        ev.cached_teacher_evaluation(None, None, ["task"], cache_dir=tmp_path, fingerprint=fingerprint, role="student")
+    assert len(calls) == 2  # the third call was the first student again: read from the cache
+    assert len(list((tmp_path / "eval").glob("student-*.json"))) == 2
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        ev.weights_fingerprint(tmp_path)
