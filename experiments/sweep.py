@@ -348,6 +348,10 @@ def point_row(point: SweepPoint, alphas: list[float], target: float) -> dict:
         "ce_minus_converted_low": (heldout.get("ce_minus_baseline_90") or [None, None])[0],
         "ce_minus_converted_high": (heldout.get("ce_minus_baseline_90") or [None, None])[1],
         "top1_agreement": heldout["top1_agreement"], "teacher_ce": heldout["teacher_ce"],
+        # the same held-out tokens of every domain, each with its interval (older runs: none)
+        "domain_ce": {d: {"ce": e["student_ce"], "low": (e.get("student_ce_90") or [None, None])[0],
+                          "high": (e.get("student_ce_90") or [None, None])[1]}
+                      for d, e in sorted(heldout.get("domains", {}).items())},
         # where training started: the untrained conversion on the same held-out blocks
         "converted_ce": summary["heldout"].get("converted", {}).get("student_ce"),
         "suite_mean": sum(scores.values()) / len(scores),
@@ -387,6 +391,7 @@ def _tensorboard(out: Path, points: list[SweepPoint], rows: list[dict], alphas: 
                    **{f"sweep/C_{a:g}": row[f"C_{a:g}"] for a in alphas}}
         if row["kd_tokens_per_s"] is not None:
             metrics["sweep/kd_tokens_per_s"] = row["kd_tokens_per_s"]
+        metrics.update({f"sweep/heldout_ce/{d}": e["ce"] for d, e in row["domain_ce"].items()})
         with SummaryWriter(str(tmp / point.name)) as writer:
             writer.add_hparams(hparams, metrics, run_name=".")
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
@@ -401,11 +406,13 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
     rows = [point_row(p, alphas, target) for p in points]
     done = [r for r in rows if "heldout_ce" in r]
     tasks = sorted({t for r in done for t in r["teacher_scores"]})
+    domains = sorted({d for r in done for d in r["domain_ce"]})
     calpha = [f"C_{a:g}" for a in alphas]
     columns = ["point", "overrides", "status", "student", "heldout_ce", "heldout_ce_low", "heldout_ce_high",
                "ce_minus_converted", "ce_minus_converted_low", "ce_minus_converted_high", "converted_ce", "kl_teacher_student",
                "top1_agreement",
                "suite_mean", *calpha, "alpha_star", "kd_tokens_per_s", "decode_ms_per_token", "decode_speedup", "decode_state_mb", "seconds",
+               *(f"heldout_ce:{d}{part}" for d in domains for part in ("", "_low", "_high")),
                *(f"task:{t}" for t in tasks), "error"]
 
     def write_csv(tmp: Path):
@@ -413,7 +420,9 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
             writer = csv.writer(f)
             writer.writerow(columns)
             for r in rows:
-                flat = {**r, **{f"task:{t}": s for t, s in r.get("scores", {}).items()}}
+                flat = {**r, **{f"task:{t}": s for t, s in r.get("scores", {}).items()},
+                        **{f"heldout_ce:{d}{part}": e[key] for d, e in r.get("domain_ce", {}).items()
+                           for part, key in (("", "ce"), ("_low", "low"), ("_high", "high"))}}
                 writer.writerow(["" if flat.get(c) is None or flat.get(c) != flat.get(c) else flat.get(c, "")
                                  for c in columns])
 
@@ -454,6 +463,16 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
         for task in tasks:
             task_lines.append(f"| {task} | {_fmt(teacher.get(task))} | "
                               + " | ".join(_fmt(r["scores"].get(task)) for r in done) + " |")
+        if domains:
+            domain_lines = ["| held-out CE [90 %] | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+            for r in done:
+                cells = []
+                for d in domains:
+                    e = r["domain_ce"].get(d)
+                    cells.append("" if e is None else _fmt(e["ce"]) + (
+                        f" [{e['low']:.3f}, {e['high']:.3f}]" if e["low"] is not None else ""))
+                domain_lines.append(f"| {r['point']} | " + " | ".join(cells) + " |")
+            md += "\n## Held-out CE per domain\n\n" + "\n".join(domain_lines) + "\n"
         md += "\n## Per task\n\n" + "\n".join(task_lines) + "\n\n![Win-and-Tie](win_tie.png)\n"
         curves = {r["point"]: r["curve"] for r in done}
         write_curve_csv(out / "win_tie.csv", CURVE_GRID, curves)

@@ -163,9 +163,14 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
         assert float(row["C_0.1"]) == pytest.approx(win_and_tie(scores, teacher, [0.1])[0])
         for task, value in scores.items():
             assert float(row[f"task:{task}"]) == pytest.approx(value)
+        assert heldout["domains"]  # every domain's held-out CE, with its interval
+        for domain, entry in heldout["domains"].items():
+            assert float(row[f"heldout_ce:{domain}"]) == pytest.approx(entry["student_ce"])
+            assert float(row[f"heldout_ce:{domain}_low"]) == pytest.approx(entry["student_ce_90"][0])
         assert float(row["kd_tokens_per_s"]) > 0
     md = (root / "sweep.md").read_text()
     assert "| window4 |" in md and "| window8 |" in md and "failed (see below)" in md and "## Failed points" in md
+    assert "## Held-out CE per domain" in md
     curves = list(csv.DictReader((root / "win_tie.csv").open()))
     assert set(curves[0]) == {"alpha", "window4", "window8"} and len(curves) == 101
     assert (root / "win_tie.png").stat().st_size > 0
