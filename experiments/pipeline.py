@@ -80,8 +80,9 @@ class MergeSettings:
 
     method: str = "mean"
     """``mean`` | ``task_arithmetic`` | ``ties`` (the last two against the stage-2 student)."""
-    weights: list[float] | None = None
-    """One weight per domain (None: equal)."""
+    weights: dict[str, float] | list[float] | None = None
+    """One weight per domain (the paper's Eq. 14 lambda_i): by name, ``{math: 0.35, code: 0.35, stem:
+    0.20, chat: 0.10}`` (its Llama-3.1-8B-IT merge), or a list in ``domains`` order; None: equal."""
     scale: float = 1.0
     """Task-arithmetic / TIES lambda."""
     density: float = 0.2
@@ -357,6 +358,25 @@ def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig, dtype: str, 
 
 
 @torch.no_grad()
+def expert_weights(weights, domains: list[str]) -> list[float] | None:
+    """``merge.weights`` as one weight per expert, in ``domains`` order (None: equal weights)."""
+    if weights is None or not domains:
+        return None
+    if isinstance(weights, dict):
+        missing, extra = sorted(set(domains) - set(weights)), sorted(set(weights) - set(domains))
+        if missing or extra:
+            raise ValueError(f"merge.weights names {sorted(weights)} but domains={domains} (missing: {missing}, "
+                             f"not a domain: {extra}); give one weight per domain")
+        weights = [weights[d] for d in domains]
+    weights = [float(w) for w in weights]
+    if len(weights) != len(domains):
+        raise ValueError(f"merge.weights has {len(weights)} values for {len(domains)} domains {domains}; give one "
+                         "weight per domain, e.g. {math: 0.35, code: 0.35, stem: 0.2, chat: 0.1}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"merge.weights={weights} must be >= 0 with a positive sum (the paper's lambda_i >= 0)")
+    return weights
+
+
 def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, str], sources: list[dict], seq_len: int,
                   val_fraction: float, seed: int, blocks_per_domain: int, bootstrap: int = 2000) -> dict:
     """Cross-entropy of the teacher and each student on the same held-out blocks: ``blocks_per_domain``
@@ -640,6 +660,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     unknown = sorted(set(expert_sources or {}) - set(domains))
     if unknown:
         raise ValueError(f"expert_sources has domains {unknown} that are not in domains={domains}")
+    merge_weights = expert_weights(merge.weights, domains)
     final = "merged" if domains else "kd"
     if eval.students is not None and final not in eval.students:
         print(f"eval.students={eval.students} lacks the final student {final!r}; it is scored as well", flush=True)
@@ -724,7 +745,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     def do_merge(folder):
         from callbacks import merge_students
 
-        merge_students(experts, merge.method, merge.weights, base=distilled, out=folder / "student",
+        merge_students(experts, merge.method, merge_weights, base=distilled, out=folder / "student",
                        scale=merge.scale, density=merge.density)
         return {"student": str(folder / "student"), "experts": experts}
 

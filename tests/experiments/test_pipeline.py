@@ -73,7 +73,25 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         main(["--out", str(tmp_path / "run"), "--domains", "[]", "--eval.students", '["merged"]'])
     with pytest.raises(ValueError, match="eval.students has \\['best'\\]"):
         main(["--out", str(tmp_path / "run"), "--eval.students", '["best"]'])
+    with pytest.raises(ValueError, match=r"merge.weights names .*missing: \['chat'\]"):
+        main(["--out", str(tmp_path / "run"), "--merge.weights", '{"math": 0.5, "code": 0.3, "stem": 0.2}'])
+    with pytest.raises(ValueError, match="merge.weights has 2 values for 4 domains"):
+        main(["--out", str(tmp_path / "run"), "--merge.weights", "[0.5, 0.5]"])
     assert not (tmp_path / "run").exists()
+
+
+def test_merge_weights_are_one_per_domain_by_name_or_in_order():
+    from experiments.pipeline import expert_weights
+
+    domains = ["math", "code", "stem", "chat"]
+    # the paper's Llama-3.1-8B-IT merge (Table 1), given by name in any order
+    assert expert_weights({"chat": 0.1, "stem": 0.2, "code": 0.35, "math": 0.35}, domains) == [0.35, 0.35, 0.2, 0.1]
+    assert expert_weights([1, 2, 3, 4], domains) == [1.0, 2.0, 3.0, 4.0]
+    assert expert_weights(None, domains) is None and expert_weights([1.0], []) is None
+    with pytest.raises(ValueError, match="not a domain: \\['poetry'\\]"):
+        expert_weights({"math": 1, "code": 1, "stem": 1, "chat": 1, "poetry": 1}, domains)
+    with pytest.raises(ValueError, match="positive sum"):
+        expert_weights([0, 0, 0, 0], domains)
 
 
 @pytest.mark.parametrize("override, message", [
