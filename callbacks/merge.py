@@ -86,12 +86,55 @@ def check_compatible(paths: list[Path]) -> None:
                                  f"{list(other['shapes'][key])} vs {list(ref['shapes'][key])}")
 
 
-def _ties(task_vectors: torch.Tensor, weights: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES-merging of [E, ...] task vectors: keep each expert's top-``density`` magnitudes, elect
-    the sign with the larger total mass, average the entries that agree with it."""
+TRIMS = ("global", "per_tensor")
+BINS = 1 << 16
+
+
+def _top_magnitude_thresholds(task_vectors, density: float) -> torch.Tensor:
+    """Per expert, the k-th largest magnitude of its whole task vector (k = density x its entries),
+    as TIES trims: ``task_vectors`` is a re-iterable of [E, ...] tensors, one per parameter, read
+    one at a time (memory near one tensor). Exact, in two passes of 65,536-bin counts: a
+    non-negative float32 orders like its bit pattern, so the high 16 bits find the bin that holds
+    the k-th value and the low 16 bits of that bin's entries find the value itself."""
+    high = None
+    total = 0
+    for vectors in task_vectors():
+        bits = vectors.float().abs().flatten(1).view(torch.int32).long()
+        counts = torch.stack([torch.bincount(row >> 16, minlength=BINS) for row in bits])
+        high = counts if high is None else high + counts
+        total += bits.shape[1]
+    keep = max(1, int(round(density * total)))
+
+    def locate(counts: torch.Tensor, need: torch.Tensor):
+        # the bin (counted from the top) where the running count first reaches ``need``
+        from_top = counts.flip(1).cumsum(1)
+        index = (from_top >= need[:, None]).int().argmax(1)
+        chosen = BINS - 1 - index
+        above = from_top.gather(1, index[:, None]).squeeze(1) - counts.gather(1, chosen[:, None]).squeeze(1)
+        return chosen, need - above
+
+    experts = high.shape[0]
+    high_bin, need = locate(high, torch.full((experts,), keep, dtype=torch.long))
+    low = torch.zeros(experts, BINS, dtype=torch.long)
+    for vectors in task_vectors():
+        bits = vectors.float().abs().flatten(1).view(torch.int32).long()
+        for e in range(experts):
+            inside = bits[e][(bits[e] >> 16) == high_bin[e]]
+            low[e] += torch.bincount(inside & (BINS - 1), minlength=BINS)
+    low_bin, _ = locate(low, need)
+    return ((high_bin << 16) | low_bin).to(torch.int32).view(torch.float32)
+
+
+def _ties(task_vectors: torch.Tensor, weights: torch.Tensor, density: float,
+          thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES-merging of [E, ...] task vectors: trim each expert to its top-``density`` magnitudes
+    (those at or above ``thresholds[e]``, found over the whole task vector; None: within this
+    tensor), elect the sign with the larger total mass, average the entries that agree with it."""
     flat = task_vectors.flatten(1)
     keep = max(1, int(round(density * flat.shape[1])))
-    if keep < flat.shape[1]:
+    if thresholds is not None:
+        flat = torch.where(flat.abs() >= thresholds[:, None], flat, torch.zeros_like(flat))
+    elif keep < flat.shape[1]:
         threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
         flat = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))
     weighted = flat * weights[:, None]
@@ -103,7 +146,7 @@ def _ties(task_vectors: torch.Tensor, weights: torch.Tensor, density: float) -> 
 
 
 def merge_students(paths, method: str = "mean", weights=None, base=None, out=None, *, scale: float = 1.0,
-                   density: float = 0.2):
+                   density: float = 0.2, trim: str = "global"):
     """Merge expert students saved by ``models.save_student``.
 
     Args:
@@ -116,6 +159,9 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
         out: folder for the merged student (written atomically); None keeps it in memory only.
         scale: lambda of task arithmetic / TIES.
         density: share of each task vector TIES keeps.
+        trim: ``global`` (TIES as published: the top-``density`` magnitudes of each expert's whole
+            task vector, so a layer that changed more keeps more) or ``per_tensor`` (the same share
+            of every tensor).
     Returns:
         the merged student (of the experts' family).
     """
@@ -133,6 +179,8 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
         raise ValueError(f"weights={weights} must sum to a positive number for method='mean'")
     if not 0 < density <= 1:
         raise ValueError(f"density={density} is invalid; allowed values: 0 < density <= 1")
+    if trim not in TRIMS:
+        raise ValueError(f"trim={trim!r} is not supported; allowed values: {', '.join(TRIMS)}")
     folders = paths + ([Path(base)] if base is not None else [])
     check_compatible(folders)
     w = torch.tensor(weights, dtype=torch.float32)
@@ -140,6 +188,14 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
     with ExitStack() as stack:
         files = [stack.enter_context(safe_open(str(p / WEIGHTS_NAME), framework="pt")) for p in folders]
         experts, base_file = files[: len(paths)], (files[-1] if base is not None else None)
+        thresholds = None
+        if method == "ties" and trim == "global" and density < 1:
+            def task_vectors():
+                for key in experts[0].keys():
+                    origin = base_file.get_tensor(key).float()
+                    yield torch.stack([f.get_tensor(key).float() for f in experts]) - origin
+
+            thresholds = _top_magnitude_thresholds(task_vectors, density)
         for key in experts[0].keys():
             dtype = experts[0].get_slice(key).get_dtype()
             stacked = torch.stack([f.get_tensor(key).float() for f in experts])
@@ -151,7 +207,7 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
                 if method == "task_arithmetic":
                     delta = (vectors * w.view(-1, *[1] * (vectors.dim() - 1))).sum(0)
                 else:
-                    delta = _ties(vectors, w, density)
+                    delta = _ties(vectors, w, density, thresholds if trim == "global" else None)
                 value = origin + scale * delta
             merged[key] = value.to(SAFETENSORS_DTYPES.get(dtype, torch.float32))
     if out is None:
@@ -160,7 +216,8 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
         return student.eval()
 
     provenance = {"method": method, "experts": [str(p) for p in paths], "weights": weights,
-                  "base": str(base) if base is not None else None, "scale": scale, "density": density}
+                  "base": str(base) if base is not None else None, "scale": scale, "density": density,
+                  "trim": trim}
 
     def write(tmp: Path):
         save_file(merged, str(tmp / WEIGHTS_NAME), metadata={"format": "xdistill-hybrid-student"})
@@ -180,7 +237,7 @@ class ModelMergeCallback(L.Callback):
     scores the merged student that ``model.student_ckpt`` points at."""
 
     def __init__(self, experts: list[str], out: str, method: str = "mean", weights: list[float] | None = None,
-                 base: str | None = None, scale: float = 1.0, density: float = 0.2):
+                 base: str | None = None, scale: float = 1.0, density: float = 0.2, trim: str = "global"):
         """
         Args:
             experts: expert student folders.
@@ -190,14 +247,15 @@ class ModelMergeCallback(L.Callback):
             base: the stage-2 student (task_arithmetic, ties).
             scale: lambda of task arithmetic / TIES.
             density: share of each task vector TIES keeps.
+            trim: ``global`` (over each expert's whole task vector) or ``per_tensor``.
         """
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not supported; allowed values: {', '.join(METHODS)}")
         self.experts, self.out, self.method = experts, out, method
-        self.weights, self.base, self.scale, self.density = weights, base, scale, density
+        self.weights, self.base, self.scale, self.density, self.trim = weights, base, scale, density, trim
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if trainer.is_global_zero:
             merge_students(self.experts, self.method, self.weights, self.base, self.out, scale=self.scale,
-                           density=self.density)
+                           density=self.density, trim=self.trim)
         trainer.strategy.barrier("model-merge")

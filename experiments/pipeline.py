@@ -87,6 +87,8 @@ class MergeSettings:
     """Task-arithmetic / TIES lambda."""
     density: float = 0.2
     """Share of each task vector TIES keeps."""
+    trim: str = "global"
+    """TIES trimming over each expert's whole task vector (``global``, as published) or ``per_tensor``."""
 
 
 @dataclass
@@ -746,7 +748,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         from callbacks import merge_students
 
         merge_students(experts, merge.method, merge_weights, base=distilled, out=folder / "student",
-                       scale=merge.scale, density=merge.density)
+                       scale=merge.scale, density=merge.density, trim=merge.trim)
         return {"student": str(folder / "student"), "experts": experts}
 
     students = {**baselines, "converted": converted, "kd": distilled}

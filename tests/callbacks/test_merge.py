@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from callbacks import merge_students
-from callbacks.merge import _ties
+from callbacks.merge import _ties, _top_magnitude_thresholds
 from models import HybridConfig, convert_to_hybrid, save_student
 from tests.conftest import make_teacher
 from tests.models.test_checkpoint import tiny_tokenizer
@@ -134,3 +134,39 @@ def test_tokenizers_saved_with_other_load_options_still_merge_but_another_vocabu
     vocab_path.write_text(json.dumps(tok))
     with pytest.raises(ValueError, match="tokenizers differ"):
         merge_students([experts["math"], copy])
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.999, 1.0])
+def test_global_trim_threshold_is_the_kth_largest_magnitude_of_the_whole_task_vector(density):
+    g = torch.Generator().manual_seed(0)
+    # tensors of very different scales and a few repeated values (ties at the threshold)
+    tensors = [torch.randn(3, 7, 5, generator=g) * 10, torch.randn(3, 300, generator=g) * 1e-3,
+               torch.randn(3, 2, generator=g), torch.full((3, 4), 0.25)]
+    whole = torch.cat([t.flatten(1) for t in tensors], 1).abs()
+    keep = max(1, int(round(density * whole.shape[1])))
+    expected = whole.kthvalue(whole.shape[1] - keep + 1, dim=1).values
+    got = _top_magnitude_thresholds(lambda: iter(tensors), density)
+    assert torch.equal(got, expected)
+    assert ((whole >= got[:, None]).sum(1) >= keep).all()
+
+
+def test_ties_trims_each_experts_whole_task_vector_by_default(experts, tmp_path):
+    from safetensors import safe_open
+
+    density = 0.3
+    paths = [experts["math"], experts["code"]]
+    merged = merge_students(paths, "ties", base=experts["base"], density=density).state_dict()
+    per_tensor = merge_students(paths, "ties", base=experts["base"], density=density, trim="per_tensor").state_dict()
+    # the reference: thresholds from the concatenated task vectors (torch.kthvalue), then TIES per tensor
+    files = [safe_open(str(p / "model.safetensors"), "pt") for p in (*paths, experts["base"])]
+    keys = list(files[0].keys())
+    vectors = {k: torch.stack([f.get_tensor(k).float() for f in files[:2]]) - files[2].get_tensor(k).float() for k in keys}
+    whole = torch.cat([v.flatten(1) for v in vectors.values()], 1).abs()
+    keep = int(round(density * whole.shape[1]))
+    thresholds = whole.kthvalue(whole.shape[1] - keep + 1, dim=1).values
+    for key in keys:
+        expected = files[2].get_tensor(key).float() + _ties(vectors[key], torch.ones(2), density, thresholds)
+        assert torch.allclose(merged[key], expected, atol=1e-7), key
+    assert any(not torch.equal(merged[k], per_tensor[k]) for k in keys)  # the two trims differ
+    with pytest.raises(ValueError, match="trim='layer' is not supported; allowed values: global, per_tensor"):
+        merge_students(paths, "ties", base=experts["base"], trim="layer")
