@@ -181,22 +181,19 @@ def weights_fingerprint(folder) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_teacher_evaluation(teacher, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
-                              limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
-                              cache_dir: Path | None = None, suite=None, fingerprint: str | None = None,
-                              role: str = "teacher") -> dict:
-    """A model's scores and per-item scores ({"scores", "items"}), computed once per (weights,
-    tasks, suite size, few-shot, limit, context length) and kept under <cache>/eval: every student
-    of a teacher is compared with the teacher's, and a baseline student (a fresh conversion, the
-    same for every run of a config) or a rerun's student is not scored twice. ``fingerprint``
-    names the weights (default: ``teacher_fingerprint``; ``weights_fingerprint`` for a saved
-    student); ``role`` prefixes the cache file."""
+def cached_evaluation(model, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
+                      limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
+                      cache_dir: Path | None = None, suite=None, *, fingerprint: str, role: str) -> dict:
+    """A model's scores and per-item scores ({"scores", "items"}), computed once per (weights named by
+    ``fingerprint``, tasks, suite size, few-shot, limit, context length) and kept under
+    <cache>/eval/<role>-<key>.json: a baseline student (a fresh conversion, the same for every run of
+    a config) or a rerun's student is not scored twice (``weights_fingerprint`` names a saved one)."""
     from datamodules.eval_suite import SUITE_VERSION, SuiteSize
-    from models.teacher import cache_dir as default_cache, teacher_fingerprint
+    from models.teacher import cache_dir as default_cache
 
     # the suite's version and size too: a rebuilt suite (new items) must not reuse old scores
-    payload = [fingerprint or teacher_fingerprint(teacher), list(tasks), include_path, num_fewshot, limit, max_length,
-               SUITE_VERSION, asdict(suite or SuiteSize())]
+    payload = [fingerprint, list(tasks), include_path, num_fewshot, limit, max_length, SUITE_VERSION,
+               asdict(suite or SuiteSize())]
     key = hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:20]
     path = Path(cache_dir or default_cache()) / "eval" / f"{role}-{key}.json"
     if path.is_file():
@@ -206,11 +203,22 @@ def cached_teacher_evaluation(teacher, tokenizer, tasks: list[str], include_path
         except (json.JSONDecodeError, KeyError, TypeError) as err:  # a derived cache: score again
             warnings.warn(f"cached {role} scores {path} cannot be read ({err!r}); scoring the {role} again")
     started = time.perf_counter()
-    scores, results = evaluate_model(teacher, tokenizer, tasks, include_path, num_fewshot, limit, batch_size, max_length,
+    scores, results = evaluate_model(model, tokenizer, tasks, include_path, num_fewshot, limit, batch_size, max_length,
                                      cache_dir, suite)
     evaluation = {"scores": scores, "items": item_scores(results)}
     _write_json(path, {**evaluation, "seconds": time.perf_counter() - started})
     return evaluation
+
+
+def cached_teacher_evaluation(teacher, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,
+                              limit: int | float | None = None, batch_size: int = 8, max_length: int = 2048,
+                              cache_dir: Path | None = None, suite=None) -> dict:
+    """The teacher's ``cached_evaluation``, keyed by ``teacher_fingerprint``: every student of that
+    teacher is compared with the same scores."""
+    from models.teacher import teacher_fingerprint
+
+    return cached_evaluation(teacher, tokenizer, tasks, include_path, num_fewshot, limit, batch_size, max_length,
+                             cache_dir, suite, fingerprint=teacher_fingerprint(teacher), role="teacher")
 
 
 def cached_teacher_scores(teacher, tokenizer, tasks: list[str], include_path=None, num_fewshot: int | None = None,

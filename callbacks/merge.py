@@ -96,10 +96,13 @@ def _top_magnitude_thresholds(task_vectors, density: float) -> torch.Tensor:
     one at a time (memory near one tensor). Exact, in two passes of 65,536-bin counts: a
     non-negative float32 orders like its bit pattern, so the high 16 bits find the bin that holds
     the k-th value and the low 16 bits of that bin's entries find the value itself."""
+    def magnitude_bits(vectors: torch.Tensor) -> torch.Tensor:
+        return vectors.float().abs().flatten(1).view(torch.int32).long()
+
     high = None
     total = 0
     for vectors in task_vectors():
-        bits = vectors.float().abs().flatten(1).view(torch.int32).long()
+        bits = magnitude_bits(vectors)
         counts = torch.stack([torch.bincount(row >> 16, minlength=BINS) for row in bits])
         high = counts if high is None else high + counts
         total += bits.shape[1]
@@ -117,7 +120,7 @@ def _top_magnitude_thresholds(task_vectors, density: float) -> torch.Tensor:
     high_bin, need = locate(high, torch.full((experts,), keep, dtype=torch.long))
     low = torch.zeros(experts, BINS, dtype=torch.long)
     for vectors in task_vectors():
-        bits = vectors.float().abs().flatten(1).view(torch.int32).long()
+        bits = magnitude_bits(vectors)
         for e in range(experts):
             inside = bits[e][(bits[e] >> 16) == high_bin[e]]
             low[e] += torch.bincount(inside & (BINS - 1), minlength=BINS)
@@ -131,12 +134,12 @@ def _ties(task_vectors: torch.Tensor, weights: torch.Tensor, density: float,
     (those at or above ``thresholds[e]``, found over the whole task vector; None: within this
     tensor), elect the sign with the larger total mass, average the entries that agree with it."""
     flat = task_vectors.flatten(1)
-    keep = max(1, int(round(density * flat.shape[1])))
+    if thresholds is None:
+        keep = max(1, int(round(density * flat.shape[1])))
+        if keep < flat.shape[1]:
+            thresholds = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1).values
     if thresholds is not None:
         flat = torch.where(flat.abs() >= thresholds[:, None], flat, torch.zeros_like(flat))
-    elif keep < flat.shape[1]:
-        threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
-        flat = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))
     weighted = flat * weights[:, None]
     sign = torch.sign(weighted.sum(0))
     agree = (torch.sign(flat) == sign) & (flat != 0)
@@ -207,7 +210,7 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
                 if method == "task_arithmetic":
                     delta = (vectors * w.view(-1, *[1] * (vectors.dim() - 1))).sum(0)
                 else:
-                    delta = _ties(vectors, w, density, thresholds if trim == "global" else None)
+                    delta = _ties(vectors, w, density, thresholds)
                 value = origin + scale * delta
             merged[key] = value.to(SAFETENSORS_DTYPES.get(dtype, torch.float32))
     if out is None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from models.checkpoint import atomic_file_write
 
-CORPUS_VERSION = 3  # 3: also avoids the suite's solved examples (suite v6); 2: 2: skips the standard-library files the eval suite reserves (suite v5)
+CORPUS_VERSION = 3  # 3: also avoids the suite's solved examples (suite v6); 2: skips the standard-library files the eval suite reserves (suite v5)
 DOMAINS = ("general", "code", "math", "stem", "chat")
 FORMATS = {"general": "text", "code": "text", "math": "chat", "stem": "chat", "chat": "chat"}
 LICENCES = {

@@ -121,8 +121,9 @@ def _distinct(task: str, maker, rng: random.Random, n: int) -> list[dict]:
     items, seen = [], set()
     for _ in range(50 * n):
         item = maker(rng)
-        if asked(item["question"]) not in seen:
-            seen.add(asked(item["question"]))
+        identity = asked(item["question"])
+        if identity not in seen:
+            seen.add(identity)
             items.append(item)
             if len(items) == n:
                 return items

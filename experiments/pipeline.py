@@ -359,7 +359,6 @@ def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig, dtype: str, 
             "new_parameters": sum(p.numel() for _, p in student.new_parameters())}
 
 
-@torch.no_grad()
 def expert_weights(weights, domains: list[str]) -> list[float] | None:
     """``merge.weights`` as one weight per expert, in ``domains`` order (None: equal weights)."""
     if weights is None or not domains:
@@ -379,6 +378,7 @@ def expert_weights(weights, domains: list[str]) -> list[float] | None:
     return weights
 
 
+@torch.no_grad()
 def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, str], sources: list[dict], seq_len: int,
                   val_fraction: float, seed: int, blocks_per_domain: int, bootstrap: int = 2000) -> dict:
     """Cross-entropy of the teacher and each student on the same held-out blocks: ``blocks_per_domain``
@@ -420,7 +420,7 @@ def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: Eva
     """One model's scores and per-item scores on the task list ({"scores", "items"}; ``model_path``
     None: the teacher). Cached across runs by weights: the teacher and the fresh conversions are
     scored once per config, and a rerun into another folder reuses every score."""
-    from callbacks.eval import cached_teacher_evaluation, weights_fingerprint
+    from callbacks.eval import cached_evaluation, cached_teacher_evaluation, weights_fingerprint
     from models import load_student, load_teacher, load_tokenizer
 
     if settings.offline:
@@ -431,9 +431,8 @@ def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: Eva
         evaluation = cached_teacher_evaluation(load_teacher(teacher, dtype=getattr(torch, dtype), device=_device()),
                                                tokenizer, *args, suite=settings.suite)
     else:
-        evaluation = cached_teacher_evaluation(load_student(model_path).eval().to(_device()), tokenizer, *args,
-                                               suite=settings.suite, fingerprint=weights_fingerprint(model_path),
-                                               role="student")
+        evaluation = cached_evaluation(load_student(model_path).eval().to(_device()), tokenizer, *args,
+                                       suite=settings.suite, fingerprint=weights_fingerprint(model_path), role="student")
     _write_json(folder / "scores.json", evaluation)
     return evaluation
 

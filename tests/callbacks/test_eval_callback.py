@@ -83,5 +83,3 @@ def test_a_corrupt_teacher_score_cache_is_scored_again(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=rf"cached teacher scores {cache} cannot be read"):
         assert ev.cached_teacher_scores(teacher, None, ["task"], cache_dir=tmp_path) == {"task": 0.25}
     assert len(calls) == 2 and json.loads(cache.read_text())["scores"] == {"task": 0.25}
-
-

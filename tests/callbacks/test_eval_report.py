@@ -69,7 +69,7 @@ def test_students_are_cached_by_their_weights_not_their_teachers_embeddings(tmp_
     save_file({"w": torch.full((4,), 1.0)}, str(same / "model.safetensors"), metadata={"format": "x", "other": "y"})
     assert ev.weights_fingerprint(same) == prints[0]
     for fingerprint in (*prints, prints[0]):
-        ev.cached_teacher_evaluation(None, None, ["task"], cache_dir=tmp_path, fingerprint=fingerprint, role="student")
+        ev.cached_evaluation(None, None, ["task"], cache_dir=tmp_path, fingerprint=fingerprint, role="student")
     assert len(calls) == 2  # the third call was the first student again: read from the cache
     assert len(list((tmp_path / "eval").glob("student-*.json"))) == 2
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
