@@ -60,9 +60,11 @@ def _ratio(rows: list[dict], metric: str, index) -> float:
     return sum(rows[i][metric] for i in index) / sum(rows[i]["n"] for i in index)
 
 
-def summarise(scores: dict, baseline: str | None, iterations: int, seed: int) -> dict:
+def summarise(scores: dict, baseline: str | None, iterations: int, seed: int,
+              pairs: list[tuple[str, str]] = ()) -> dict:
     """Means per domain and overall with 90 % bootstrap intervals (blocks resampled within each domain,
-    the same resample for every model, so differences are paired)."""
+    the same resample for every model, so differences are paired). ``pairs`` (a, b): also a's CE and
+    KL minus b's on the same blocks, under ``summary["pairs"]["a - b"][domain]``."""
     g = torch.Generator().manual_seed(seed)
     domains = list(next(iter(scores.values())))
     counts = {d: len(scores["teacher"][d]) for d in domains}
@@ -95,4 +97,14 @@ def summarise(scores: dict, baseline: str | None, iterations: int, seed: int) ->
                 entry["ce_minus_baseline"] = diff(full)
                 entry["ce_minus_baseline_90"] = interval([diff(r) for r in resamples])
             summary[name][domain] = entry
+    if pairs:
+        summary["pairs"] = {}
+    for a, b in pairs:
+        entry = summary["pairs"][f"{a} - {b}"] = {}
+        for domain in [*domains, "all"]:
+            entry[domain] = {}
+            for metric in ("student_ce", "kl_teacher_student"):
+                diff = lambda index, m=metric: stat(a, m, domain, index) - stat(b, m, domain, index)  # noqa: E731
+                entry[domain][metric] = diff(full)
+                entry[domain][f"{metric}_90"] = interval([diff(r) for r in resamples])
     return summary

@@ -43,8 +43,11 @@ DOMAINS = ("math", "code", "stem", "chat")
 CURVE_ALPHAS = [round(0.005 * i, 4) for i in range(101)]
 # swa_only: the teacher converted with the memory branch off (same window and sinks), the baseline
 # that shows what the memory adds; hybrid students only
-STUDENT_KEYS = ("swa_only", "converted", "kd", "merged")
-LABELS = {"merged": "merged", "kd": "stage-2", "converted": "converted", "swa_only": "SWA-only"}
+STUDENT_KEYS = ("swa_only", "converted", "aligned", "kd", "merged")
+LABELS = {"merged": "merged", "kd": "stage-2", "aligned": "stage-1", "converted": "converted", "swa_only": "SWA-only"}
+# held-out differences the report shows: each stage against the one before it, and the memory's worth
+STAGE_PAIRS = (("aligned", "converted"), ("kd", "aligned"), ("merged", "kd"), ("swa_only", "converted"),
+               ("kd", "converted"))
 
 
 @dataclass
@@ -359,6 +362,51 @@ def convert_stage(folder: Path, teacher: str, hybrid: HybridConfig, dtype: str, 
             "new_parameters": sum(p.numel() for _, p in student.new_parameters())}
 
 
+def blocks_read(size: int, seed: int, batch_size: int, steps: int) -> list[int]:
+    """Indices of the training blocks a single-process stage of ``steps`` batches reads, in order
+    (the loader's seeded per-epoch permutation, whole batches), each block once."""
+    from datamodules.loader import EpochShuffleSampler
+
+    per_epoch = size // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{size} training blocks are fewer than batch_size={batch_size}")
+    read, epoch = [], 0
+    while len(read) < steps * batch_size:
+        sampler = EpochShuffleSampler(size, seed)
+        sampler.set_epoch(epoch)
+        read += sampler.order()[:per_epoch * batch_size]
+        epoch += 1
+    return list(dict.fromkeys(read[:steps * batch_size]))
+
+
+def topk_stage(folder: Path, *, teacher: str, teacher_dtype: str, sources: list[dict], seq_len: int,
+               val_fraction: float, seed: int, settings: TrainSettings, k: int,
+               mixture_blocks: int | None = None) -> dict:
+    """The teacher's top-k over exactly the blocks a training stage will read, computed once and
+    kept under $XDISTILL_CACHE/topk (keyed by teacher weights, blocks and k), so that reruns, sweep
+    points and every stage on the same blocks train without running the teacher again."""
+    from datamodules import DataSource, TextDataModule
+    from datamodules.topk_cache import MANIFEST, data_fingerprint, write_topk_cache
+    from models import load_teacher
+    from models.teacher import cache_dir, teacher_fingerprint
+
+    data = TextDataModule(tokenizer=teacher, sources=[DataSource(**s) for s in sources], seq_len=seq_len,
+                          batch_size=settings.batch_size, seed=seed, val_fraction=val_fraction,
+                          mixture_blocks=mixture_blocks)
+    data.setup("fit")
+    blocks = data.train_set.tensors
+    order = torch.tensor(blocks_read(len(data.train_set), seed, settings.batch_size, settings.steps))
+    ids, labels = blocks["input_ids"][order], blocks["labels"][order]
+    model = load_teacher(teacher, dtype=getattr(torch, teacher_dtype), device=_device())
+    k = min(k, model.config.vocab_size)  # the top-256 of a smaller vocabulary is all of it
+    path = cache_dir() / "topk" / f"{teacher_fingerprint(model)[:16]}-{data_fingerprint(ids)}-k{k}"
+    started = time.perf_counter()
+    if not (path / MANIFEST).is_file():
+        write_topk_cache(model, data.tokenizer, ids, labels, k, path)
+    return {"path": str(path), "blocks": len(order), "tokens": int(ids.numel()),
+            "seconds_teacher": time.perf_counter() - started}
+
+
 def expert_weights(weights, domains: list[str]) -> list[float] | None:
     """``merge.weights`` as one weight per expert, in ``domains`` order (None: equal weights)."""
     if weights is None or not domains:
@@ -380,12 +428,16 @@ def expert_weights(weights, domains: list[str]) -> list[float] | None:
 
 @torch.no_grad()
 def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, str], sources: list[dict], seq_len: int,
-                  val_fraction: float, seed: int, blocks_per_domain: int, bootstrap: int = 2000) -> dict:
+                  val_fraction: float, seed: int, blocks_per_domain: int, bootstrap: int = 2000,
+                  experts: dict[str, str] | None = None) -> dict:
     """Cross-entropy of the teacher and each student on the same held-out blocks: ``blocks_per_domain``
     blocks of every domain (documents no stage trains on, spread through each domain's held-out
     text), with KL(teacher || student) and top-1 agreement, per domain and overall (every domain
     weighted by its tokens, equal here), each with a 90 % bootstrap interval over blocks and, for
-    every student, its CE minus the converted student's on the same blocks (paired)."""
+    every student, its CE minus the converted student's on the same blocks (paired). ``pairs`` in the
+    result: each stage against the one before it (stage 1 - converted, stage 2 - stage 1, merged -
+    stage 2, SWA-only - converted), and with ``experts`` ({domain: student}) each expert against the
+    merged student on the expert's own domain, all paired."""
     from datamodules import DataSource, TextDataModule
     from experiments.heldout import block_scores, select_blocks, summarise
     from models import load_student, load_teacher
@@ -397,8 +449,10 @@ def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, st
     device = _device()
     teacher_model = load_teacher(teacher, dtype=getattr(torch, dtype), device=device)
     models = {name: load_student(path).eval().to(device) for name, path in students.items()}
-    per_block = block_scores(teacher_model, models, {d: ids.to(device) for d, ids in blocks.items()})
-    summary = summarise(per_block, "converted" if "converted" in models else None, bootstrap, seed)
+    blocks = {d: ids.to(device) for d, ids in blocks.items()}
+    per_block = block_scores(teacher_model, models, blocks)
+    pairs = [(a, b) for a, b in STAGE_PAIRS if a in models and b in models]
+    summary = summarise(per_block, "converted" if "converted" in models else None, bootstrap, seed, pairs)
     result = {}
     for name in models:
         overall = summary[name]["all"]
@@ -408,6 +462,18 @@ def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, st
     result["teacher"] = {"student_ce": summary["teacher"]["all"]["student_ce"],
                          "student_ce_90": summary["teacher"]["all"]["student_ce_90"],
                          "domains": {d: e for d, e in summary["teacher"].items() if d != "all"}}
+    result["pairs"] = summary.get("pairs", {})
+    result["experts"] = {}
+    for domain, path in (experts or {}).items():
+        if "merged" not in models or domain not in blocks:
+            continue
+        expert = load_student(path).eval().to(device)
+        own = block_scores(teacher_model, {"expert": expert}, {domain: blocks[domain]})
+        own["merged"] = {domain: per_block["merged"][domain]}  # the same blocks, scored above
+        paired = summarise(own, None, bootstrap, seed, [("expert", "merged")])
+        result["experts"][domain] = {"expert": paired["expert"][domain], "merged": paired["merged"][domain],
+                                     "expert - merged": paired["pairs"]["expert - merged"][domain]}
+        del expert
     tokens_per_domain = {d: int(sum(row["n"] for row in per_block["teacher"][d])) for d in blocks}
     result["tokens"] = sum(tokens_per_domain.values())
     result["tokens_per_domain"] = tokens_per_domain
@@ -480,6 +546,31 @@ def heldout_tables(heldout: dict, keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def pairs_table(heldout: dict) -> str:
+    """Markdown: each stage against the one before it on held-out text (paired differences, 90 %
+    intervals over blocks; negative = the first is closer to the text / the teacher), then each
+    expert against the merged student on the expert's own domain."""
+    lines = []
+    names = {**LABELS, "expert": "expert"}
+    pairs = heldout.get("pairs", {})
+    if pairs:
+        lines += ["| difference | CE | KL(teacher‖student) |", "|---|---:|---:|"]
+        for pair, entry in pairs.items():
+            a, b = pair.split(" - ")
+            overall = entry["all"]
+            lines.append(f"| {names[a]} − {names[b]} | {_span(overall, 'student_ce', '+.3f')} | "
+                         f"{_span(overall, 'kl_teacher_student', '+.3f')} |")
+    experts = heldout.get("experts", {})
+    if experts:
+        lines += ["", "| domain | expert CE | merged CE | expert − merged CE | expert − merged KL |",
+                  "|---|---:|---:|---:|---:|"]
+        for domain, entry in experts.items():
+            diff = entry["expert - merged"]
+            lines.append(f"| {domain} | {_span(entry['expert'], 'student_ce')} | {_span(entry['merged'], 'student_ce')} | "
+                         f"{_span(diff, 'student_ce', '+.3f')} | {_span(diff, 'kl_teacher_student', '+.3f')} |")
+    return "\n".join(lines)
+
+
 def needle_table(scores: dict[str, dict], items: dict[str, dict], keys: list[str]) -> str:
     """Markdown: needle retrieval accuracy by context length (items correct / items)."""
     from datamodules.eval_suite import NEEDLE_PREFIX
@@ -547,7 +638,9 @@ def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, dec
           f"## Held-out text\n\n{heldout['blocks_per_domain']} blocks of every domain ({heldout['tokens']} scored "
           f"tokens; documents no stage trained on); [90 % bootstrap interval over blocks].\n\n"
           f"{heldout_tables(heldout, heldout_keys)}\n\n"
-          f"## Tasks\n\nScore (gap to the teacher [95 % paired bootstrap interval over items], teacher recovery = "
+          + (f"Stage by stage (paired on the same blocks; negative: the first is better):\n\n{pairs_table(heldout)}\n\n"
+             if heldout.get("pairs") or heldout.get("experts") else "")
+          + f"## Tasks\n\nScore (gap to the teacher [95 % paired bootstrap interval over items], teacher recovery = "
           f"student / teacher).\n\n{comparison_table(comparisons, teacher)}\n\n"
           f"Win-and-Tie over the tasks the teacher passes, alpha* [90 % interval]: `strict` = absolute tolerance, "
           f"every task (C_alpha >= 1); `paper` = the seed paper's, relative tolerance A_S >= (1 - alpha) A_T, "
@@ -607,7 +700,7 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                  domains: list[str] = list(DOMAINS), merge: MergeSettings = MergeSettings(),
                  eval: EvalSettings = EvalSettings(), decode: DecodeSettings = DecodeSettings(),
                  trainer: list[str] = ["configs/trainer/cpu.yaml"], stage_process: bool = False,
-                 threads: int | None = None, reuse: list[str] | None = None) -> dict:
+                 threads: int | None = None, reuse: list[str] | None = None, topk_cache: int | None = 256) -> dict:
     """Run (or resume) the whole pipeline in ``out``; returns the report's numbers.
 
     Args:
@@ -644,6 +737,10 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         threads: torch CPU threads (None: torch's default).
         reuse: other run folders whose finished stages are copied here when their settings are the
             same as this run's (sweep points share their common early stages this way).
+        topk_cache: k of the teacher's top-k that the KD and expert stages read from a cache, computed
+            once over exactly the blocks each stage trains on and kept under $XDISTILL_CACHE/topk
+            (reruns and sweep points on the same blocks never run the teacher again; the stage's
+            ``top_k`` may be smaller); None: the teacher runs online in every step (needed for dense KL).
     """
     if not isinstance(getattr(torch, teacher_dtype, None), torch.dtype):
         raise ValueError(f"teacher_dtype={teacher_dtype!r} is not a torch dtype (float32, bfloat16, float16)")
@@ -668,8 +765,11 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     if "merged" in (eval.students or ()) and not domains:
         raise ValueError("eval.students names 'merged' but domains is empty, so there is no merged student; "
                          "drop 'merged' or add domains")
-    available = [k for k in STUDENT_KEYS if (k != "merged" or domains) and (k != "swa_only" or not distil)]
+    available = [k for k in STUDENT_KEYS if (k != "merged" or domains) and (k not in ("swa_only", "aligned") or not distil)]
     scored = [k for k in available if eval.students is None or k in eval.students or k == final]
+    if topk_cache is not None and topk_cache < 1:
+        raise ValueError(f"topk_cache={topk_cache} is invalid; allowed values: an integer >= 1 (the paper's 256), "
+                         "or null for the teacher online")
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(out)
@@ -691,14 +791,26 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {"teacher": teacher, "teacher_dtype": teacher_dtype, "hybrid": hybrid.to_dict(), "corpus": asdict(corpus),
                 "extra_sources": extra_sources, "mixture_blocks": mixture_blocks, "seq_len": seq_len,
-                "val_fraction": val_fraction, "seed": seed, "trainer": trainer}
+                "val_fraction": val_fraction, "seed": seed, "trainer": trainer, "topk_cache": topk_cache}
     if distil:  # (hybrid runs keep their settings as before, so finished stages stay valid)
         settings.update(student_family=student_family, distil_xlstm=distil_xlstm.to_dict())
     _write_json(run_dir / "pipeline.json", {**settings, "align": asdict(align), "kd": asdict(kd), "expert": asdict(expert),
                                             "domains": domains, "merge": asdict(merge), "eval": asdict(eval),
                                             "decode": asdict(decode)})
+    topk_common = dict(teacher=teacher, teacher_dtype=teacher_dtype, seq_len=seq_len, val_fraction=val_fraction,
+                       seed=seed, k=topk_cache)
+
+    def cached_topk(name: str, sources_: list[dict], settings_: TrainSettings, blocks: int | None) -> tuple[str, ...]:
+        """The ``--data.topk_cache`` arguments of a training stage (none without a cache)."""
+        if topk_cache is None:
+            return ()
+        record = stage(f"topk_{name}", {**settings, "sources": sources_, "steps": settings_.steps,
+                                        "batch_size": settings_.batch_size, "mixture_blocks": blocks},
+                       lambda f: topk_stage(f, sources=sources_, settings=settings_, mixture_blocks=blocks, **topk_common))
+        return ("--data.topk_cache", record["path"])
+
     stages = ((3 if distil else 5) + len(domains) + (1 if domains else 0) + 1 + 1 + len(scored)
-              + (1 if decode.prompt_length else 0))
+              + (1 if decode.prompt_length else 0) + ((1 + len(domains)) if topk_cache is not None else 0))
     stage = StageRunner(run_dir, stages, reuse=[Path(r) for r in reuse or []])
     tensorboard = run_dir / "tensorboard"
     started = time.perf_counter()
@@ -731,17 +843,20 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
         swa = HybridConfig.from_dict({**hybrid.to_dict(), "mode": "swa"})
         baselines["swa_only"] = stage("convert_swa_only", {"teacher": teacher, "hybrid": swa.to_dict(), "dtype": teacher_dtype},
                                       lambda f: convert_stage(f, teacher, swa, teacher_dtype))["student"]
+    kd_cache = cached_topk("kd", everything, kd, mixture_blocks)
     distillation = stage("kd", {**settings, "train": asdict(kd)},
                          lambda f: train_stage("kd", f, sources=everything, settings=kd, student_ckpt=aligned,
-                                               mixture_blocks=mixture_blocks, **common))
+                                               mixture_blocks=mixture_blocks, extra=kd_cache, **common))
     distilled = distillation["student"]
     experts = []
     for domain in domains:
         own = (expert_sources or {}).get(domain, [])
+        expert_data = data_sources(corpus_path, (domain,)) + own
+        expert_cache = cached_topk(f"expert_{domain}", expert_data, expert, None)
         experts.append(stage(f"expert_{domain}", {**settings, "train": asdict(expert), "domain": domain, "sources": own},
-                             lambda f, d=domain, own=own: train_stage(
-                                 "expert", f, sources=data_sources(corpus_path, (d,)) + own, settings=expert,
-                                 student_ckpt=distilled, extra=("--model.init_args.domain", d), **common))["student"])
+                             lambda f, d=domain, data=expert_data, extra=expert_cache: train_stage(
+                                 "expert", f, sources=data, settings=expert, student_ckpt=distilled,
+                                 extra=("--model.init_args.domain", d, *extra), **common))["student"])
 
     def do_merge(folder):
         from callbacks import merge_students
@@ -750,12 +865,13 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
                        scale=merge.scale, density=merge.density, trim=merge.trim)
         return {"student": str(folder / "student"), "experts": experts}
 
-    students = {**baselines, "converted": converted, "kd": distilled}
+    students = {**baselines, "converted": converted, **({} if distil else {"aligned": aligned}), "kd": distilled}
     if domains:
         students["merged"] = stage("merge", {**settings, "merge": asdict(merge), "domains": domains}, do_merge)["student"]
-    heldout = stage("heldout", {**settings, "blocks_per_domain": eval.heldout_blocks_per_domain, "students": students},
+    heldout = stage("heldout", {**settings, "blocks_per_domain": eval.heldout_blocks_per_domain, "students": students,
+                                "experts": experts},
                     lambda f: heldout_stage(f, teacher, teacher_dtype, students, everything, seq_len, val_fraction, seed,
-                                            eval.heldout_blocks_per_domain))
+                                            eval.heldout_blocks_per_domain, experts=dict(zip(domains, experts))))
     scores = {}
     # which students are scored does not change any score, so it is not a setting of the eval stages
     eval_settings = {"teacher": teacher, "dtype": teacher_dtype,

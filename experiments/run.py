@@ -89,9 +89,16 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
                 f"memory branch never see an evicted token. Allowed values: window < {seq_len} (or sink_tokens 0 "
                 "for a student that is exactly its teacher)")
     top_k = _get(model, "top_k")
+    preset = _get(model, "preset")
+    if preset is not None:
+        from lightning_modules.kd import KD_PRESETS
+
+        top_k = KD_PRESETS.get(preset, {}).get("top_k", top_k)
     if top_k is not None and _get(cfg, "model.class_path", "").endswith(("SparseKDModule", "ExpertFinetuneModule")):
         teacher = _teacher_config(_get(model, "teacher", ""), bool(_get(model, "trust_remote_code", False)))
         vocab = getattr(teacher, "vocab_size", None)
+        if preset is not None and vocab:
+            top_k = min(top_k, vocab)  # a preset's k is clamped to a smaller vocabulary (SparseKDModule does too)
         if vocab and top_k > vocab:
             raise ValueError(f"model.init_args.top_k={top_k} is larger than the teacher's vocabulary ({vocab}); "
                              f"allowed values: 1..{vocab}, or null for the dense KL")
@@ -100,9 +107,9 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
             from datamodules.topk_cache import read_manifest
 
             k = read_manifest(cache)["fingerprint"]["k"]
-            if top_k != k:
+            if top_k > k:  # a cache of the top k serves every smaller k
                 raise ValueError(f"model.init_args.top_k={top_k} but the top-k cache {cache} holds k={k}; "
-                                 f"allowed values: {k}, or rebuild the cache with --k {top_k}")
+                                 f"allowed values: 1..{k}, or rebuild the cache with --k {top_k}")
     strategy = _strategy_name(_get(cfg, "trainer.strategy", "auto"))
     accelerator = str(_get(cfg, "trainer.accelerator", "auto")).lower()
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())

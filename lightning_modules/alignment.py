@@ -7,8 +7,10 @@ import torch
 
 from models import HybridAttention, HybridStudent
 
+from models import DistilXLSTMConfig, HybridConfig
+
 from .base import DistillationModule
-from .losses import alignment_mse
+from .losses import LAYER_REDUCTIONS, alignment_mse
 
 
 def capture_teacher_attention(teacher, input_ids: torch.Tensor, layers: list[int]):
@@ -34,7 +36,36 @@ def capture_teacher_attention(teacher, input_ids: torch.Tensor, layers: list[int
 
 class AlignmentModule(DistillationModule):
     """Teacher frozen; each student hybrid layer gets the teacher's layer input and is trained to
-    match the teacher's attention output. Trainable: ``new`` (default), ``attention`` or ``all``."""
+    match the teacher's attention output. Trainable: ``new`` (default), ``attention`` or ``all``.
+
+    Teacher-forced (the paper's Stage I, LoLCATs-style): one frozen teacher forward per batch
+    captures every attention layer's input and output, then each hybrid attention module runs
+    forward and backward on its own teacher input. No MLP, norm, embedding or LM head of the
+    student runs, and no error of one layer reaches the next. Defaults are the paper's: peak LR
+    1e-2 after a linear warm-up, cosine decay to 1e-5 (``min_lr_ratio`` 1e-3), loss summed over layers.
+    """
+
+    def __init__(self, teacher: str = "smollm2-135m-instruct", student_ckpt: str | None = None,
+                 hybrid: HybridConfig = HybridConfig(), trainable: str = "new", lr: float = 1e-2,
+                 weight_decay: float = 0.0, warmup_steps: int = 10, min_lr_ratio: float = 1e-3,
+                 teacher_dtype: str = "float32", trust_remote_code: bool = False,
+                 fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False,
+                 student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig(),
+                 lr_schedule: str = "cosine", max_warmup_fraction: float = 0.1, layer_loss: str = "sum"):
+        """
+        Args:
+            layer_loss: how the per-layer MSEs combine: ``sum`` (the paper's Eq. 12) or ``mean``.
+        """
+        super().__init__(teacher=teacher, student_ckpt=student_ckpt, hybrid=hybrid, trainable=trainable, lr=lr,
+                         weight_decay=weight_decay, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+                         teacher_dtype=teacher_dtype, trust_remote_code=trust_remote_code,
+                         fsdp_param_dtype=fsdp_param_dtype, activation_checkpointing=activation_checkpointing,
+                         student_family=student_family, distil_xlstm=distil_xlstm, lr_schedule=lr_schedule,
+                         max_warmup_fraction=max_warmup_fraction)
+        if layer_loss not in LAYER_REDUCTIONS:
+            raise ValueError(f"layer_loss={layer_loss!r} is not supported; allowed values: {', '.join(LAYER_REDUCTIONS)}")
+        self.save_hyperparameters()
+        self.plain_hparams()
 
     def configure_model(self) -> None:
         if self.student is not None:
@@ -68,7 +99,7 @@ class AlignmentModule(DistillationModule):
             self.student.lm.model.layers[i].self_attn(hidden_states=x, position_embeddings=pe)[0]
             for i, (x, pe, _) in zip(layers, captured)
         ]
-        loss = alignment_mse(student_out, [out for _, _, out in captured])
+        loss = alignment_mse(student_out, [out for _, _, out in captured], reduction=self.hparams.layer_loss)
         if not torch.isfinite(loss):  # name the layers that broke
             self.check_finite(**{f"alignment_mse_layer_{i}": alignment_mse([s], [t])
                                  for i, s, (_, _, t) in zip(layers, student_out, captured)}, alignment_mse=loss)

@@ -19,6 +19,7 @@ from models.student import check_student_matches_teacher
 from .losses import IGNORE, heldout_metrics, next_token_targets
 
 TRAINABLE = ("new", "attention", "all")
+LR_SCHEDULES = ("cosine", "constant")
 STUDENT_FAMILIES = ("hybrid", "distil_xlstm")
 
 
@@ -35,6 +36,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+def warmup_constant(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up, then the peak for the rest of the run (the paper's
+    Stage II: "warm-up + constant LR")."""
+    return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
+def capped_warmup(warmup_steps: int, total_steps: int, max_fraction: float) -> int:
+    """The warm-up a run of ``total_steps`` gets: at most ``max_fraction`` of its steps, so that a short
+    stage still reaches its peak learning rate (10 warm-up steps in a 6-step stage never would)."""
+    return max(0, min(warmup_steps, int(max_fraction * total_steps)))
+
+
 class DistillationModule(L.LightningModule):
     """Base of the stages: builds teacher and student in ``configure_model`` (so instantiating a
     config is cheap and FSDP can shard them), keeps the teacher out of checkpoints."""
@@ -44,8 +57,24 @@ class DistillationModule(L.LightningModule):
                  weight_decay: float = 0.0, warmup_steps: int = 10, min_lr_ratio: float = 0.1,
                  teacher_dtype: str = "float32", trust_remote_code: bool = False,
                  fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False,
-                 student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig()):
+                 student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig(),
+                 lr_schedule: str = "cosine", max_warmup_fraction: float = 0.1):
+        """
+        Args:
+            lr: peak learning rate (after warm-up).
+            warmup_steps: linear warm-up steps, capped to ``max_warmup_fraction`` of the run's steps.
+            min_lr_ratio: ``cosine``: the final learning rate as a share of ``lr``.
+            lr_schedule: ``cosine`` (warm-up, then cosine decay to ``min_lr_ratio * lr``) or ``constant``
+                (warm-up, then ``lr``).
+            max_warmup_fraction: the longest warm-up as a share of the run's optimizer steps, so that
+                every run reaches its peak learning rate.
+        """
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={lr_schedule!r} is not supported; allowed values: {', '.join(LR_SCHEDULES)}")
+        if not 0.0 <= max_warmup_fraction <= 1.0 or warmup_steps < 0:
+            raise ValueError(f"max_warmup_fraction={max_warmup_fraction} and warmup_steps={warmup_steps} are invalid; "
+                             "allowed values: a fraction in [0, 1] and a step count >= 0")
         if student_family not in STUDENT_FAMILIES:
             raise ValueError(f"student_family={student_family!r} is not supported; allowed values: "
                              f"{', '.join(STUDENT_FAMILIES)}")
@@ -184,8 +213,12 @@ class DistillationModule(L.LightningModule):
             raise ValueError("no trainable parameters: check model.trainable")
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        warmup = capped_warmup(hp.warmup_steps, total, hp.max_warmup_fraction)
+        if hp.lr_schedule == "constant":
+            multiplier = lambda step: warmup_constant(step, warmup)  # noqa: E731
+        else:
+            multiplier = lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)  # noqa: E731
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -12,7 +12,7 @@ from models import DistilXLSTMConfig, DistilXLSTMStudent, HybridConfig
 
 from .base import DistillationModule
 from .losses import (
-    IGNORE, cross_entropy, dense_kd_loss, frobenius_alignment_loss, next_token_targets, sparse_kd_loss, teacher_topk,
+    IGNORE, KD_TAILS, cross_entropy, dense_kd_loss, frobenius_alignment_loss, next_token_targets, sparse_kd_loss, teacher_topk,
 )
 from .schedules import Schedule
 
@@ -29,12 +29,49 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# Stage II recipes. ``paper``: the seed paper's Eq. 13 (0.9 CE + 0.1 forward KL on the teacher's
+# top-256, each side renormalised on that support, T = 1) with a constant learning rate after the
+# warm-up. ``distil_xlstm``: Distil-xLSTM's Δ-distillation of the temperature (2 -> 1) and the KD
+# weight (0.8 -> 0.5), the KD tail as one bucket, cosine learning rate.
+KD_PRESETS = {
+    "paper": {"top_k": 256, "temperature": Schedule("constant", 1.0), "alpha": Schedule("constant", 0.1),
+              "kd_tail": "renormalised", "lr_schedule": "constant"},
+    "distil_xlstm": {"temperature": Schedule("delta", 2.0, 1.0, delta=0.05),
+                     "alpha": Schedule("delta", 0.8, 0.5, delta=0.05), "kd_tail": "bucket", "lr_schedule": "cosine"},
+}
+
+
+def _as_schedule(value):
+    return value if isinstance(value, Schedule) else Schedule(**dict(value))
+
+
+def apply_kd_preset(preset: str | None, given: dict, defaults: dict) -> dict:
+    """``given`` with the preset's settings filled in. A setting given with a value other than its
+    default and other than the preset's is refused, naming both: a preset is a recipe, not a default."""
+    if preset is None:
+        return dict(given)
+    if preset not in KD_PRESETS:
+        raise ValueError(f"preset={preset!r} is not supported; allowed values: {', '.join(KD_PRESETS)}, or null "
+                         "(the settings as given)")
+    out = dict(given)
+    for key, value in KD_PRESETS[preset].items():
+        mine, default = given[key], defaults[key]
+        if isinstance(value, Schedule):
+            mine, default = _as_schedule(mine), _as_schedule(default)
+        if mine != default and mine != value:
+            raise ValueError(f"model.preset={preset!r} sets {key}={value}, but {key}={mine} was given; drop one of "
+                             f"them (preset null trains with the settings as given)")
+        out[key] = value
+    return out
+
+
 class SparseKDModule(DistillationModule):
     """loss = alpha * T^2 * KL_topk(teacher^T || student^T) + (1 - alpha - beta) * CE + beta * Frobenius.
 
     The teacher's top-k comes from the batch (a top-k cache, ``data.topk_cache``) or from an online
     teacher forward; ``top_k: null`` uses the dense KL. Temperature, alpha and beta follow schedules
-    that are pure functions of the optimizer step.
+    that are pure functions of the optimizer step. ``preset`` picks a published recipe (``paper``,
+    ``distil_xlstm``; see ``KD_PRESETS``).
     """
 
     def __init__(self, teacher: str = "smollm2-135m-instruct", student_ckpt: str | None = None,
@@ -46,7 +83,9 @@ class SparseKDModule(DistillationModule):
                  lora_rank: int = 0, lora_alpha: float = 16.0,
                  lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],
                  fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False,
-                 student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig()):
+                 student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig(),
+                 lr_schedule: str = "cosine", max_warmup_fraction: float = 0.1, kd_tail: str = "bucket",
+                 preset: str | None = None):
         """
         Args:
             top_k: teacher tokens kept per position (None: dense KL over the vocabulary).
@@ -60,14 +99,33 @@ class SparseKDModule(DistillationModule):
             student_family: ``hybrid`` (convert the teacher with ``hybrid``) or ``distil_xlstm`` (a pure
                 xLSTM student built with ``distil_xlstm``); ignored with ``student_ckpt``.
             distil_xlstm: the Distil-xLSTM student's configuration.
+            kd_tail: the tokens outside the top-k: ``renormalised`` (both sides restricted to the top-k,
+                as the paper) or ``bucket`` (one extra class; see ``losses.sparse_kd_loss``).
+            preset: ``paper`` or ``distil_xlstm`` sets top_k / temperature / alpha / kd_tail /
+                lr_schedule as that recipe does (``KD_PRESETS``); null: as given.
         """
-        super().__init__(teacher, student_ckpt, hybrid, trainable, lr, weight_decay, warmup_steps, min_lr_ratio,
-                         teacher_dtype, trust_remote_code, fsdp_param_dtype, activation_checkpointing,
-                         student_family, distil_xlstm)
+        import inspect
+
+        defaults = {k: v.default for k, v in inspect.signature(SparseKDModule.__init__).parameters.items()
+                    if k != "self"}
+        given = apply_kd_preset(preset, {"top_k": top_k, "temperature": temperature, "alpha": alpha,
+                                         "kd_tail": kd_tail, "lr_schedule": lr_schedule}, defaults)
+        top_k, temperature, alpha, kd_tail, lr_schedule = (given[k] for k in
+                                                           ("top_k", "temperature", "alpha", "kd_tail", "lr_schedule"))
+        super().__init__(teacher=teacher, student_ckpt=student_ckpt, hybrid=hybrid, trainable=trainable, lr=lr,
+                         weight_decay=weight_decay, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+                         teacher_dtype=teacher_dtype, trust_remote_code=trust_remote_code,
+                         fsdp_param_dtype=fsdp_param_dtype, activation_checkpointing=activation_checkpointing,
+                         student_family=student_family, distil_xlstm=distil_xlstm, lr_schedule=lr_schedule,
+                         max_warmup_fraction=max_warmup_fraction)
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} is invalid; allowed values: an integer >= 1, or null for dense KL")
+        if kd_tail not in KD_TAILS:
+            raise ValueError(f"kd_tail={kd_tail!r} is not supported; allowed values: {', '.join(KD_TAILS)}")
         self.save_hyperparameters()
-        self.schedules = {name: value if isinstance(value, Schedule) else Schedule(**dict(value))
+        # the resolved recipe is what hparams (checkpoints, TensorBoard) record
+        self.hparams.update(top_k=top_k, temperature=temperature, alpha=alpha, kd_tail=kd_tail, lr_schedule=lr_schedule)
+        self.schedules = {name: _as_schedule(value)
                           for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta))}
         self.plain_hparams()
 
@@ -76,6 +134,9 @@ class SparseKDModule(DistillationModule):
             return
         super().configure_model()
         hp = self.hparams
+        vocab = self.teacher.config.vocab_size
+        if hp.preset is not None and "top_k" in KD_PRESETS[hp.preset] and hp.top_k > vocab:
+            hp.top_k = vocab  # the recipe's top-256 of a smaller vocabulary is all of it
         if hp.top_k is not None and hp.top_k > self.teacher.config.vocab_size:
             raise ValueError(f"model.top_k={hp.top_k} is larger than the teacher's vocabulary "
                              f"({self.teacher.config.vocab_size}); allowed values: 1..{self.teacher.config.vocab_size}")
@@ -97,9 +158,17 @@ class SparseKDModule(DistillationModule):
 
             manifest = check_fingerprint(cache, teacher=self.teacher)
             k = manifest["fingerprint"]["k"]
-            if self.hparams.top_k is not None and self.hparams.top_k != k:
+            # a cache of the top k serves any smaller k: its entries are sorted, the top k' are its first k'
+            if self.hparams.top_k is None or self.hparams.top_k > k:
                 raise ValueError(f"model.top_k={self.hparams.top_k} but the top-k cache {cache} holds k={k}; "
-                                 f"set model.top_k to {k} or rebuild the cache")
+                                 f"set model.top_k to at most {k}, or rebuild the cache with k >= the top_k you "
+                                 "want (dense KL, top_k null, needs the teacher online: drop data.topk_cache)")
+
+    def on_train_start(self) -> None:
+        # (the epoch length is known once the training data is set up, after on_fit_start)
+        ctx = self.schedule_context()
+        for schedule in self.schedules.values():  # a schedule this run cannot follow fails before step 0
+            schedule(self.global_step, **ctx)
 
     def select_trainable(self) -> None:
         super().select_trainable()
@@ -131,11 +200,13 @@ class SparseKDModule(DistillationModule):
             with torch.no_grad():
                 t_out = self.teacher(ids, output_hidden_states=beta > 0)
         if "topk_ids" in batch:
-            kd = sparse_kd_loss(out.logits, batch["topk_ids"], batch["topk_logprobs"], T, mask)
+            k = hp.top_k or batch["topk_ids"].shape[-1]
+            kd = sparse_kd_loss(out.logits, batch["topk_ids"][..., :k], batch["topk_logprobs"][..., :k], T, mask,
+                                tail=hp.kd_tail)
         elif hp.top_k is None:
             kd = dense_kd_loss(out.logits, t_out.logits, T, mask)
         else:
-            kd = sparse_kd_loss(out.logits, *teacher_topk(t_out.logits, hp.top_k), T, mask)
+            kd = sparse_kd_loss(out.logits, *teacher_topk(t_out.logits, hp.top_k), T, mask, tail=hp.kd_tail)
         ce = cross_entropy(out.logits, targets)
         loss = alpha * kd + (1.0 - alpha - beta) * ce
         components = {"kd": kd, "ce": ce}

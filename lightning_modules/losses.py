@@ -65,17 +65,33 @@ def _student_classes(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> to
     return torch.cat([on_support, torch.logsumexp(others, -1, keepdim=True) - log_z], -1)
 
 
-def sparse_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                   temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """T^2 * KL(teacher^T || student^T) over the teacher's top-k support plus one bucket for the
-    remaining probability mass, averaged over positions where ``mask`` (default: all).
+KD_TAILS = ("bucket", "renormalised")
 
-    Both distributions are reduced to k + 1 classes (the k tokens the teacher ranks highest and
-    "any other token"), then tempered: q ~ p^(1/T). Since softmax(z / T) ~ softmax(z)^(1/T), this is
-    the dense KD loss at any T when k is the vocabulary size.
+
+def sparse_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                   temperature: float, mask: torch.Tensor | None = None, tail: str = "bucket") -> torch.Tensor:
+    """T^2 * KL between the teacher's and the student's tempered distributions reduced to the
+    teacher's top-k, averaged over positions where ``mask`` (default: all). ``tail`` says what
+    happens to the tokens outside the top-k:
+
+    - ``renormalised`` (the paper's p^(k), Eq. 13): both distributions restricted to the top-k and
+      renormalised there, after tempering: q_t ~ softmax(z_t / T) on the support, likewise q_s. At
+      any T this is the dense tempered distributions' KL once both are conditioned on the support.
+    - ``bucket``: k + 1 classes, the top-k tokens and "any other token" carrying the remaining
+      mass, tempered as classes (q ~ p^(1/T) over the k + 1 classes). At T = 1 this is exactly the
+      KL between the coarsened dense distributions (a lower bound of the dense KL); at T != 1 the
+      bucket is tempered as one class, which is not the tempered tail's mass (the sum of p_i^(1/T)
+      over the tail), so it is dense KD at T != 1 only when k is the whole vocabulary.
     """
-    log_q_teacher = _tempered(_teacher_classes(topk_logprobs), temperature)
-    log_q_student = _tempered(_student_classes(student_logits, topk_ids), temperature)
+    if tail not in KD_TAILS:
+        raise ValueError(f"tail={tail!r} is not supported; allowed values: {', '.join(KD_TAILS)}")
+    if tail == "renormalised":
+        # the log-normaliser of either side cancels in the renormalisation: logits on the support suffice
+        log_q_teacher = _tempered(topk_logprobs.float(), temperature)
+        log_q_student = _tempered(student_logits.float().gather(-1, topk_ids.long()), temperature)
+    else:
+        log_q_teacher = _tempered(_teacher_classes(topk_logprobs), temperature)
+        log_q_student = _tempered(_student_classes(student_logits, topk_ids), temperature)
     q_teacher = log_q_teacher.exp()
     # 0 * log 0 = 0: an empty "rest" bucket contributes nothing, never nan
     terms = torch.where(q_teacher > 0, q_teacher * (log_q_teacher - log_q_student), torch.zeros_like(q_teacher))
@@ -102,12 +118,20 @@ def frobenius_alignment_loss(student_hidden: torch.Tensor, teacher_hidden: torch
     return diff.norm(dim=1).mean() / diff.shape[1] ** 0.5
 
 
-def alignment_mse(student_outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor]) -> torch.Tensor:
-    """Stage 1: mean over layers of the MSE between student and teacher attention outputs."""
+LAYER_REDUCTIONS = ("sum", "mean")
+
+
+def alignment_mse(student_outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor],
+                  reduction: str = "mean") -> torch.Tensor:
+    """Stage 1: the MSE between student and teacher attention outputs of each layer (mean over
+    tokens and features), summed (the paper's Eq. 12) or averaged over layers."""
     if len(student_outputs) != len(teacher_outputs) or not student_outputs:
         raise ValueError(f"alignment needs one teacher output per student layer; got {len(student_outputs)} "
                          f"student and {len(teacher_outputs)} teacher outputs")
-    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_outputs, teacher_outputs)]).mean()
+    if reduction not in LAYER_REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; allowed values: {', '.join(LAYER_REDUCTIONS)}")
+    per_layer = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_outputs, teacher_outputs)])
+    return per_layer.sum() if reduction == "sum" else per_layer.mean()
 
 
 def heldout_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> dict:

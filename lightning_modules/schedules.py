@@ -45,7 +45,8 @@ class Schedule:
     delta: float = 0.05
     """delta: how far v_init moves towards ``end`` after each epoch."""
     steps_per_epoch: int | None = None
-    """delta: steps in one epoch; None: taken from the trainer."""
+    """delta: optimizer steps in one epoch; None: taken from the trainer (refused when it cannot know,
+    e.g. streaming data). The schedule reads the global step, so epochs count across resumes."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -58,7 +59,14 @@ class Schedule:
         if self.kind == "constant":
             return self.start
         if self.kind == "delta":
-            return delta_distillation(self.start, end, step, self.steps_per_epoch or steps_per_epoch or 1, self.delta)
+            per_epoch = self.steps_per_epoch or steps_per_epoch
+            if not per_epoch:
+                # a silent one-step "epoch" would anneal within a few steps: refuse instead
+                raise ValueError(f"Schedule(kind='delta', start={self.start}, end={end}) moves once per epoch, but the "
+                                 "epoch length is unknown here (streaming data, or no trainer): give the schedule "
+                                 "steps_per_epoch (e.g. {kind: delta, ..., steps_per_epoch: 500}) or use kind "
+                                 "linear / cosine")
+            return delta_distillation(self.start, end, step, per_epoch, self.delta)
         total = self.total_steps or total_steps
         if not total:
             raise ValueError(f"Schedule(kind={self.kind!r}) needs total_steps (set it, or give the trainer max_steps)")

@@ -15,8 +15,9 @@ import yaml
 from experiments.pipeline import StageRunner, main
 from tests.fixtures import write_corpus, write_teacher
 
-STAGES = ["corpus", "convert", "align", "convert_swa_only", "kd", "expert_math", "expert_code", "expert_stem",
-          "expert_chat", "merge", "heldout", "eval_teacher", "eval_swa_only", "eval_converted", "eval_kd", "eval_merged",
+STAGES = ["corpus", "convert", "align", "convert_swa_only", "topk_kd", "kd", "topk_expert_math", "expert_math",
+          "topk_expert_code", "expert_code", "topk_expert_stem", "expert_stem", "topk_expert_chat", "expert_chat", "merge",
+          "heldout", "eval_teacher", "eval_swa_only", "eval_converted", "eval_aligned", "eval_kd", "eval_merged",
           "decode"]
 
 
@@ -96,8 +97,8 @@ def test_merge_weights_are_one_per_domain_by_name_or_in_order():
 
 @pytest.mark.parametrize("override, message", [
     ({"kd": {"overrides": {"model.init_args.top_kk": 8}}}, r"the kd stage's settings do not parse"),
-    ({"kd": {"overrides": {"model.init_args.top_k": 0}}}, r"the kd stage's settings are refused: .*top_k=0 is invalid"),
-    ({"kd": {"overrides": {"model.init_args.top_k": 500}}}, r"top_k=500 is larger than the teacher's vocabulary"),
+    ({"kd": {"overrides": {"model.init_args.preset": None, "model.init_args.top_k": 0}}}, r"the kd stage's settings are refused: .*top_k=0 is invalid"),
+    ({"kd": {"overrides": {"model.init_args.preset": None, "model.init_args.top_k": 500}}}, r"top_k=500 is larger than the teacher's vocabulary"),
     ({"hybrid": {"window": 24, "sink_tokens": 2, "chunk_size": 16}},
      r"the align stage's settings are refused: model.init_args.hybrid.window=24 is not smaller than data.seq_len=24"),
     ({"expert": {"overrides": {"trainer.strategy": "fsdp"}}}, r"the expert stage's settings are refused: trainer.strategy"),
@@ -173,7 +174,7 @@ def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, 
         assert (run / name).is_file(), name
     report = (run / "report.md").read_text()
     assert "| xd_arith_mc" in report and "alpha*" in report and "ms/token" in report
-    assert set(result["scores"]) == {"teacher", "swa_only", "converted", "kd", "merged"}
+    assert set(result["scores"]) == {"teacher", "swa_only", "converted", "aligned", "kd", "merged"}
     # the report's numbers are those of the eval stages' own score files
     from callbacks import critical_tolerance
 
@@ -183,6 +184,13 @@ def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, 
     assert summary["alpha_star"] == critical_tolerance(stage_scores["merged"], stage_scores["teacher"])
     assert set(result["heldout"]) >= {"swa_only", "converted", "kd", "merged", "teacher", "tokens"}
     assert "ce_minus_baseline_90" in result["heldout"]["merged"] and "## Held-out text" in report
+    # stage by stage, paired; each expert against the merged student on its own domain
+    assert set(result["heldout"]["pairs"]) == {"aligned - converted", "kd - aligned", "merged - kd",
+                                               "swa_only - converted", "kd - converted"}
+    assert set(result["heldout"]["experts"]) == {"math", "code", "stem", "chat"} and "Stage by stage" in report
+    # KD and the experts trained on the teacher's top-k computed once, over exactly their blocks
+    kd_cache = json.loads((run / "topk_kd" / "stage.json").read_text())["result"]
+    assert kd_cache["blocks"] == 2 * 2 and Path(kd_cache["path"]).is_relative_to(tmp_path / "cache" / "topk")
     assert list(run.glob("tensorboard/*/version_0/events.out.tfevents*")) and list(run.glob("tensorboard/report/events*"))
     chat_args = json.loads((run / "expert_chat" / "stage.json").read_text())["settings"]["sources"]
     assert chat_args[0]["name"] == "own_chat"
@@ -196,7 +204,7 @@ def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, 
     assert out.count("finished earlier") == len(STAGES)
     assert (run / "merge" / "student" / "model.safetensors").stat().st_mtime_ns == stamp
     # changed settings on a finished run are refused, naming the stage
-    with pytest.raises(ValueError, match="stage 'kd'.*train"):
+    with pytest.raises(ValueError, match="stage 'topk_kd'.*steps"):  # the first stage that reads kd.steps
         main(["--config", str(config), "--kd.steps", "3"])
 
 
@@ -232,7 +240,7 @@ def test_distil_xlstm_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
                    "--kd.checkpoint_every", "0", "--kd.overrides", '{"model.init_args.beta": ' + beta + "}",
                    "--expert.trainable", "new"])
     run = tmp_path / "distil"
-    stages = [s for s in STAGES if s not in ("align", "convert_swa_only", "eval_swa_only")]  # no hybrid baseline
+    stages = [s for s in STAGES if s not in ("align", "convert_swa_only", "eval_swa_only", "eval_aligned")]  # no hybrid baseline
     assert sorted(p.parent.name for p in run.glob("*/stage.json")) == sorted(stages)
     for stage in ("convert", "kd", "expert_chat", "merge"):
         student = load_student(run / stage / "student")

@@ -214,7 +214,7 @@ def test_checkpoint_size_estimate_counts_weights_and_adam_moments():
     (["--model.init_args.hybrid.window", "32"],
      r"model.init_args.hybrid.window=32 is not smaller than data.seq_len=32 while hybrid.sink_tokens=4.*"
      r"Allowed values: window < 32"),
-    (["--model.init_args.top_k", "1000"],
+    (["--model.init_args.preset", "null", "--model.init_args.top_k", "1000"],
      r"model.init_args.top_k=1000 is larger than the teacher's vocabulary \(97\); allowed values: 1..97"),
     (["--trainer.strategy", "fsdp"], r"trainer.strategy='fsdp'.*needs CUDA GPUs.*configs/trainer/fsdp-cpu.yaml"),
     (["--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}',

@@ -54,7 +54,7 @@ def test_distil_xlstm_kd_then_expert_through_the_cli(env, tmp_path):
     beta = json.dumps({"kind": "delta", "start": 0.2, "end": 0.1, "delta": 0.05})
     main(cli_args(env, "kd", tmp_path / "kd", extra=[
         "--model.init_args.student_family", "distil_xlstm", "--model.init_args.trainable", "new",
-        "--model.init_args.beta", beta, "--model.init_args.lr", "1e-2", "--model.init_args.top_k", "8"]))
+        "--model.init_args.beta", beta, "--model.init_args.lr", "1e-2", "--model.init_args.preset", "null", "--model.init_args.top_k", "8"]))
     student = load_student(tmp_path / "kd" / "student")
     teacher = load_teacher(str(root / "teacher"))
     assert isinstance(student, DistilXLSTMStudent)

@@ -133,7 +133,19 @@ class LossRecorder(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def _fit(env, out, steps, ckpt_path=None):
+class StopAt(L.Callback):
+    """Ends a run after ``step`` optimizer steps, as an interruption would (same max_steps, so the
+    learning-rate schedule of the resumed run is the straight run's)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _fit(env, out, steps, ckpt_path=None, stop_at=None):
     root, _ = env
     L.seed_everything(0)
     recorder = LossRecorder()
@@ -141,14 +153,15 @@ def _fit(env, out, steps, ckpt_path=None):
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(out), limit_val_batches=0,
                         callbacks=[recorder, L.pytorch.callbacks.ModelCheckpoint(dirpath=str(out), save_last=True,
-                                                                                 every_n_train_steps=1)])
+                                                                                 every_n_train_steps=1),
+                                   *([StopAt(stop_at)] if stop_at else [])])
     trainer.fit(module, datamodule=tiny_dm(env), ckpt_path=ckpt_path)
     return recorder.losses
 
 
 def test_resume_continues_with_the_same_losses(env, tmp_path):
     straight = _fit(env, tmp_path / "a", steps=6)
-    _fit(env, tmp_path / "b", steps=3)
+    _fit(env, tmp_path / "b", steps=6, stop_at=3)
     resumed = _fit(env, tmp_path / "b", steps=6, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
@@ -216,7 +229,7 @@ def test_student_of_another_teacher_is_refused(env, tmp_path):
 
 def test_top_k_larger_than_vocabulary_is_refused(env, tmp_path):
     with pytest.raises(ValueError, match="top_k"):
-        main(cli_args(env, "kd", tmp_path, extra=["--model.init_args.top_k", "1000"]))
+        main(cli_args(env, "kd", tmp_path, extra=["--model.init_args.preset", "null", "--model.init_args.top_k", "1000"]))
 
 
 def test_topk_cache_command_then_kd_trains_from_it(env, tmp_path):
@@ -229,7 +242,7 @@ def test_topk_cache_command_then_kd_trains_from_it(env, tmp_path):
                  *common])
     assert len(list((tmp_path / "cache").glob("shard-*.safetensors"))) > 1
     args = cli_args(env, "kd", tmp_path / "run", extra=["--data.topk_cache", str(tmp_path / "cache"),
-                                                         "--model.init_args.top_k", "8"])
+                                                         "--model.init_args.preset", "null", "--model.init_args.top_k", "8"])
     args[args.index("--data.sources") + 1] = sources
     main(args)
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
@@ -246,7 +259,7 @@ def test_cache_of_another_teacher_is_refused_at_fit_start(env, tmp_path):
     write_teacher(tmp_path / "retrained", seed=7)
     args = cli_args(env, "kd", tmp_path / "run", extra=["--data.topk_cache", str(tmp_path / "cache"),
                                                          "--model.init_args.teacher", str(tmp_path / "retrained"),
-                                                         "--model.init_args.top_k", "4"])
+                                                         "--model.init_args.preset", "null", "--model.init_args.top_k", "4"])
     args[args.index("--data.sources") + 1] = sources
     with pytest.raises(ValueError, match="another teacher"):
         main(args)
