@@ -234,6 +234,7 @@ class ExpertFinetuneModule(SparseKDModule):
         """
         if not student_ckpt:
             raise ValueError("ExpertFinetuneModule needs model.student_ckpt: the stage-2 student folder")
+        # SparseKDModule's save_hyperparameters already records ``domain`` (Lightning collects the
+        # arguments of every __init__ up the call chain) and then the recipe a preset resolved; saving
+        # again here would put back the unresolved arguments LightningCLI passes (every default)
         super().__init__(student_ckpt=student_ckpt, **kwargs)
-        self.save_hyperparameters()
-        self.plain_hparams()

@@ -253,3 +253,33 @@ def test_distil_xlstm_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     events = EventAccumulator(str(run / "tensorboard" / "kd" / "version_0"))
     events.Reload()
     assert "train/frobenius" in events.Tags()["scalars"]
+
+
+def test_blocks_read_are_the_blocks_the_loader_yields_in_a_stage():
+    from datamodules.loader import ResumableDataLoader
+    from experiments.pipeline import blocks_read
+
+    data = list(range(10))
+    loader = ResumableDataLoader(data, batch_size=3, seed=7)
+    seen = []
+    for epoch in range(2):  # 3 whole batches an epoch; 5 steps run into the second epoch
+        loader.block_sampler.set_epoch(epoch)
+        seen += [int(i) for batch in loader for i in batch]
+    expected = list(dict.fromkeys(seen[:5 * 3]))
+    assert blocks_read(10, seed=7, batch_size=3, steps=5) == expected
+    assert len(expected) < 15  # the second epoch repeats blocks, the cache keeps each once
+    with pytest.raises(ValueError, match="fewer than batch_size=4"):
+        blocks_read(3, seed=0, batch_size=4, steps=1)
+
+
+def test_heldout_pairs_are_differences_of_the_same_blocks():
+    from experiments.heldout import summarise
+
+    def rows(values):
+        return [{"student_ce": v, "kl_teacher_student": v / 2, "top1_agreement": 1.0, "n": 1} for v in values]
+
+    scores = {"teacher": {"a": rows([1, 1, 1])}, "x": {"a": rows([2.0, 3.0, 4.0])}, "y": {"a": rows([1.5, 2.0, 3.5])}}
+    pair = summarise(scores, None, iterations=300, seed=0, pairs=[("x", "y")])["pairs"]["x - y"]["all"]
+    assert pair["student_ce"] == pytest.approx(1.0) and pair["kl_teacher_student"] == pytest.approx(0.5)
+    lo, hi = pair["student_ce_90"]
+    assert 0.5 <= lo <= 1.0 <= hi <= 1.5  # resampled block differences lie in [0.5, 1.5]

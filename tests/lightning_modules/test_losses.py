@@ -79,6 +79,12 @@ def test_frobenius_and_alignment_mse_formulas():
     expected = sum(torch.sqrt(((a[i] - b[i]) ** 2).sum()) for i in range(3)) / 3 / math.sqrt(20)
     assert frobenius_alignment_loss(a, b).item() == pytest.approx(expected.item(), rel=1e-6)
     assert alignment_mse([a, b], [b, b]).item() == pytest.approx((((a - b) ** 2).mean() / 2).item(), rel=1e-6)
+    # the paper's Eq. 12 sums the layers
+    c = torch.randn(3, 4, 5)
+    expected = ((a - b) ** 2).mean() + ((c - b) ** 2).mean()
+    assert alignment_mse([a, c], [b, b], reduction="sum").item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction='max' is not supported; allowed values: sum, mean"):
+        alignment_mse([a], [b], reduction="max")
     with pytest.raises(ValueError, match="one teacher output per student layer"):
         alignment_mse([a], [a, b])
 
@@ -101,3 +107,44 @@ def test_heldout_metrics_against_per_position_hand_computation():
                            ("top1_agreement", agree)):
         assert float(m[name]) == pytest.approx(sum(expected) / len(expected), rel=1e-5), name
     assert heldout_metrics(s, t, torch.full_like(targets, IGNORE)) == {}
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 0.5])
+def test_renormalised_tail_is_the_kl_of_the_tempered_distributions_restricted_to_the_top_k(T):
+    """Reference in float64 from the dense logits: softmax(z / T) of either model, kept on the
+    teacher's top-k and renormalised there, then KL(teacher || student), times T^2."""
+    s, t = logits_pair(V=13, seed=3)
+    k = 5
+    ids, logprobs = teacher_topk(t, k)
+    expected = []
+    for b in range(2):
+        for pos in range(5):
+            support = ids[b, pos]
+            p = torch.softmax(t[b, pos] / T, -1)[support]
+            q = torch.softmax(s[b, pos] / T, -1)[support]
+            p, q = p / p.sum(), q / q.sum()
+            expected.append((p * (p / q).log()).sum())
+    loss = sparse_kd_loss(s, ids, logprobs, T, tail="renormalised")
+    assert loss.item() == pytest.approx(T**2 * torch.stack(expected).mean().item(), rel=1e-5)
+    # it differs from the bucket form, and both vanish when the student is the teacher
+    assert loss.item() != pytest.approx(sparse_kd_loss(s, ids, logprobs, T, tail="bucket").item(), rel=1e-3)
+    assert sparse_kd_loss(t, ids, logprobs, T, tail="renormalised").item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="tail='dense' is not supported; allowed values: bucket, renormalised"):
+        sparse_kd_loss(s, ids, logprobs, T, tail="dense")
+
+
+def test_bucket_tail_at_t_above_one_is_not_dense_kd_below_the_full_vocabulary():
+    """What the docstring says the bucket is: exact dense KD at T = 1 on the coarsened classes, but
+    at T = 2 it tempers the bucket as one class, which is not the tempered tail's mass."""
+    s, t = logits_pair(V=13, seed=4)
+    ids, logprobs = teacher_topk(t, 4)
+    log_p, log_q = torch.log_softmax(t / 2.0, -1), torch.log_softmax(s / 2.0, -1)
+
+    def coarsened(log_dist):
+        top = log_dist.gather(-1, ids)
+        rest = torch.log1p(-top.exp().sum(-1, keepdim=True))
+        return torch.cat([top, rest], -1)
+
+    a, b = coarsened(log_p), coarsened(log_q)
+    tempered_then_coarsened = 4.0 * (a.exp() * (a - b)).sum(-1).mean()
+    assert sparse_kd_loss(s, ids, logprobs, 2.0).item() != pytest.approx(tempered_then_coarsened.item(), rel=1e-3)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from lightning_modules.base import capped_warmup, warmup_constant, warmup_cosine
 from lightning_modules.schedules import Schedule, cosine, delta_distillation, linear
 
 
@@ -34,3 +35,22 @@ def test_schedule_object_and_errors():
         Schedule("cosine", 2.0, 1.0)(3)
     with pytest.raises(ValueError, match="kind"):
         Schedule("exp", 1.0)
+
+
+def test_delta_schedule_refuses_an_unknown_epoch_length_instead_of_one_step_epochs():
+    schedule = Schedule("delta", 2.0, 1.0, delta=0.05)
+    with pytest.raises(ValueError, match=r"epoch length is unknown.*steps_per_epoch"):
+        schedule(5)
+    # given by the trainer or by the schedule itself, it counts global steps across epochs
+    assert schedule(12, steps_per_epoch=10) == pytest.approx(1.0 + 0.95 / (1 + math.log(3)))
+    assert Schedule("delta", 2.0, 1.0, delta=0.05, steps_per_epoch=10)(12) == schedule(12, steps_per_epoch=10)
+
+
+def test_warm_up_is_capped_so_a_short_stage_reaches_its_peak():
+    # 10 warm-up steps in a 6-step stage: capped to 10 % of 6 = 0, the first step is at the peak
+    assert capped_warmup(10, 6, 0.1) == 0
+    assert capped_warmup(10, 200, 0.1) == 10 and capped_warmup(10, 50, 0.1) == 5
+    multipliers = [warmup_cosine(s, capped_warmup(10, 6, 0.1), 6, 0.1) for s in range(6)]
+    assert max(multipliers) == 1.0
+    # constant after the warm-up (the paper's Stage II)
+    assert [warmup_constant(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

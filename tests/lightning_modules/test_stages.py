@@ -2,6 +2,7 @@
 the top-k cache gives the online loss; bad input is refused with a clear message."""
 
 import json
+import math
 
 import lightning as L
 import pytest
@@ -11,7 +12,7 @@ from datamodules import DataSource, TextDataModule
 from datamodules.topk_cache import read_topk_cache, write_topk_cache
 from experiments.run import main
 from lightning_modules import AlignmentModule, SparseKDModule
-from lightning_modules.losses import IGNORE, next_token_targets, sparse_kd_loss, teacher_topk
+from lightning_modules.losses import IGNORE, cross_entropy, next_token_targets, sparse_kd_loss, teacher_topk
 from models import HybridConfig, load_student
 from tests.fixtures import stage_cli_args, write_corpus, write_teacher
 
@@ -275,3 +276,89 @@ def test_validate_and_test_subcommands_score_a_saved_student(env, tmp_path):
         cli = main(args)
         metrics = cli.trainer.callback_metrics
         assert {f"{sub if sub == 'test' else 'val'}/student_ce", f"{sub if sub == 'test' else 'val'}/top1_agreement"} <= set(metrics)
+
+
+def test_kd_presets_set_the_recipe_and_refuse_a_conflicting_setting(env):
+    from lightning_modules.schedules import Schedule
+
+    root, _ = env
+    teacher = str(root / "teacher")
+    paper = SparseKDModule(teacher=teacher, preset="paper")
+    hp = paper.hparams
+    assert (hp.top_k, hp.kd_tail, hp.lr_schedule) == (256, "renormalised", "constant")
+    assert paper.schedules["temperature"] == Schedule("constant", 1.0)
+    assert paper.schedules["alpha"] == Schedule("constant", 0.1)  # 0.9 CE + 0.1 KL
+    paper.configure_model()
+    assert paper.hparams.top_k == 97  # the tiny teacher's whole vocabulary is its top-256
+    delta = SparseKDModule(teacher=teacher, preset="distil_xlstm")
+    assert delta.schedules["temperature"] == Schedule("delta", 2.0, 1.0, delta=0.05)
+    assert delta.schedules["alpha"] == Schedule("delta", 0.8, 0.5, delta=0.05) and delta.hparams.top_k == 64
+    # the preset's own value may be repeated; another value is refused, naming both
+    assert SparseKDModule(teacher=teacher, preset="paper", top_k=256).hparams.top_k == 256
+    with pytest.raises(ValueError, match=r"model.preset='paper' sets top_k=256, but top_k=8 was given"):
+        SparseKDModule(teacher=teacher, preset="paper", top_k=8)
+    with pytest.raises(ValueError, match=r"sets alpha=.*but alpha=.*start=0.7"):
+        SparseKDModule(teacher=teacher, preset="paper", alpha={"kind": "constant", "start": 0.7})
+    with pytest.raises(ValueError, match=r"preset='gkd' is not supported; allowed values: paper, distil_xlstm"):
+        SparseKDModule(teacher=teacher, preset="gkd")
+
+
+class LearningRates(L.Callback):
+    def __init__(self):
+        self.rates = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("paper", [1e-2] * 5),  # constant after a warm-up capped to int(0.1 * 5) = 0 steps
+    (None, [1e-2, 1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 5)))]),  # cosine starts at the peak
+])
+def test_a_short_stage_trains_at_its_peak_learning_rate(env, tmp_path, preset, expected):
+    root, _ = env
+    rates = LearningRates()
+    module = SparseKDModule(teacher=str(root / "teacher"), lr=1e-2, warmup_steps=10, preset=preset,
+                            **({} if preset else {"top_k": 8}))
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                        limit_val_batches=0, callbacks=[rates])
+    trainer.fit(module, datamodule=tiny_dm(env))
+    assert rates.rates[:len(expected)] == pytest.approx(expected, rel=1e-9)
+    assert max(rates.rates) == pytest.approx(1e-2)
+
+
+def test_a_cache_of_a_larger_k_serves_a_smaller_top_k(env, tmp_path):
+    dm, module = cached_blocks(env, tmp_path / "c", k=8, blocks=4)
+    cached = read_topk_cache(tmp_path / "c", tokenizer=dm.tokenizer, teacher=module.teacher)
+    small = SparseKDModule(teacher=str(env[0] / "teacher"), top_k=3, temperature={"kind": "constant", "start": 1.0})
+    small.configure_model()
+    small.student.load_state_dict(module.student.state_dict())
+    small.log = lambda *a, **k: None
+    small.log_dict = lambda *a, **k: None
+    batch = {k: cached[k] for k in ("input_ids", "labels", "topk_ids", "topk_logprobs")}
+    with torch.no_grad():
+        from_cache = small.training_step(batch, 0)
+        ids = cached["input_ids"]
+        targets = next_token_targets(cached["labels"])
+        logits = small.student(ids).logits
+        online = 0.5 * sparse_kd_loss(logits, *teacher_topk(small.teacher(ids).logits, 3), 1.0, targets != IGNORE) \
+            + 0.5 * cross_entropy(logits, targets)
+    assert from_cache.item() == pytest.approx(online.item(), rel=1e-6)
+
+
+def test_an_expert_trains_with_the_recipe_its_preset_resolved(env):
+    """LightningCLI passes every argument, defaults included: the preset's values must still be the
+    ones the expert records and trains with (top_k, kd_tail, lr_schedule)."""
+    import inspect
+
+    from lightning_modules import ExpertFinetuneModule
+
+    root, _ = env
+    defaults = {k: v.default for k, v in inspect.signature(SparseKDModule.__init__).parameters.items()
+                if k not in ("self", "student_ckpt", "teacher", "preset")}
+    expert = ExpertFinetuneModule(domain="math", student_ckpt="runs/kd/student", teacher=str(root / "teacher"),
+                                  preset="paper", **defaults)
+    hp = expert.hparams
+    assert (hp.domain, hp.top_k, hp.kd_tail, hp.lr_schedule, hp.preset) == ("math", 256, "renormalised", "constant", "paper")
+    assert hp.alpha["start"] == 0.1 and hp.temperature["start"] == 1.0
