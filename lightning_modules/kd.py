@@ -128,6 +128,8 @@ class SparseKDModule(DistillationModule):
         self.schedules = {name: _as_schedule(value)
                           for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta))}
         self.plain_hparams()
+        # what the loggers record (hparams.yaml, TensorBoard) is the recipe that trains, not the arguments
+        self._hparams_initial = copy.deepcopy(self._hparams)
 
     def configure_model(self) -> None:
         if self.student is not None:

@@ -278,7 +278,7 @@ def test_heldout_pairs_are_differences_of_the_same_blocks():
     def rows(values):
         return [{"student_ce": v, "kl_teacher_student": v / 2, "top1_agreement": 1.0, "n": 1} for v in values]
 
-    scores = {"teacher": {"a": rows([1, 1, 1])}, "x": {"a": rows([2.0, 3.0, 4.0])}, "y": {"a": rows([1.5, 2.0, 3.5])}}
+    scores = {"teacher": {"a": rows([1, 1, 1])}, "x": {"a": rows([2.0, 3.0, 4.0])}, "y": {"a": rows([1.5, 2.0, 2.5])}}
     pair = summarise(scores, None, iterations=300, seed=0, pairs=[("x", "y")])["pairs"]["x - y"]["all"]
     assert pair["student_ce"] == pytest.approx(1.0) and pair["kl_teacher_student"] == pytest.approx(0.5)
     lo, hi = pair["student_ce_90"]

@@ -362,3 +362,4 @@ def test_an_expert_trains_with_the_recipe_its_preset_resolved(env):
     hp = expert.hparams
     assert (hp.domain, hp.top_k, hp.kd_tail, hp.lr_schedule, hp.preset) == ("math", 256, "renormalised", "constant", "paper")
     assert hp.alpha["start"] == 0.1 and hp.temperature["start"] == 1.0
+    assert dict(expert.hparams_initial) == dict(hp)  # what hparams.yaml and TensorBoard record
