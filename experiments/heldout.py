@@ -108,3 +108,15 @@ def summarise(scores: dict, baseline: str | None, iterations: int, seed: int,
                 entry[domain][metric] = diff(full)
                 entry[domain][f"{metric}_90"] = interval([diff(r) for r in resamples])
     return summary
+
+
+def paired_between_runs(rows_a: dict, rows_b: dict, iterations: int = 2000, seed: int = 0) -> dict | None:
+    """A's CE and KL minus B's over the same held-out blocks scored in two runs (``heldout.json``'s
+    ``per_block`` of one model each), with 90 % intervals; None when the blocks are not the same
+    (other domains or counts), since then the two are not paired."""
+    if sorted(rows_a) != sorted(rows_b) or any(len(rows_a[d]) != len(rows_b[d]) for d in rows_a):
+        return None
+    if any(x["n"] != y["n"] for d in rows_a for x, y in zip(rows_a[d], rows_b[d])):
+        return None
+    pair = summarise({"teacher": rows_a, "a": rows_a, "b": rows_b}, None, iterations, seed, [("a", "b")])
+    return pair["pairs"]["a - b"]["all"]

@@ -463,6 +463,8 @@ def heldout_stage(folder: Path, teacher: str, dtype: str, students: dict[str, st
                          "student_ce_90": summary["teacher"]["all"]["student_ce_90"],
                          "domains": {d: e for d, e in summary["teacher"].items() if d != "all"}}
     result["pairs"] = summary.get("pairs", {})
+    # every model's per-block sums: runs on the same blocks (sweep points) compare paired, after the fact
+    result["per_block"] = per_block
     result["experts"] = {}
     for domain, path in (experts or {}).items():
         if "merged" not in models or domain not in blocks:

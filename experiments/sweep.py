@@ -366,6 +366,7 @@ def point_row(point: SweepPoint, alphas: list[float], target: float) -> dict:
                                                  "kv_cache_mb": summary["decode"]["teacher_kv_cache_bytes"] / 2**20,
                                                  "prompt": summary["decode"]["prompt"]},
         "seconds": record["seconds"],
+        "per_block": summary["heldout"].get("per_block", {}).get(final),
         "scores": scores, "teacher_scores": teacher,
         "curve": win_and_tie(scores, teacher, CURVE_GRID),
     })
@@ -405,11 +406,25 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
 
     rows = [point_row(p, alphas, target) for p in points]
     done = [r for r in rows if "heldout_ce" in r]
+    # every point against the first finished one on the same held-out blocks (paired)
+    first = done[0] if done else None
+    for r in done[1:]:
+        if r.get("per_block") and first.get("per_block"):
+            from experiments.heldout import paired_between_runs
+
+            diff = paired_between_runs(r["per_block"], first["per_block"])
+            if diff:
+                r.update({"ce_minus_first": diff["student_ce"], "ce_minus_first_low": diff["student_ce_90"][0],
+                          "ce_minus_first_high": diff["student_ce_90"][1], "kl_minus_first": diff["kl_teacher_student"],
+                          "kl_minus_first_low": diff["kl_teacher_student_90"][0],
+                          "kl_minus_first_high": diff["kl_teacher_student_90"][1]})
     tasks = sorted({t for r in done for t in r["teacher_scores"]})
     domains = sorted({d for r in done for d in r["domain_ce"]})
     calpha = [f"C_{a:g}" for a in alphas]
     columns = ["point", "overrides", "status", "student", "heldout_ce", "heldout_ce_low", "heldout_ce_high",
-               "ce_minus_converted", "ce_minus_converted_low", "ce_minus_converted_high", "converted_ce", "kl_teacher_student",
+               "ce_minus_converted", "ce_minus_converted_low", "ce_minus_converted_high",
+               "ce_minus_first", "ce_minus_first_low", "ce_minus_first_high",
+               "kl_minus_first", "kl_minus_first_low", "kl_minus_first_high", "converted_ce", "kl_teacher_student",
                "top1_agreement",
                "suite_mean", *calpha, "alpha_star", "kd_tokens_per_s", "decode_ms_per_token", "decode_speedup", "decode_state_mb", "seconds",
                *(f"heldout_ce:{d}{part}" for d in domains for part in ("", "_low", "_high")),
@@ -429,14 +444,17 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
     out.mkdir(parents=True, exist_ok=True)
     atomic_file_write(out / "sweep.csv", write_csv)
 
-    header = (["point", "overrides", "held-out CE [90 %]", "CE − converted [90 %, paired]", "(converted)", "KL(teacher‖student)", "top-1 agreement", "suite mean", *calpha,
+    first_name = done[0]["point"] if done else "first point"
+    header = (["point", "overrides", "held-out CE [90 %]", "CE − converted [90 %, paired]",
+               f"CE − {first_name} [90 %, paired]", f"KL − {first_name} [90 %, paired]", "(converted)", "KL(teacher‖student)", "top-1 agreement", "suite mean", *calpha,
                "alpha*", "KD tokens/s", "decode ms/token", "decode speed-up", "state MB", "status"])
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 3) + "---|"]
     for r in rows:
         overrides = ", ".join(f"`{k}={_value_name(v)}`" for k, v in json.loads(r["overrides"]).items()) or "(base)"
         status = r["status"] if r["status"] != "failed" else "failed (see below)"
         lines.append(f"| {r['point']} | {overrides} | {_with_interval(r, 'heldout_ce')} | "
-                     f"{_with_interval(r, 'ce_minus_converted')} | " + " | ".join(_fmt(r.get(c)) for c in (
+                     f"{_with_interval(r, 'ce_minus_converted')} | {_with_interval(r, 'ce_minus_first')} | "
+                     f"{_with_interval(r, 'kl_minus_first')} | " + " | ".join(_fmt(r.get(c)) for c in (
             "converted_ce", "kl_teacher_student", "top1_agreement", "suite_mean", *calpha,
             "alpha_star")) + " | "
             + f"{_fmt(r.get('kd_tokens_per_s'), 0)} | {_fmt(r.get('decode_ms_per_token'), 1)} | "
@@ -448,7 +466,7 @@ def aggregate(out: Path, points: list[SweepPoint], alphas: list[float], target: 
         decoded = next((r["teacher_decode"] for r in done if r["teacher_decode"]), None)
         teacher_decode = (f" {decoded['ms_per_token']:.1f} | 1x | {decoded['kv_cache_mb']:.2f} (KV cache) |" if decoded
                           else " | | |")
-        md += (f"| teacher | | {_fmt(done[0]['teacher_ce'])} | | | | {_fmt(sum(teacher.values()) / len(teacher))} |"
+        md += (f"| teacher | | {_fmt(done[0]['teacher_ce'])} | | | | | | {_fmt(sum(teacher.values()) / len(teacher))} |"
                + " |" * (len(calpha) + 2) + teacher_decode + " |\n")
         best_ce = min(done, key=lambda r: r["heldout_ce"])
         best_star = min(done, key=lambda r: (r["alpha_star"], r["heldout_ce"]))

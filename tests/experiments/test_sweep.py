@@ -168,7 +168,15 @@ def test_tiny_sweep_runs_records_a_failure_and_skips_finished_points(tmp_path, m
             assert float(row[f"heldout_ce:{domain}"]) == pytest.approx(entry["student_ce"])
             assert float(row[f"heldout_ce:{domain}_low"]) == pytest.approx(entry["student_ce_90"][0])
         assert float(row["kd_tokens_per_s"]) > 0
+    # window8 against window4 on the same held-out blocks, paired: the difference of the two CEs
+    first = json.loads((points / "window4" / "heldout" / "heldout.json").read_text())["kd"]["student_ce"]
+    second = json.loads((points / "window8" / "heldout" / "heldout.json").read_text())["kd"]["student_ce"]
+    assert float(rows["window8"]["ce_minus_first"]) == pytest.approx(second - first, abs=1e-9)
+    assert float(rows["window8"]["ce_minus_first_low"]) <= float(rows["window8"]["ce_minus_first"]) \
+        <= float(rows["window8"]["ce_minus_first_high"])
+    assert rows["window4"]["ce_minus_first"] == ""
     md = (root / "sweep.md").read_text()
+    assert "CE − window4 [90 %, paired]" in md
     assert "| window4 |" in md and "| window8 |" in md and "failed (see below)" in md and "## Failed points" in md
     assert "## Held-out CE per domain" in md
     curves = list(csv.DictReader((root / "win_tie.csv").open()))
