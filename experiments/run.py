@@ -97,11 +97,10 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
     if top_k is not None and _get(cfg, "model.class_path", "").endswith(("SparseKDModule", "ExpertFinetuneModule")):
         teacher = _teacher_config(_get(model, "teacher", ""), bool(_get(model, "trust_remote_code", False)))
         vocab = getattr(teacher, "vocab_size", None)
-        if preset is not None and vocab:
-            top_k = min(top_k, vocab)  # a preset's k is clamped to a smaller vocabulary (SparseKDModule does too)
-        if vocab and top_k > vocab:
-            raise ValueError(f"model.init_args.top_k={top_k} is larger than the teacher's vocabulary ({vocab}); "
-                             f"allowed values: 1..{vocab}, or null for the dense KL")
+        if vocab:
+            from lightning_modules.kd import kd_top_k
+
+            top_k = kd_top_k(top_k, preset, vocab)
         cache = _get(cfg, "data.topk_cache")
         if cache:
             from datamodules.topk_cache import read_manifest

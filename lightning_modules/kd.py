@@ -65,6 +65,18 @@ def apply_kd_preset(preset: str | None, given: dict, defaults: dict) -> dict:
     return out
 
 
+def kd_top_k(top_k: int | None, preset: str | None, vocab: int) -> int | None:
+    """The number of teacher tokens KD keeps per position: a preset's k (the paper's 256) is clamped to a
+    smaller vocabulary, since its top-256 of 97 tokens is all of them; an explicit k larger than the
+    vocabulary is refused."""
+    if top_k is not None and preset is not None and "top_k" in KD_PRESETS.get(preset, {}):
+        top_k = min(top_k, vocab)
+    if top_k is not None and top_k > vocab:
+        raise ValueError(f"model.init_args.top_k={top_k} is larger than the teacher's vocabulary ({vocab}); "
+                         f"allowed values: 1..{vocab}, or null for the dense KL")
+    return top_k
+
+
 class SparseKDModule(DistillationModule):
     """loss = alpha * T^2 * KL_topk(teacher^T || student^T) + (1 - alpha - beta) * CE + beta * Frobenius.
 
@@ -125,6 +137,7 @@ class SparseKDModule(DistillationModule):
         self.save_hyperparameters()
         # the resolved recipe is what hparams (checkpoints, TensorBoard) record
         self.hparams.update(top_k=top_k, temperature=temperature, alpha=alpha, kd_tail=kd_tail, lr_schedule=lr_schedule)
+        self.top_k = top_k  # clamped to the teacher's vocabulary in configure_model (kd_top_k)
         self.schedules = {name: _as_schedule(value)
                           for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta))}
         self.plain_hparams()
@@ -136,12 +149,8 @@ class SparseKDModule(DistillationModule):
             return
         super().configure_model()
         hp = self.hparams
-        vocab = self.teacher.config.vocab_size
-        if hp.preset is not None and "top_k" in KD_PRESETS[hp.preset] and hp.top_k > vocab:
-            hp.top_k = vocab  # the recipe's top-256 of a smaller vocabulary is all of it
-        if hp.top_k is not None and hp.top_k > self.teacher.config.vocab_size:
-            raise ValueError(f"model.top_k={hp.top_k} is larger than the teacher's vocabulary "
-                             f"({self.teacher.config.vocab_size}); allowed values: 1..{self.teacher.config.vocab_size}")
+        # hparams keep the preset's k, so that a checkpoint's hparams rebuild this module on resume
+        self.top_k = kd_top_k(hp.top_k, hp.preset, self.teacher.config.vocab_size)
         if hp.lora_rank > 0 and isinstance(self.student, DistilXLSTMStudent):
             raise ValueError("lora_rank > 0 adapts the teacher's attention projections of a hybrid student; a "
                              "Distil-xLSTM student has none: set model.lora_rank to 0")
@@ -161,8 +170,8 @@ class SparseKDModule(DistillationModule):
             manifest = check_fingerprint(cache, teacher=self.teacher)
             k = manifest["fingerprint"]["k"]
             # a cache of the top k serves any smaller k: its entries are sorted, the top k' are its first k'
-            if self.hparams.top_k is None or self.hparams.top_k > k:
-                raise ValueError(f"model.top_k={self.hparams.top_k} but the top-k cache {cache} holds k={k}; "
+            if self.top_k is None or self.top_k > k:
+                raise ValueError(f"model.top_k={self.top_k} but the top-k cache {cache} holds k={k}; "
                                  f"set model.top_k to at most {k}, or rebuild the cache with k >= the top_k you "
                                  "want (dense KL, top_k null, needs the teacher online: drop data.topk_cache)")
 
@@ -202,13 +211,13 @@ class SparseKDModule(DistillationModule):
             with torch.no_grad():
                 t_out = self.teacher(ids, output_hidden_states=beta > 0)
         if "topk_ids" in batch:
-            k = hp.top_k or batch["topk_ids"].shape[-1]
+            k = self.top_k or batch["topk_ids"].shape[-1]
             kd = sparse_kd_loss(out.logits, batch["topk_ids"][..., :k], batch["topk_logprobs"][..., :k], T, mask,
                                 tail=hp.kd_tail)
-        elif hp.top_k is None:
+        elif self.top_k is None:
             kd = dense_kd_loss(out.logits, t_out.logits, T, mask)
         else:
-            kd = sparse_kd_loss(out.logits, *teacher_topk(t_out.logits, hp.top_k), T, mask, tail=hp.kd_tail)
+            kd = sparse_kd_loss(out.logits, *teacher_topk(t_out.logits, self.top_k), T, mask, tail=hp.kd_tail)
         ce = cross_entropy(out.logits, targets)
         loss = alpha * kd + (1.0 - alpha - beta) * ce
         components = {"kd": kd, "ce": ce}

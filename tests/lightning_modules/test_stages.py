@@ -289,7 +289,10 @@ def test_kd_presets_set_the_recipe_and_refuse_a_conflicting_setting(env):
     assert paper.schedules["temperature"] == Schedule("constant", 1.0)
     assert paper.schedules["alpha"] == Schedule("constant", 0.1)  # 0.9 CE + 0.1 KL
     paper.configure_model()
-    assert paper.hparams.top_k == 97  # the tiny teacher's whole vocabulary is its top-256
+    assert paper.top_k == 97  # the tiny teacher's whole vocabulary is its top-256
+    # hparams keep the recipe, so a checkpoint's hparams rebuild the module (LightningCLI resumes that way)
+    assert paper.hparams.top_k == 256
+    assert SparseKDModule(**paper.hparams).hparams == paper.hparams
     delta = SparseKDModule(teacher=teacher, preset="distil_xlstm")
     assert delta.schedules["temperature"] == Schedule("delta", 2.0, 1.0, delta=0.05)
     assert delta.schedules["alpha"] == Schedule("delta", 0.8, 0.5, delta=0.05) and delta.hparams.top_k == 64
