@@ -22,10 +22,10 @@ import lightning as L
 import torch
 
 from datamodules.eval_suite import SuiteSize
-from models.checkpoint import atomic_file_write
+from models.storage import write_json
 
 from .harness import HarnessLM
-from .win_tie import critical_tolerance, plot_curves, win_and_tie, write_curve_csv
+from .win_tie import CURVE_ALPHAS, critical_tolerance, plot_curves, win_and_tie, write_curve_csv
 
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 EMBEDDED_SUITE = "xdistill-suite"
@@ -87,7 +87,7 @@ def resolve_tasks(tasks: list[str], include_path: list[str] | None, cache_dir: P
     offline, that no task needs the network; returns (tasks, include_path)."""
     from datamodules.eval_suite import SuiteSize, build_suite, is_suite_task
 
-    from models.teacher import cache_dir as default_cache
+    from models.storage import cache_dir as default_cache
 
     suite = suite or SuiteSize()
     include = [str(p) for p in (include_path or [])]
@@ -189,7 +189,7 @@ def cached_evaluation(model, tokenizer, tasks: list[str], include_path=None, num
     <cache>/eval/<role>-<key>.json: a baseline student (a fresh conversion, the same for every run of
     a config) or a rerun's student is not scored twice (``weights_fingerprint`` names a saved one)."""
     from datamodules.eval_suite import SUITE_VERSION, SuiteSize
-    from models.teacher import cache_dir as default_cache
+    from models.storage import cache_dir as default_cache
 
     # the suite's version and size too: a rebuilt suite (new items) must not reuse old scores
     payload = [fingerprint, list(tasks), include_path, num_fewshot, limit, max_length, SUITE_VERSION,
@@ -206,7 +206,7 @@ def cached_evaluation(model, tokenizer, tasks: list[str], include_path=None, num
     scores, results = evaluate_model(model, tokenizer, tasks, include_path, num_fewshot, limit, batch_size, max_length,
                                      cache_dir, suite)
     evaluation = {"scores": scores, "items": item_scores(results)}
-    _write_json(path, {**evaluation, "seconds": time.perf_counter() - started})
+    write_json(path, {**evaluation, "seconds": time.perf_counter() - started})
     return evaluation
 
 
@@ -227,10 +227,6 @@ def cached_teacher_scores(teacher, tokenizer, tasks: list[str], include_path=Non
     """The teacher's scores per task (``cached_teacher_evaluation`` without the items)."""
     return cached_teacher_evaluation(teacher, tokenizer, tasks, include_path, num_fewshot, limit, batch_size,
                                      max_length, cache_dir, suite)["scores"]
-
-
-def _write_json(path: Path, payload) -> None:
-    atomic_file_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True)))
 
 
 def teacher_passes(task: str, teacher_score: float, chance: float) -> bool:
@@ -311,7 +307,7 @@ def write_report(out_dir, student_scores: dict, teacher_scores: dict, alphas: li
     if comparisons:
         summary["comparisons"] = comparisons
         summary["items"] = {"teacher": teacher_items, **items}
-    _write_json(out_dir / "scores.json", summary)
+    write_json(out_dir / "scores.json", summary)
     write_curve_csv(out_dir / "win_tie.csv", alphas, curves, bands=bands)
     summary["figure"] = plot_curves(out_dir / "win_tie.png", alphas, curves, stars, target, relative, bands=bands,
                                     star_intervals=star_intervals)
@@ -381,14 +377,14 @@ class EvalCallback(L.Callback):
         self.tasks, self.include_path, self.num_fewshot, self.limit = list(tasks), include_path, num_fewshot, limit
         self.batch_size, self.max_length = batch_size, max_length
         self.every_n, self.at_fit_end = every_n_validations, at_fit_end
-        self.alphas = alphas or [round(0.005 * i, 4) for i in range(101)]
+        self.alphas = alphas or list(CURVE_ALPHAS)
         self.target, self.relative, self.out_dir, self.offline = target, relative, out_dir, offline
         self.compare, self.cache_dir, self.suite = compare or {}, cache_dir, suite
         self.validations = 0
         self.last_report: dict | None = None
 
     def _cache_root(self) -> Path:
-        from models.teacher import cache_dir
+        from models.storage import cache_dir
 
         return Path(self.cache_dir) if self.cache_dir else cache_dir()
 

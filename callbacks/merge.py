@@ -8,7 +8,6 @@ run can score the merged student it points ``student_ckpt`` at).
 
 from __future__ import annotations
 
-import json
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,9 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models import load_student
-from models.config import HybridConfig
+from models.storage import atomic_directory_write, json_text
 from models.checkpoint import (
-    CONFIG_NAME, FAMILY_SECTIONS, WEIGHTS_NAME, _read_config, atomic_directory_write, family_section,
+    CONFIG_NAME, FAMILY_SECTIONS, WEIGHTS_NAME, read_student_settings,
     skeleton_from_folder,
 )
 
@@ -44,10 +43,10 @@ def _tokenizer_digest(folder: Path) -> str:
 
 
 def _describe(folder: Path) -> dict:
-    config = _read_config(folder)
+    settings = read_student_settings(folder)
     with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    return {"config": config, "shapes": shapes, "tokenizer": _tokenizer_digest(folder)}
+    return {"settings": settings, "shapes": shapes, "tokenizer": _tokenizer_digest(folder)}
 
 
 def check_compatible(paths: list[Path]) -> None:
@@ -55,21 +54,20 @@ def check_compatible(paths: list[Path]) -> None:
     ref_path, ref = paths[0], _describe(paths[0])
     for path in paths[1:]:
         other = _describe(path)
-        mine, theirs = ref["config"].get("family", "hybrid"), other["config"].get("family", "hybrid")
-        if mine != theirs:
-            raise ValueError(f"cannot merge {path} with {ref_path}: one is a {theirs} student, the other a {mine} student")
-        for section in (family_section(ref["config"]), "teacher_config"):
-            a, b = ref["config"][section], other["config"][section]
-            if section == FAMILY_SECTIONS["hybrid"]:  # fields a folder predates: as load_student reads them
-                a, b = (HybridConfig.from_saved(x, source=str(where)).to_dict()
-                        for x, where in ((a, ref_path), (b, path)))
+        mine, theirs = ref["settings"], other["settings"]
+        if mine.family != theirs.family:
+            raise ValueError(f"cannot merge {path} with {ref_path}: one is a {theirs.family} student, the other a "
+                             f"{mine.family} student")
+        # (the family configs as load_student reads them: fields a folder predates are filled)
+        for section, a, b in ((FAMILY_SECTIONS[mine.family], mine.family_config.to_dict(), theirs.family_config.to_dict()),
+                              ("teacher_config", mine.teacher_config, theirs.teacher_config)):
             for key in sorted(set(a) | set(b)):
                 if key in ("_name_or_path", "transformers_version", "architectures"):
                     continue
                 if a.get(key) != b.get(key):
                     raise ValueError(f"cannot merge {path} with {ref_path}: {section}.{key} differs "
                                      f"({b.get(key)!r} vs {a.get(key)!r})")
-        prints = ref["config"].get("teacher_fingerprint"), other["config"].get("teacher_fingerprint")
+        prints = mine.teacher_fingerprint, theirs.teacher_fingerprint
         if all(prints) and prints[0] != prints[1]:
             raise ValueError(f"cannot merge {path} with {ref_path}: they descend from different teachers (teacher "
                              f"fingerprint {prints[1]} vs {prints[0]} in their config.json), so their weights do not "
@@ -228,7 +226,7 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
         for name in TOKENIZER_FILES:
             if (paths[0] / name).is_file():
                 shutil.copy(paths[0] / name, tmp / name)
-        (tmp / "merge.json").write_text(json.dumps(provenance, indent=2))
+        (tmp / "merge.json").write_text(json_text(provenance))
 
     atomic_directory_write(Path(out), write)
     return load_student(out)

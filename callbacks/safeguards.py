@@ -14,7 +14,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from models.checkpoint import atomic_file_write, unwritable_reason
+from models.storage import atomic_file_write, unwritable_reason
 
 from .student_export import StudentExportCallback
 

@@ -16,10 +16,13 @@ import csv
 import math
 from pathlib import Path
 
-from models.checkpoint import atomic_file_write
+from models.storage import atomic_file_write
 
 # Scores that differ only by float rounding (0.1 + 0.2 vs 0.3) count as equal.
 TIE_EPS = 1e-12
+# the tolerances a Win-and-Tie curve is drawn at (0 to 0.5 in steps of 0.005), and the few a table shows
+CURVE_ALPHAS = tuple(round(0.005 * i, 4) for i in range(101))
+TABLE_ALPHAS = (0.0, 0.02, 0.05, 0.1)
 
 
 PRESETS = {

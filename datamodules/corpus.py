@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from models.checkpoint import atomic_file_write
+from models.storage import atomic_file_write, write_json
 
 CORPUS_VERSION = 3  # 3: also avoids the suite's solved examples (suite v6); 2: skips the standard-library files the eval suite reserves (suite v5)
 DOMAINS = ("general", "code", "math", "stem", "chat")
@@ -299,7 +299,7 @@ def _suite_signatures() -> list[tuple[str, str]]:
     """(task, text) pairs that must not occur in training documents: each eval question's own text
     and, for the cloze task, the sentence up to and including its answer word."""
     from .eval_suite import TASKS, asked, build_suite
-    from models.teacher import cache_dir
+    from models.storage import cache_dir
 
     folder = build_suite(cache_dir() / "eval_suite")
     signatures = []
@@ -372,7 +372,8 @@ def build_corpus(teacher: str, cfg: CorpusConfig | None = None, out_dir: str | P
     import torch
 
     from models import load_teacher, load_tokenizer
-    from models.teacher import cache_dir, teacher_fingerprint
+    from models.storage import cache_dir
+    from models.teacher import teacher_fingerprint
 
     cfg = cfg or CorpusConfig()
     tokenizer = load_tokenizer(teacher)
@@ -408,7 +409,7 @@ def build_corpus(teacher: str, cfg: CorpusConfig | None = None, out_dir: str | P
             _write_jsonl(path, rows)
             stats = {"documents": len(rows), "removed_for_eval_overlap": removed,
                      "seconds": round(time.perf_counter() - started, 1)}
-            atomic_file_write(stats_path, lambda tmp, s=stats: tmp.write_text(json.dumps(s)))
+            write_json(stats_path, stats)
         stats = json.loads(stats_path.read_text())
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         tokens = sum(len(tokenizer(_document_text(r), add_special_tokens=False)["input_ids"]) for r in rows)
@@ -416,7 +417,7 @@ def build_corpus(teacher: str, cfg: CorpusConfig | None = None, out_dir: str | P
                            "tokens": tokens, "bytes": path.stat().st_size, **stats}
     manifest = {"version": CORPUS_VERSION, "teacher": teacher, "teacher_fingerprint": teacher_id,
                 "python": sys.version.split()[0], "config": asdict(cfg), "domains": domains}
-    atomic_file_write(root / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    write_json(root / MANIFEST, manifest)
     return root
 
 

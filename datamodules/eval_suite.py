@@ -401,7 +401,7 @@ def build_suite(out_dir, size: SuiteSize | None = None, tokenizer=None) -> Path:
     """Write every task's jsonl and YAML under ``out_dir`` (idempotent); returns the folder to give
     lm-eval as ``include_path``. The needle tasks need the teacher's ``tokenizer`` (their lengths
     are in its tokens); without one only the fixed tasks are built."""
-    from models.checkpoint import atomic_directory_write
+    from models.storage import atomic_directory_write, json_text
 
     size = size or SuiteSize()
     key = {"version": SUITE_VERSION, **asdict(size)}
@@ -433,7 +433,7 @@ def build_suite(out_dir, size: SuiteSize | None = None, tokenizer=None) -> Path:
             task = needle_task(length)
             rows = needle_items(random.Random(SEED * 1000 + length), tokenizer, length, size.needle_items)
             _write_task(tmp, task, rows, _needle_yaml(task, out / f"{task}.jsonl"))
-        (tmp / "size.json").write_text(json.dumps(key, indent=2))
+        (tmp / "size.json").write_text(json_text(key))
         (tmp / "complete").write_text("ok")
 
     return atomic_directory_write(out, write)

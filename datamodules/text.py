@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from models.checkpoint import atomic_file_write
+from models.storage import atomic_file_write
 
 from .loader import ResumableDataLoader
 from .sources import DataSource
@@ -158,7 +158,7 @@ class TextDataModule(L.LightningDataModule):
 
     # ---- building blocks -------------------------------------------------------------------
     def _cache_root(self) -> Path:
-        from models.teacher import cache_dir
+        from models.storage import cache_dir
 
         return self.cache_dir or (cache_dir() / "data")
 

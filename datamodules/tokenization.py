@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from lightning_modules.losses import IGNORE
+from models.targets import IGNORE
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

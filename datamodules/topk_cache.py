@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import atomic_file_write
+from models.storage import atomic_file_write, write_json
 from models.teacher import teacher_fingerprint
 
 from .tokenization import tokenizer_fingerprint
@@ -39,7 +39,7 @@ def _shard_name(i: int) -> str:
 def write_topk_cache(teacher, tokenizer, input_ids: torch.Tensor, labels: torch.Tensor, k: int, out,
                      *, shard_blocks: int = 256, batch_size: int = 8) -> Path:
     """Run ``teacher`` over the blocks [N, L] and write the cache folder ``out``."""
-    from lightning_modules.losses import teacher_topk
+    from models.targets import teacher_topk
 
     vocab = teacher.config.vocab_size
     if not 1 <= k <= vocab:
@@ -73,7 +73,7 @@ def write_topk_cache(teacher, tokenizer, input_ids: torch.Tensor, labels: torch.
         atomic_file_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     manifest = {"format": FORMAT, "fingerprint": fingerprint, "shards": [_shard_name(s) for s in range(n_shards)],
                 "blocks": int(len(input_ids))}
-    atomic_file_write(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
+    write_json(manifest_path, manifest)
     return out
 
 

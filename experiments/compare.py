@@ -15,12 +15,11 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from callbacks.win_tie import critical_tolerance, plot_curves, win_and_tie, write_curve_csv
+from callbacks.win_tie import CURVE_ALPHAS, TABLE_ALPHAS, critical_tolerance, plot_curves, win_and_tie, write_curve_csv
 from models import HybridConfig
-from models.checkpoint import atomic_file_write
+from models.storage import atomic_file_write
 
 STUDENTS = (("merged", "merged"), ("kd", "stage-2"))
-ALPHAS = (0.0, 0.01, 0.02, 0.05)
 
 
 def _read(path: Path) -> dict:
@@ -73,7 +72,7 @@ def compare(runs: list[str], out: str = "runs/compare", target: float = 1.0) -> 
             raise ValueError(f"{run['folder']} and {ref['folder']} were scored on different held-out text "
                              f"(settings differ: {', '.join(diff) or 'heldout blocks'}); compare runs of one corpus")
     teacher = ref["teacher"]
-    grid = [round(0.005 * i, 4) for i in range(101)]
+    grid = list(CURVE_ALPHAS)
     curves, stars, rows, per_task = {}, {}, [], {}
     for run in loaded:
         if not run["scores"]:
@@ -86,18 +85,18 @@ def compare(runs: list[str], out: str = "runs/compare", target: float = 1.0) -> 
             curves[name] = win_and_tie(scores, teacher, grid)
             stars[name] = critical_tolerance(scores, teacher, target)
             h = run["heldout"][key]
-            c = win_and_tie(scores, teacher, ALPHAS)
+            c = win_and_tie(scores, teacher, TABLE_ALPHAS)
             mean = sum(scores.values()) / len(scores)
             rows.append(f"| {name} | {run['describe']} | {run['tokens']:,} | {h['student_ce']:.3f} | "
                         f"{h['kl_teacher_student']:.3f} | {h['top1_agreement']:.3f} | {mean:.3f} | "
                         + " | ".join(f"{v:.3f}" for v in c) + f" | {stars[name]:.3f} |")
             per_task[name] = scores
     header = ("| student | architecture | training tokens | held-out CE | KL(teacher‖student) | top-1 agreement | "
-              "suite mean | " + " | ".join(f"C_{a:g}" for a in ALPHAS) + " | alpha* |")
+              "suite mean | " + " | ".join(f"C_{a:g}" for a in TABLE_ALPHAS) + " | alpha* |")
     teacher_mean = sum(teacher.values()) / len(teacher)
-    lines = [header, "|---|---|---:|" + "---:|" * (5 + len(ALPHAS)), *rows,
+    lines = [header, "|---|---|---:|" + "---:|" * (5 + len(TABLE_ALPHAS)), *rows,
              f"| teacher | | | {ref['heldout']['kd']['teacher_ce']:.3f} | | | {teacher_mean:.3f} |"
-             + " |" * (len(ALPHAS) + 1)]
+             + " |" * (len(TABLE_ALPHAS) + 1)]
     task_lines = ["| task | teacher | " + " | ".join(per_task) + " |", "|---|---:|" + "---:|" * len(per_task)]
     for task in sorted(teacher):
         task_lines.append(f"| {task} | {teacher[task]:.3f} | " + " | ".join(f"{s[task]:.3f}" for s in per_task.values())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
+from callbacks.win_tie import CURVE_ALPHAS
 from callbacks.eval import EMBEDDED_SUITE, comparison_table, evaluate_model, item_scores, preset_table, write_report
 from datamodules.eval_suite import SuiteSize
 from models import HybridConfig, convert_to_hybrid, load_student, load_teacher, load_tokenizer
@@ -54,7 +55,7 @@ def evaluate(teacher: str = "smollm2-135m-instruct", student: str | None = None,
                                                suite=suite)
         items[name] = item_scores(results)
         timings[name] = time.perf_counter() - started
-    alphas = [round(0.005 * i, 4) for i in range(101)]
+    alphas = list(CURVE_ALPHAS)
     others = {label: json.loads(Path(p).read_text())["student"] for label, p in (compare or {}).items()}
     report = write_report(out, scores["student"], scores["teacher"], alphas, target, relative, others=others,
                           items={"student": items["student"]}, teacher_items=items["teacher"])

@@ -25,11 +25,12 @@ import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.corpus import DOMAINS, CorpusConfig, build_corpus
-from experiments.heldout import METRICS, block_scores, select_blocks, summarise
-from experiments.pipeline import StageRunner, TrainSettings, _write_json, data_sources, train_stage
+from experiments.heldout import block_scores, select_blocks, summarise
+from experiments.runner import StageRunner
+from experiments.stages import TrainSettings, data_sources, train_stage
 from models import HybridConfig
 from models.config import PREVIOUS_LAYER
-from models.checkpoint import atomic_file_write
+from models.storage import atomic_file_write, write_json
 
 DEFAULT_VARIANTS = {
     "hybrid, paper layer": {},
@@ -193,7 +194,7 @@ def run_study(out: str = "docs/results/layer_study", work: str = "runs/studies/l
     result = {"teacher": teacher, "variants": {n: c.to_dict() for n, c in configs.items()}, "students": students,
               "summary": summary, "mix_gate_during_alignment": gates, "tokens_per_domain": heldout.blocks_per_domain * (heldout.seq_len - 1),
               "vocab_size": model.config.vocab_size, "align": asdict(align), "seconds": time.perf_counter() - started}
-    _write_json(out_dir / "results.json", result)
+    write_json(out_dir / "results.json", result)
     table = markdown(summary, base_key, model.config.vocab_size, command, result["tokens_per_domain"], gates)
     atomic_file_write(out_dir / "results.md", lambda tmp: tmp.write_text(table))
     print(table)

@@ -13,6 +13,8 @@ are refused naming the key and its allowed values, and the checkpoint to resume 
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from pathlib import Path
 
@@ -37,12 +39,22 @@ def _get(namespace, dotted: str, default=None):
     return default if value is None else value
 
 
+def _plain_dict(value) -> dict | None:
+    """A parsed dataclass argument (jsonargparse Namespace, dict or dataclass) as a plain dict."""
+    if value is None or isinstance(value, dict):
+        return value
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return dataclasses.asdict(value)
+
+
 def _teacher_config(name: str, trust_remote_code: bool):
     """The teacher's Hugging Face config, read without loading weights; None where it cannot be read
     cheaply (the embedded teacher not yet unpacked, a hub id offline): the model loader reports those."""
     from transformers import AutoConfig
 
-    from models.teacher import EMBEDDED_ALIASES, cache_dir
+    from models.storage import cache_dir
+    from models.teacher import EMBEDDED_ALIASES
 
     if str(name) in EMBEDDED_ALIASES:
         folder = cache_dir() / "teachers" / "SmolLM2-135M-Instruct"
@@ -66,7 +78,8 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
     (``training``: the ``fit`` subcommand, where the window must leave something to remember;
     ``students_exist`` False: a pipeline plans a stage whose student folder an earlier stage will
     write, and ``model.init_args.hybrid`` stands for it)."""
-    from models.checkpoint import FAMILY_SECTIONS, _read_config
+    from lightning_modules.base import refuse_ignored_student_settings
+    from models.checkpoint import read_student_settings
 
     model = _get(cfg, "model.init_args", {})
     seq_len = _get(cfg, "data.seq_len")
@@ -77,9 +90,10 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
     merged_here = {str(Path(_get(cb, "init_args.out"))) for cb in callbacks
                    if str(_get(cb, "class_path", "")).endswith("ModelMergeCallback") and _get(cb, "init_args.out")}
     if student_ckpt and students_exist and str(Path(student_ckpt)) not in merged_here:  # (a merge writes it first)
-        saved = _read_config(Path(student_ckpt))  # a missing or foreign folder is named here
-        family = saved.get("family", "hybrid")
-        hybrid = saved[FAMILY_SECTIONS[family]]
+        saved = read_student_settings(student_ckpt)  # a missing or foreign folder is named here
+        refuse_ignored_student_settings(student_ckpt, saved, family, _plain_dict(hybrid),
+                                        _plain_dict(_get(model, "distil_xlstm", None)))
+        family, hybrid = saved.family, saved.family_config.to_dict()
     if training and family == "hybrid" and seq_len and seq_len >= 2:  # a bad seq_len: the data module names it
         window, sinks, mode = _get(hybrid, "window", 64), _get(hybrid, "sink_tokens", 4), _get(hybrid, "mode", "hybrid")
         if mode != "mlstm" and sinks > 0 and window >= seq_len:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .triton_fwd import (
-    MODE_MLSTM, MODE_SHARED_NORM, MODE_SWA, _dot, _logsigmoid, attention_mask, head_columns, head_norm, key_blocks,
+    MODE_MLSTM, MODE_SHARED_NORM, MODE_SWA, tile_dot, tl_logsigmoid, attention_mask, head_columns, head_norm, key_blocks,
     load_state, load_tile, mlstm_read_out, shared_norm_output, state_rows, store_tile,
 )
 
@@ -55,7 +55,7 @@ def combine_bwd_kernel(
     if MODE == MODE_SHARED_NORM:
         g = tl.load(GG + rows).to(tl.float32)
         out, scale_a, scale_o, mass_o, total = shared_norm_output(
-            num_a, den_a, tl.load(MAX_A + rows), num_m, den_m, max_m, _logsigmoid(g))
+            num_a, den_a, tl.load(MAX_A + rows), num_m, den_m, max_m, tl_logsigmoid(g))
         dout_out = tl.sum(dout * out, 1)
         dnum_a = dout * (scale_a / total)[:, None]
         dden_a = -scale_a * dout_out / total
@@ -125,7 +125,7 @@ def mlstm_bwd_kernel(
     k = load_tile(KM, rows, offs_d, mask_d, D)
     v = load_tile(VM, rows, offs_v, mask_v, DV)
     q_scaled = q * scale
-    log_f = _logsigmoid(tl.load(FG + rows).to(tl.float32))
+    log_f = tl_logsigmoid(tl.load(FG + rows).to(tl.float32))
     cum_f = tl.cumsum(log_f, 0)
     i_gate = tl.load(IG + rows).to(tl.float32)
     max_m = tl.load(MAX_M + rows)
@@ -136,17 +136,17 @@ def mlstm_bwd_kernel(
     causal = tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]
     log_w = tl.where(causal, cum_f[:, None] - cum_f[None, :] + i_gate[None, :], float("-inf"))
     w = tl.exp(log_w - max_m[:, None])
-    scores = w * _dot(q_scaled, tl.trans(k), DOT_DTYPE)
-    d_scores = (_dot(dnum, tl.trans(v), DOT_DTYPE) + dden[:, None]) * w  # dL / d(q_scaled . k)
-    dq = _dot(d_scores, k, DOT_DTYPE) * scale
-    dk = _dot(tl.trans(d_scores), q_scaled, DOT_DTYPE)
-    dv = _dot(tl.trans(scores), dnum, DOT_DTYPE)
+    scores = w * tile_dot(q_scaled, tl.trans(k), DOT_DTYPE)
+    d_scores = (tile_dot(dnum, tl.trans(v), DOT_DTYPE) + dden[:, None]) * w  # dL / d(q_scaled . k)
+    dq = tile_dot(d_scores, k, DOT_DTYPE) * scale
+    dk = tile_dot(tl.trans(d_scores), q_scaled, DOT_DTYPE)
+    dv = tile_dot(tl.trans(scores), dnum, DOT_DTYPE)
 
     # the state entering this chunk, read by every query of it with weight exp(m_c + F_t - m_t)
     state_max = tl.load(M_STATES + bh * (NC + 1) + chunk)
     w_inter = tl.exp(state_max + cum_f - max_m)
     C, n = load_state(C_STATES, N_STATES, bh, chunk, NC, offs_d, mask_d, offs_v, mask_v, D, DV)
-    dq += (_dot(dnum, tl.trans(C), DOT_DTYPE) + dden[:, None] * n[None, :]) * (w_inter * scale)[:, None]
+    dq += (tile_dot(dnum, tl.trans(C), DOT_DTYPE) + dden[:, None] * n[None, :]) * (w_inter * scale)[:, None]
 
     # this chunk's keys enter the state after it with weight exp(F_end - F_s + i_s - m_{c+1})
     next_max = tl.load(M_STATES + bh * (NC + 1) + chunk + 1)
@@ -157,8 +157,8 @@ def mlstm_bwd_kernel(
     dC = tl.load(DC_STATES + rows_next[:, None] * (DV + 1) + offs_v[None, :], mask=mask_d[:, None] & mask_v[None, :],
                  other=0.0)
     dn = tl.load(DC_STATES + rows_next * (DV + 1) + DV, mask=mask_d, other=0.0)
-    dk += (_dot(v, tl.trans(dC), DOT_DTYPE) + dn[None, :]) * w_state[:, None]
-    dv += _dot(k, dC, DOT_DTYPE) * w_state[:, None]
+    dk += (tile_dot(v, tl.trans(dC), DOT_DTYPE) + dn[None, :]) * w_state[:, None]
+    dv += tile_dot(k, dC, DOT_DTYPE) * w_state[:, None]
 
     store_tile(DQ, rows, offs_d, mask_d, D, dq)
     store_tile(DK, rows, offs_d, mask_d, D, dk)
@@ -174,9 +174,9 @@ def mlstm_bwd_kernel(
 def _attention_grad_block(q_scaled, k, v, offs_t, offs_j, max_a, dnum, dden, window, sink_tokens,
                           DOT_DTYPE: tl.constexpr):
     """Softmax weights p[t, j] (units of exp(max_a[t])) and dL/d(q_scaled . k)[t, j] of one block."""
-    scores = _dot(q_scaled, tl.trans(k), DOT_DTYPE)
+    scores = tile_dot(q_scaled, tl.trans(k), DOT_DTYPE)
     p = tl.where(attention_mask(offs_t, offs_j, window, sink_tokens), tl.exp(scores - max_a[:, None]), 0.0)
-    d_scores = p * (_dot(dnum, tl.trans(v), DOT_DTYPE) + dden[:, None])
+    d_scores = p * (tile_dot(dnum, tl.trans(v), DOT_DTYPE) + dden[:, None])
     return p, d_scores
 
 
@@ -197,7 +197,7 @@ def _attention_dq_block(dq, q_scaled, offs_t, block, max_a, dnum, dden, window, 
     v = load_tile(V, row_base + offs_j, offs_v, mask_v, DV)
     _, d_scores = _attention_grad_block(q_scaled, k, v, offs_t, offs_j, max_a, dnum, dden,
                                         window, sink_tokens, DOT_DTYPE)
-    return dq + _dot(d_scores, k, DOT_DTYPE)
+    return dq + tile_dot(d_scores, k, DOT_DTYPE)
 
 
 @triton.jit
@@ -252,7 +252,7 @@ def attention_bwd_dkdv_kernel(
                                                             offs_v, mask_v, scale, D, DV)
         p, d_scores = _attention_grad_block(q_scaled, k, v, offs_t, offs_j, max_a, dnum, dden,
                                             window, sink_tokens, DOT_DTYPE)
-        dk += _dot(tl.trans(d_scores), q_scaled, DOT_DTYPE)
-        dv += _dot(tl.trans(p), dnum, DOT_DTYPE)
+        dk += tile_dot(tl.trans(d_scores), q_scaled, DOT_DTYPE)
+        dv += tile_dot(tl.trans(p), dnum, DOT_DTYPE)
     store_tile(DK, row_base + offs_j, offs_d, mask_d, D, dk)
     store_tile(DV_OUT, row_base + offs_j, offs_v, mask_v, DV, dv)

@@ -63,7 +63,7 @@ def load_state(C_STATES, N_STATES, bh, chunk, NC, offs_d, mask_d, offs_v, mask_v
 
 
 @triton.jit
-def _dot(a, b, DOT_DTYPE: tl.constexpr):
+def tile_dot(a, b, DOT_DTYPE: tl.constexpr):
     """a @ b with fp32 accumulation; operands rounded to the inputs' dtype (tensor cores for
     16-bit inputs), full fp32 products for fp32 inputs."""
     if DOT_DTYPE == tl.float32:
@@ -73,7 +73,8 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _logsigmoid(x):
+def tl_logsigmoid(x):
+    """log(sigmoid(x)) without overflow for large |x| (the forget gate in log space)."""
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
@@ -85,14 +86,14 @@ def _attention_block(num, den, row_max, q_scaled, offs_t, block, window, sink_to
     offs_j = block * L + tl.arange(0, L)
     k = load_tile(K, row_base + offs_j, offs_d, mask_d, D)
     v = load_tile(V, row_base + offs_j, offs_v, mask_v, DV)
-    scores = _dot(q_scaled, tl.trans(k), DOT_DTYPE)
+    scores = tile_dot(q_scaled, tl.trans(k), DOT_DTYPE)
     scores = tl.where(attention_mask(offs_t, offs_j, window, sink_tokens), scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, 1))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with no key yet
     weights = tl.exp(scores - safe_max[:, None])
     carry = tl.exp(row_max - safe_max)
     den = den * carry + tl.sum(weights, 1)
-    num = num * carry[:, None] + _dot(weights, v, DOT_DTYPE)
+    num = num * carry[:, None] + tile_dot(weights, v, DOT_DTYPE)
     return num, den, new_max
 
 
@@ -201,7 +202,7 @@ def hybrid_fwd_kernel(
         tl.store(MAX_A + row_base + offs_t, max_a)
 
     if MODE != MODE_SWA:
-        log_f = _logsigmoid(tl.load(FG + row_base + offs_t).to(tl.float32))
+        log_f = tl_logsigmoid(tl.load(FG + row_base + offs_t).to(tl.float32))
         cum_f = tl.cumsum(log_f, 0)
         i_gate = tl.load(IG + row_base + offs_t).to(tl.float32)
         qm_scaled = load_tile(QM, row_base + offs_t, offs_d, mask_d, D) * scale
@@ -213,9 +214,9 @@ def hybrid_fwd_kernel(
         inter_log = state_max + cum_f
         max_m = tl.maximum(inter_log, tl.max(log_w, 1))
         w_inter = tl.exp(inter_log - max_m)
-        weights = tl.exp(log_w - max_m[:, None]) * _dot(qm_scaled, tl.trans(k), DOT_DTYPE)
+        weights = tl.exp(log_w - max_m[:, None]) * tile_dot(qm_scaled, tl.trans(k), DOT_DTYPE)
         C, n = load_state(C_STATES, N_STATES, bh, chunk, NC, offs_d, mask_d, offs_v, mask_v, D, DV)
-        num_m = w_inter[:, None] * _dot(qm_scaled, C, DOT_DTYPE) + _dot(weights, v, DOT_DTYPE)
+        num_m = w_inter[:, None] * tile_dot(qm_scaled, C, DOT_DTYPE) + tile_dot(weights, v, DOT_DTYPE)
         den_m = w_inter * tl.sum(qm_scaled * n[None, :], 1) + tl.sum(weights, 1)
         store_tile(NUM_M, row_base + offs_t, offs_v, mask_v, DV, num_m)
         tl.store(DEN_M + row_base + offs_t, den_m)
@@ -224,7 +225,7 @@ def hybrid_fwd_kernel(
     if MODE == MODE_SWA:
         out = num_a / den_a[:, None]
     elif MODE == MODE_SHARED_NORM:
-        log_g = _logsigmoid(tl.load(GG + row_base + offs_t).to(tl.float32))
+        log_g = tl_logsigmoid(tl.load(GG + row_base + offs_t).to(tl.float32))
         out, _, _, _, _ = shared_norm_output(num_a, den_a, max_a, num_m, den_m, max_m, log_g)
     else:
         h_m, _, _ = mlstm_read_out(num_m, den_m, max_m, eps)

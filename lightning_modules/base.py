@@ -14,13 +14,37 @@ from models import (
     DistilXLSTMConfig, DistilXLSTMStudent, HybridConfig, HybridStudent, StudentLM, convert_to_hybrid,
     distil_xlstm_from_teacher, load_student, load_teacher,
 )
+from models.checkpoint import STUDENT_FAMILIES, StudentSettings, read_student_settings
 from models.student import check_student_matches_teacher
 
 from .losses import IGNORE, heldout_metrics, next_token_targets
 
 TRAINABLE = ("new", "attention", "all")
 LR_SCHEDULES = ("cosine", "constant")
-STUDENT_FAMILIES = ("hybrid", "distil_xlstm")
+
+
+def refuse_ignored_student_settings(student_ckpt: str, saved: StudentSettings, family: str = "hybrid",
+                                    hybrid=None, distil_xlstm=None) -> None:
+    """A stage that starts from ``student_ckpt`` trains the saved student as it is: its family and
+    layer settings come from the folder, not from ``student_family`` / ``hybrid`` / ``distil_xlstm``.
+    A setting given there (other than its default) that differs from the saved one would be silently
+    ignored, so it is refused, naming both values."""
+    if family != "hybrid" and family != saved.family:
+        raise ValueError(f"model.init_args.student_family={family!r} but {student_ckpt} holds a {saved.family!r} "
+                         "student, which the stage trains as saved: drop student_family (or start from a conversion, "
+                         "without student_ckpt)")
+    given, cls, name = ((hybrid, HybridConfig, "hybrid") if saved.family == "hybrid"
+                        else (distil_xlstm, DistilXLSTMConfig, "distil_xlstm"))
+    if given is None:
+        return
+    given = (given if isinstance(given, cls) else cls.from_dict(dict(given))).to_dict()
+    default, stored = cls().to_dict(), saved.family_config.to_dict()
+    clashes = [f"{key}={given[key]!r} (saved: {stored.get(key)!r})" for key in sorted(given)
+               if given[key] != default[key] and given[key] != stored.get(key)]
+    if clashes:
+        raise ValueError(f"model.init_args.{name} sets {', '.join(clashes)}, but the stage trains the student saved "
+                         f"in {student_ckpt} with its own settings, so these would be ignored: drop them (the saved "
+                         "student's settings apply), or convert a new student without student_ckpt")
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -111,6 +135,8 @@ class DistillationModule(L.LightningModule):
         self._teacher[:] = [load_teacher(hp.teacher, dtype=getattr(torch, hp.teacher_dtype),
                                          trust_remote_code=hp.trust_remote_code)]
         if hp.student_ckpt:
+            refuse_ignored_student_settings(hp.student_ckpt, read_student_settings(hp.student_ckpt), hp.student_family,
+                                            self.hybrid_config, self.distil_config)
             self.student = load_student(hp.student_ckpt)
             check_student_matches_teacher(self.student, self.teacher, source=hp.student_ckpt)
         elif hp.student_family == "distil_xlstm":

@@ -10,12 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
-
-
-def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
-    """labels aligned with the inputs [B, T] -> targets [B, T]: targets[:, t] = labels[:, t + 1]."""
-    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], 1)
+from models.targets import IGNORE, next_token_targets, teacher_topk  # noqa: F401 (the losses' conventions)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -28,13 +23,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over positions with a target (0 if there are none)."""
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().clamp_min(0), reduction="none")
     return masked_mean(per_token, targets.flatten() != IGNORE)
-
-
-def teacher_topk(teacher_logits: torch.Tensor, k: int):
-    """Top-k token ids [B, T, k] and their log-probabilities (temperature 1) [B, T, k] in float32."""
-    logprobs = F.log_softmax(teacher_logits.float(), -1)
-    top = logprobs.topk(k, dim=-1)
-    return top.indices, top.values
 
 
 # Teacher top-k log-probabilities come from a cache in float32 or float16, so 1 - sum(p) carries

@@ -9,16 +9,16 @@ Writes are atomic: everything goes to a temporary sibling folder that is renamed
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from .config import HybridConfig
+from .storage import atomic_directory_write, json_text, recover_directory
 
 FORMAT = "xdistill-hybrid-student"
 FORMAT_VERSION = 1
@@ -26,93 +26,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # student family -> the config.json field holding its configuration
 FAMILY_SECTIONS = {"hybrid": "hybrid_config", "distil_xlstm": "distil_xlstm_config"}
-
-
-def family_section(config: dict) -> str:
-    """The config.json field that holds a saved student's family configuration."""
-    return FAMILY_SECTIONS[config.get("family", "hybrid")]
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under ``root`` to disk, so a rename that survives a power cut never points
-    at data that did not."""
-    for file in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the C
-    library or the file system cannot (then the caller falls back to two renames)."""
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd = -100
-    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return done == 0
-
-
-def recover_directory(path) -> Path:
-    """Finish a directory replacement that was interrupted between its two renames (only possible
-    where the atomic exchange is unavailable): if ``path`` is missing, the previous complete folder
-    (``.<name>.old-*``) is put back. Readers call this before opening ``path``."""
-    path = Path(path)
-    if not path.exists() and path.parent.is_dir():
-        olds = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-        if olds:
-            os.replace(olds[-1], path)
-    return path
-
-
-def atomic_directory_write(path: Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then move tmp_dir to ``path``; an existing ``path`` is replaced only
-    once the new folder is complete and on disk, in one atomic exchange where the system offers it,
-    so a crash at any moment leaves the old or the new folder, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if not path.exists():
-            os.replace(tmp, path)
-        elif _exchange(tmp, path):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
-        else:
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)  # a crash right here is repaired by recover_directory
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def atomic_file_write(path, write) -> Path:
-    """Call ``write(tmp_file)``, flush it to disk, then rename it to ``path``: readers (and a crash at
-    any moment) see the old complete file or the new complete file, never half of one. The temporary
-    name keeps the suffix (formats that infer the type from it, like matplotlib, still work) and is
-    removed if ``write`` fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+STUDENT_FAMILIES = tuple(FAMILY_SECTIONS)
 
 
 def save_student(student, path, tokenizer=None) -> Path:
@@ -133,14 +47,17 @@ def save_student(student, path, tokenizer=None) -> Path:
         }
         if getattr(student, "teacher_fingerprint", None):
             config["teacher_fingerprint"] = student.teacher_fingerprint
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        (tmp / CONFIG_NAME).write_text(json_text(config))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
     return atomic_directory_write(Path(path), write)
 
 
-def _read_config(path: Path) -> dict:
+def read_config_json(path) -> dict:
+    """A saved student's config.json, checked field by field (a missing, foreign or corrupt folder is
+    named with the fix); ``read_student_settings`` gives it typed."""
+    path = Path(path)
     recover_directory(path)
     cfg_file = path / CONFIG_NAME
     if not path.is_dir():
@@ -167,6 +84,38 @@ def _read_config(path: Path) -> dict:
     return config
 
 
+@dataclass(frozen=True)
+class StudentSettings:
+    """What a saved student folder says about the student: its family, that family's configuration
+    (a ``HybridConfig`` or ``DistilXLSTMConfig``, fields older folders predate filled as
+    ``load_student`` fills them), the teacher's model config, the saved dtype and teacher fingerprint."""
+
+    family: str
+    family_config: Any
+    teacher_config: dict
+    dtype: str
+    teacher_fingerprint: str | None
+    config: dict  # config.json as saved
+
+
+def read_student_settings(path) -> StudentSettings:
+    """The one reader of a saved student's settings: every entry point (loading, merging, stage
+    checks, reports) asks this rather than parsing config.json itself."""
+    path = Path(path)
+    config = read_config_json(path)
+    family = config.get("family", "hybrid")
+    section, source = config[FAMILY_SECTIONS[family]], str(path / CONFIG_NAME)
+    if family == "distil_xlstm":
+        from .distil_xlstm import DistilXLSTMConfig
+
+        family_config = DistilXLSTMConfig.from_dict(section, source=source)
+    else:
+        family_config = HybridConfig.from_saved(section, source=source)
+    return StudentSettings(family=family, family_config=family_config, teacher_config=dict(config["teacher_config"]),
+                           dtype=config.get("dtype", "float32"), teacher_fingerprint=config.get("teacher_fingerprint"),
+                           config=config)
+
+
 def _check_shapes(student, weights: Path, cfg_file: Path):
     """Name the first tensor whose saved shape differs from what config.json builds."""
     try:
@@ -191,25 +140,23 @@ def skeleton_from_folder(path) -> tuple:
     from .student import HybridStudent
 
     path = Path(path)
-    config = _read_config(path)
+    settings = read_student_settings(path)
     cfg_file = path / CONFIG_NAME
-    teacher_cfg = dict(config["teacher_config"])
+    teacher_cfg = dict(settings.teacher_config)
     model_type = teacher_cfg.pop("model_type")
     try:
         hf_config = AutoConfig.for_model(model_type, **teacher_cfg)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{cfg_file}: field 'teacher_config' cannot be read by transformers: {err}") from err
     get_adapter(hf_config)
-    saved_dtype = getattr(torch, config.get("dtype", "float32"), None)
+    saved_dtype = getattr(torch, settings.dtype, None)
     if not isinstance(saved_dtype, torch.dtype):
-        raise ValueError(f"{cfg_file}: field 'dtype'={config.get('dtype')!r} is not a torch dtype")
-    family = config.get("family", "hybrid")
-    if family == "distil_xlstm":
-        from .distil_xlstm import DistilXLSTMConfig as family_config_class, DistilXLSTMStudent as student_class
+        raise ValueError(f"{cfg_file}: field 'dtype'={settings.dtype!r} is not a torch dtype")
+    if settings.family == "distil_xlstm":
+        from .distil_xlstm import DistilXLSTMStudent as student_class
     else:
-        family_config_class, student_class = HybridConfig, HybridStudent
-    read = family_config_class.from_saved if family_config_class is HybridConfig else family_config_class.from_dict
-    family_cfg = read(config[FAMILY_SECTIONS[family]], source=str(cfg_file))
+        student_class = HybridStudent
+    family_cfg, config = settings.family_config, settings.config
     student = student_class.skeleton(hf_config, family_cfg, saved_dtype)
     student.teacher_fingerprint = config.get("teacher_fingerprint")  # None: saved before fingerprints
     return student, config
@@ -240,24 +187,3 @@ def load_student(path, dtype: torch.dtype | None = None, device=None):
     if (path / "tokenizer_config.json").is_file():
         student.tokenizer = AutoTokenizer.from_pretrained(str(path))
     return student
-
-
-def unwritable_reason(folder) -> str | None:
-    """Why files cannot be written in ``folder`` (created if missing), or None when a probe file can
-    be written, flushed and removed there. Run before hours of work depend on the folder."""
-    folder = Path(folder)
-    probe = folder / f".xdistill-write-probe-{uuid.uuid4().hex[:8]}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:
-        return f"{err.strerror or err} ({type(err).__name__}, errno {err.errno})"
-    finally:
-        try:
-            probe.unlink()
-        except OSError:
-            pass
-    return None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import get_adapter
-from .student import HybridCausalLMOutput, StudentLM, _decoder
+from .student import HybridCausalLMOutput, StudentLM, decoder_stack
 from .teacher import teacher_fingerprint
 
 SLSTM_BACKENDS = ("auto", "vanilla", "cuda")
@@ -390,7 +390,7 @@ def distil_xlstm_from_teacher(teacher: nn.Module, cfg: DistilXLSTMConfig | None 
     if not isinstance(cfg, DistilXLSTMConfig):
         raise TypeError(f"cfg must be a models.DistilXLSTMConfig, got {type(cfg).__name__}")
     get_adapter(teacher.config)  # a supported family, or a clear error
-    base = _decoder(teacher)
+    base = decoder_stack(teacher)
     dtype = base.embed_tokens.weight.dtype
     student = DistilXLSTMStudent(teacher.config.__class__.from_dict(teacher.config.to_dict()), cfg, dtype)
     with torch.no_grad():

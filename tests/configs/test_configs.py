@@ -55,7 +55,8 @@ def test_config_instantiates(path, tmp_path):
 
 @pytest.mark.parametrize("path", PIPELINES, ids=str)
 def test_pipeline_config_parses_and_names_existing_trainer_configs(path):
-    from experiments.pipeline import TrainSettings, build_parser
+    from experiments.pipeline import build_parser
+    from experiments.stages import TrainSettings
 
     parser = build_parser()
     init = parser.instantiate(parser.parse_args(["--config", str(path)]))

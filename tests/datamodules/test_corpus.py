@@ -44,7 +44,7 @@ def test_math_answers_are_right_and_avoid_the_suite_expressions():
         question, answer = doc["messages"][0]["content"], doc["messages"][1]["content"]
         assert answer.endswith(f"The answer is {_recompute(question)}."), (question, answer)
     # the suite's arithmetic, read back from its own files
-    from models.teacher import cache_dir
+    from models.storage import cache_dir
 
     suite = build_suite(cache_dir() / "eval_suite")
     asked = set()

@@ -6,7 +6,7 @@ import torch
 from datamodules import DataSource, TextDataModule
 from datamodules.loader import ResumableDataLoader
 from datamodules.tokenization import encode_chat, pack
-from lightning_modules.losses import IGNORE
+from models.targets import IGNORE
 from tests.fixtures import make_tokenizer, write_corpus, write_teacher
 
 

@@ -36,8 +36,10 @@ def test_compare_tables_runs_and_refuses_other_references(tmp_path):
     assert training_tokens(json.loads((hybrid / "pipeline.json").read_text())) == 100
     assert training_tokens(json.loads((distil / "pipeline.json").read_text())) == 80
     md = main([str(hybrid), str(distil), "--out", str(tmp_path / "cmp")])  # the command line
-    # hybrid merged: task a tied (0.5 >= 0.5), task b needs alpha 0.1 -> C_0 = 0.5, alpha* = 0.1; mean 0.6
-    assert "| hybrid: merged | hybrid student | 100 | 3.100 | 0.500 | 0.600 | 0.600 | 0.500 | 0.500 | 0.500 | 0.500 | 0.100 |" in md
+    # hybrid merged: task a tied (0.5 >= 0.5), task b needs alpha 0.1 -> C_0 = C_0.02 = C_0.05 = 0.5,
+    # C_0.1 = 1, alpha* = 0.1; mean 0.6 (columns: the shared TABLE_ALPHAS 0, 0.02, 0.05, 0.1)
+    assert "| C_0 | C_0.02 | C_0.05 | C_0.1 | alpha* |" in md
+    assert "| hybrid: merged | hybrid student | 100 | 3.100 | 0.500 | 0.600 | 0.600 | 0.500 | 0.500 | 0.500 | 1.000 | 0.100 |" in md
     # distil merged: needs alpha 0.4 (a) and 0.6 (b) -> alpha* = 0.6
     assert "| distil: merged | distil_xlstm student | 80 | 6.000 |" in md and "| 0.600 |" in md
     for name in ("compare.md", "win_tie.csv", "win_tie.png"):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.pipeline import StageRunner, main
+from experiments.pipeline import main
+from experiments.runner import StageRunner
 from tests.fixtures import write_corpus, write_teacher
 
 STAGES = ["corpus", "convert", "align", "convert_swa_only", "topk_kd", "kd", "topk_expert_math", "expert_math",
@@ -82,7 +83,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
 
 
 def test_merge_weights_are_one_per_domain_by_name_or_in_order():
-    from experiments.pipeline import expert_weights
+    from experiments.stages import expert_weights
 
     domains = ["math", "code", "stem", "chat"]
     # the paper's Llama-3.1-8B-IT merge (Table 1), given by name in any order
@@ -211,7 +212,7 @@ def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, 
 @pytest.mark.slow
 def test_a_training_stage_runs_as_its_own_process(tmp_path, monkeypatch):
     """stage_process: the stage is `python -m experiments.run fit ...`, as multi-GPU launchers need."""
-    from experiments.pipeline import TrainSettings, train_stage
+    from experiments.stages import TrainSettings, train_stage
 
     monkeypatch.setenv("XDISTILL_CACHE", str(tmp_path / "cache"))
     teacher = write_teacher(tmp_path / "teacher")
@@ -257,7 +258,7 @@ def test_distil_xlstm_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_blocks_read_are_the_blocks_the_loader_yields_in_a_stage():
     from datamodules.loader import ResumableDataLoader
-    from experiments.pipeline import blocks_read
+    from experiments.stages import blocks_read
 
     data = list(range(10))
     loader = ResumableDataLoader(data, batch_size=3, seed=7)

@@ -166,7 +166,7 @@ def test_read_only_folder_is_detected(tmp_path):
     anywhere) a read-only tmpfs mounted in a private mount namespace."""
     import shutil
 
-    from models.checkpoint import unwritable_reason
+    from models.storage import unwritable_reason
 
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -176,7 +176,7 @@ def test_read_only_folder_is_detected(tmp_path):
         return
     if shutil.which("unshare") is None:
         pytest.skip("running as root without unshare(1): no way to make a read-only folder")
-    code = f"from models.checkpoint import unwritable_reason; print(unwritable_reason({str(folder)!r}))"
+    code = f"from models.storage import unwritable_reason; print(unwritable_reason({str(folder)!r}))"
     script = f"mount -t tmpfs -o ro tmpfs {folder} && {sys.executable} -c {code!r}"
     done = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=PROJECT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(PROJECT)})

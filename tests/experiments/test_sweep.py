@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments import sweep
-from experiments.sweep import SweepPoint, expand_points, get_dotted, main, run_points, set_dotted
+from experiments import sweep_points as sweep
+from experiments.sweep import main
+from experiments.sweep_points import SweepPoint, expand_points, get_dotted, run_points, set_dotted
 from tests.experiments.test_pipeline import tiny_config
 
 

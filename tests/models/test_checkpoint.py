@@ -98,38 +98,22 @@ def test_truncated_weights_are_refused(saved):
         load_student(saved)
 
 
-def test_atomic_file_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
-    from models.checkpoint import atomic_file_write
-
-    target = tmp_path / "scores.json"
-    atomic_file_write(target, lambda tmp: tmp.write_text("old"))
-
-    def half_then_crash(tmp):
-        tmp.write_text("half")
-        raise KeyboardInterrupt("killed mid-write")
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_file_write(target, half_then_crash)
-    assert target.read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]  # no temporary left behind
-
-
 def test_folder_replacement_is_one_exchange_or_is_repaired_on_read(tmp_path, monkeypatch):
     import os
 
-    import models.checkpoint as ck
+    import models.storage as st
 
     student = convert_to_hybrid(make_teacher("llama"), HybridConfig(window=8))
     target = save_student(student, tmp_path / "student")
     marker = lambda v: (lambda tmp: (tmp / "version").write_text(v))  # noqa: E731
-    ck.atomic_directory_write(target, marker("a"))
+    st.atomic_directory_write(target, marker("a"))
     # where the system offers it, old and new are swapped in one step: nothing else is left
-    ck.atomic_directory_write(target, marker("b"))
+    st.atomic_directory_write(target, marker("b"))
     assert (target / "version").read_text() == "b" and sorted(p.name for p in tmp_path.iterdir()) == ["student"]
 
     # without the exchange, a kill between the two renames leaves no folder under the name...
     save_student(student, target)
-    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(st, "exchange_paths", lambda a, b: False)
     real_replace, calls = os.replace, []
 
     def killed_on_second_rename(src, dst):
@@ -138,10 +122,10 @@ def test_folder_replacement_is_one_exchange_or_is_repaired_on_read(tmp_path, mon
             raise KeyboardInterrupt("killed between the renames")
         real_replace(src, dst)
 
-    monkeypatch.setattr(ck.os, "replace", killed_on_second_rename)
+    monkeypatch.setattr(st.os, "replace", killed_on_second_rename)
     with pytest.raises(KeyboardInterrupt):
         save_student(student, target)
-    monkeypatch.setattr(ck.os, "replace", real_replace)
+    monkeypatch.setattr(st.os, "replace", real_replace)
     assert not target.exists() and len(list(tmp_path.glob(".student.old-*"))) == 1
     # ...and the next reader puts the previous complete folder back
     ids = torch.randint(0, 97, (1, 12))
