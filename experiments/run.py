@@ -225,6 +225,14 @@ def check_planned_stage(args: list[str]) -> None:
     main(args, run=False, cli_class=PlannedStageCLI)
 
 
+def stage_config_yaml(args: list[str]) -> str:
+    """The whole configuration of a ``fit`` command (given without the ``fit``) as one YAML, every
+    default spelled out, so that ``python -m experiments.run fit --config <it>`` reruns the stage alone;
+    the command is parsed and checked as ``check_planned_stage`` does (no model is loaded)."""
+    cli = main(args, run=False, cli_class=PlannedStageCLI)
+    return cli.parser.dump(cli.config, skip_none=False)
+
+
 def main(args=None, run: bool = True, cli_class: type[XDistillCLI] = XDistillCLI) -> XDistillCLI:
     return cli_class(
         model_class=L.LightningModule,

@@ -18,7 +18,7 @@ from datamodules.eval_suite import SuiteSize
 from experiments.report import STAGE_PAIRS, STUDENT_KEYS
 from experiments.runner import PROJECT, die_with_parent
 from models import DistilXLSTMConfig, HybridConfig
-from models.storage import write_json
+from models.storage import write_json, write_text
 
 DOMAINS = ("math", "code", "stem", "chat")
 
@@ -183,11 +183,18 @@ def check_stage_arguments(name: str, args: list[str]) -> None:
 def train_stage(stage: str, folder: Path, *, stage_process: bool, **kwargs) -> dict:
     """One LightningCLI fit of ``configs/stages/<stage>.yaml`` with the ``trainer`` configs (the
     arguments of ``stage_arguments``), in this process or (``stage_process``) as its own ``python -m
-    experiments.run`` process; resumes from the stage's last.ckpt if one was saved."""
+    experiments.run`` process; resumes from the stage's last.ckpt if one was saved.
+
+    The stage runs from ``<folder>/config.yaml``, its whole configuration written first (every default
+    spelled out), so ``python -m experiments.run fit --config <folder>/config.yaml`` reruns it alone."""
     import subprocess
     import sys
 
-    args = stage_arguments(stage, folder, **kwargs)
+    from experiments.run import stage_config_yaml
+
+    config = folder / "config.yaml"
+    write_text(config, stage_config_yaml([a for a in stage_arguments(stage, folder, **kwargs) if a != "fit"]))
+    args = ["fit", "--config", str(config)]
     checkpoints = folder / "checkpoints"
     if (checkpoints / "last.ckpt").is_file():
         args += ["--ckpt_path", str(checkpoints / "last.ckpt")]

@@ -1,19 +1,16 @@
 """The benchmark commands run at tiny sizes and write well-formed results (no timing assertions):
-cache and state sizes against hand-computed bytes, FLOPs against the model's own weight counts,
-peak memory against a known allocation."""
+cache and state sizes against hand-computed bytes. The parts have their own tests: the FLOP models
+in test_flops.py, peak memory in test_measure.py, the runners in test_bench_runners.py, the KD
+loss's peak in test_bench_kd_memory.py."""
 
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-import experiments.bench as bench_module
-from experiments.bench import (
-    Bench, PeakMemory, kd_loss_peak_in_fresh_process, main, op_floor, prefill_flops, projections_only,
-)
-from models import HybridConfig, convert_to_hybrid, load_teacher
+from experiments.bench import Bench, main
+from models import HybridConfig, load_teacher
 from tests.conftest import TINY
 from tests.fixtures import write_teacher
 
@@ -106,26 +103,6 @@ def test_prefill_rows_and_flops_from_the_models_own_weights(teacher_dir, tmp_pat
         assert r["prefill_tokens_per_s"] == pytest.approx(r["batch"] * r["prompt"] / r["ttft_s"])
 
 
-def test_prefill_flops_count_every_linear_weight_and_every_attended_pair(teacher_dir):
-    teacher = load_teacher(str(teacher_dir))
-    T = 40
-    flops = prefill_flops(teacher.config, HYBRID, T)
-    layer_weights = sum(m.weight.numel() for m in teacher.model.layers.modules() if isinstance(m, nn.Linear))
-    assert flops["shared_flops"] == 2 * T * layer_weights + 2 * teacher.lm_head.weight.numel()
-    pairs = sum(t + 1 for t in range(T))  # causal: query t attends to keys 0..t
-    assert flops["teacher_attention_flops"] == LAYERS * H * pairs * 4 * D
-    # the student at this length: 3 chunks of 16, each against its band of 16 + 8 - 1 keys and 2 sinks
-    window = 4 * H * D * T * (16 + 8 - 1 + 2)
-    memory = 4 * H * D * T * 16 + 4 * H * D * D * T
-    # i, f from x; o from each head's [q; k; v]; feature maps: a D x D product per query and key head
-    gates = 2 * T * TINY["hidden_size"] * 2 * H + 2 * T * H * 3 * D
-    feature_maps = 2 * T * (H + TINY["num_key_value_heads"]) * D * D
-    assert flops["student_attention_flops"] == LAYERS * (window + memory + gates + feature_maps)
-    legacy = HybridConfig(window=8, sink_tokens=2, chunk_size=16, feature_map="none", gate_input="hidden")
-    assert prefill_flops(teacher.config, legacy, T)["student_attention_flops"] == LAYERS * (
-        window + memory + 2 * T * TINY["hidden_size"] * 3 * H)
-
-
 def test_train_measures_each_requested_stage(teacher_dir, tmp_path):
     bench(teacher_dir, tmp_path).train(seq_len=16, batch=2, steps=1, warmup=1, top_k=4,
                                        stages=["align", "kd_cached"])
@@ -158,21 +135,6 @@ def test_kernels_table_has_every_op_at_every_length(teacher_dir, tmp_path):
         assert r["gflop"] > 0 and r["floor_mb"] > 0 and r["gflop_per_s"] > 0
 
 
-def test_op_floor_matches_hand_counts():
-    hybrid = HybridConfig(window=2, sink_tokens=1, chunk_size=2)
-    # causal SDPA, one head, T = 3, head dim 2: 6 (query, key) pairs, each q.k and p.v = 4 multiply-adds
-    sdpa = op_floor("sdpa forward", 1, 1, 1, 3, 2, 2, hybrid, 4)
-    assert sdpa == {"flops": 48, "bytes": (6 + 12 + 6) * 4}
-    # hybrid: window branch 3 queries x (2 window + 1 sink keys) x 4 multiply-adds; memory branch per
-    # query: a chunk of 2 keys over (D + Dv) / 2 ... = 2 multiply-adds x 2 keys, state read + update 2 x 4
-    hybrid_forward = op_floor("hybrid forward", 1, 1, 1, 3, 2, 2, hybrid, 4)
-    assert hybrid_forward["flops"] == 2 * 3 * 3 * 4 + 2 * 3 * (2 * 4 / 2 + 2 * 4)
-    assert hybrid_forward["bytes"] == (6 + 12 + 6) * 4 + 3 * 3 * 4
-    backward = op_floor("hybrid backward", 1, 1, 1, 3, 2, 2, hybrid, 4)
-    assert backward["flops"] == 3 * hybrid_forward["flops"]
-    assert backward["bytes"] == 2 * hybrid_forward["bytes"] + 6 * 4
-
-
 def test_command_line_and_shipped_configs(teacher_dir, tmp_path, capsys):
     main(["--teacher", str(teacher_dir), "--hybrid.window", "8", "--prompt_lengths", "[8]", "--batch_sizes", "[1]",
           "--device", "cpu", "--out_dir", str(tmp_path), "decode", "--steps", "1", "--warmup", "0"])
@@ -197,81 +159,12 @@ def test_bad_settings_are_refused_with_the_allowed_values(teacher_dir, tmp_path)
             bench(teacher_dir, tmp_path, device="cuda")
 
 
-def test_projections_only_is_undone_and_skips_attention(teacher_dir):
-    student = convert_to_hybrid(load_teacher(str(teacher_dir)), HYBRID).eval()
-    originals = [layer.self_attn for layer in student.lm.model.layers]
-    ids = torch.randint(0, TINY["vocab_size"], (1, 12))
-    with torch.no_grad(), projections_only(student):
-        floor = student(ids).logits
-        # no attention: each position sees itself only, so changing an earlier token changes nothing later
-        changed = ids.clone()
-        changed[0, 0] = (changed[0, 0] + 1) % TINY["vocab_size"]
-        assert torch.equal(student(changed).logits[:, 1:], floor[:, 1:])
-    assert [layer.self_attn for layer in student.lm.model.layers] == originals
-
-
-PEAK_MEMORY_CHECK = """
-import torch
-from experiments.bench import PeakMemory
-size = 256 * 2**20
-with PeakMemory(torch.device("cpu")) as big:
-    block = torch.ones(size // 4)  # touched, so resident
-    del block
-with PeakMemory(torch.device("cpu")) as small:
-    torch.ones(1024)
-print(big.kind, "|", small.kind, "|", big.bytes, "|", small.bytes)
-"""
-
-
-def test_peak_memory_sees_an_allocation_and_resets_between_blocks():
-    """In a fresh interpreter (as the benchmarks measure): in this long-lived test process freed pages
-    that the allocator keeps resident can serve the block without the resident set growing at all."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    done = subprocess.run([sys.executable, "-c", PEAK_MEMORY_CHECK], capture_output=True, text=True, check=True,
-                          env=env)
-    big_kind, small_kind, big, small = (x.strip() for x in done.stdout.strip().splitlines()[-1].split("|"))
-    size = 256 * 2**20
-    if big_kind == small_kind == "resident set high-water mark":
-        assert int(big) - int(small) > 0.9 * size
-    else:  # no working clear_refs: a lifetime peak, which cannot go down
-        assert int(big) >= size
-
-
-def test_peak_memory_says_lifetime_peak_where_the_reset_is_accepted_but_ignored(tmp_path, monkeypatch):
-    # a sandbox that takes the write to clear_refs and leaves the mark where it was (seen on CI)
-    monkeypatch.setattr(bench_module, "_CLEAR_REFS", tmp_path / "clear_refs")
-    status = {"VmHWM": 1450 * 2**20, "VmRSS": 900 * 2**20}
-    monkeypatch.setattr(bench_module, "_proc_status_bytes", status.get)
-    with PeakMemory(torch.device("cpu")) as peak:
-        pass
-    assert peak.kind == "process lifetime peak resident set"
-    assert peak.bytes == status["VmHWM"]
-    status["VmHWM"] = status["VmRSS"]  # the mark came down to the resident set: the reset worked
-    with PeakMemory(torch.device("cpu")) as peak:
-        pass
-    assert peak.kind == "resident set high-water mark"
-
-
 def test_kd_memory_writes_both_variants(teacher_dir, tmp_path):
     payload = bench(teacher_dir, tmp_path).kd_memory(seq_len=32, batch=2, top_k=4)
     written = read_outputs(tmp_path, "kd_memory")
     assert written == json.loads(json.dumps(payload))
     assert [r["variant"] for r in written["rows"]] == ["topk", "dense"]
     assert written["logits_tensor_mib"] == pytest.approx(2 * 32 * TINY["vocab_size"] * 4 / 2**20)
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak memory")
-def test_dense_kd_loss_peak_holds_at_least_the_teacher_logits_and_more_than_top_k():
-    batch, seq_len, vocab = 2, 128, 20000
-    teacher_logits = batch * seq_len * vocab * 4  # allocated inside the measured block by the dense variant
-    dense = kd_loss_peak_in_fresh_process("dense", batch, seq_len, vocab, 8)
-    top_k = kd_loss_peak_in_fresh_process("topk", batch, seq_len, vocab, 8)
-    assert dense >= teacher_logits
-    assert top_k < dense
 
 
 def test_a_distil_xlstm_student_folder_is_measured_without_floor_or_flops_model(teacher_dir, tmp_path):
@@ -286,3 +179,30 @@ def test_a_distil_xlstm_student_folder_is_measured_without_floor_or_flops_model(
     student_row = next(r for r in prefill["rows"] if r["model"] == "student")
     assert student_row["flops"] is None and "achieved_gflops_per_s" not in student_row
     assert prefill["summary"][0]["flops_ratio"] is None and prefill["summary"][0]["student_ttft_s"] > 0
+
+
+def test_the_commands_are_the_benchmarks_and_nothing_else():
+    """The command line makes a command of every public method and property of ``Bench``: the
+    shared plumbing (``bench_base``) must stay private."""
+    import inspect
+
+    public = {name for name, value in inspect.getmembers(Bench)
+              if (callable(value) or isinstance(value, property)) and not name.startswith("_")}
+    assert public == {"decode", "decode_layers", "prefill", "train", "kd_memory", "kernels"}
+
+
+def test_the_parts_import_public_names_only_and_never_the_entry_point():
+    import ast
+
+    from experiments.bench import kd_loss_peak  # noqa: F401  (what older callers import)
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    parts = [root / "measure.py", root / "flops.py", *sorted(root.glob("bench_*.py"))]
+    assert len(parts) >= 9
+    for path in parts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("experiments"):
+                assert node.module != "experiments.bench", path.name
+                assert not [a.name for a in node.names if a.name.startswith("_")], (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert "experiments.bench" not in [a.name for a in node.names], path.name

@@ -225,6 +225,17 @@ def test_a_training_stage_runs_as_its_own_process(tmp_path, monkeypatch):
     assert result["student"] == str(tmp_path / "align" / "student")
     assert (tmp_path / "align" / "student" / "model.safetensors").is_file()
     assert list((tmp_path / "tb" / "align" / "version_0").glob("events.out.tfevents*"))
+    # the stage ran from the YAML it wrote, every setting spelled out; that file reruns it alone
+    import yaml
+
+    from experiments.run import main as run_main
+
+    config = yaml.safe_load((tmp_path / "align" / "config.yaml").read_text())
+    assert config["model"]["init_args"]["hybrid"]["window"] == 8 and config["trainer"]["max_steps"] == 2
+    assert config["model"]["init_args"]["hybrid"]["sink_tokens"] == 4  # a default, written out
+    rerun = run_main(["fit", "--config", str(tmp_path / "align" / "config.yaml"),
+                      "--student_export.dirpath", str(tmp_path / "again")])
+    assert rerun.trainer.global_step == 2 and (tmp_path / "again" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -1,0 +1,86 @@
+"""How the benchmarks report: markdown tables, plot series and figures, and the small arithmetic
+of their summaries (a teacher/student pair of rows, ratios, MiB).
+
+Separate from the measuring (``experiments.measure``) and from the benchmarks themselves: nothing
+here runs a model or reads a clock; it turns rows (dicts) into the ``<what>.md`` table and the
+``<what>.png`` figure that every benchmark writes next to its JSON.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from experiments.measure import MiB
+from models.storage import atomic_file_write
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    return format(value, fmt)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, header, format spec); missing values print as a dash."""
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
+             "|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def figure(path: Path, title: str, panels):
+    """panels: [(y label, [(label, xs, ys, style)], log-y)] against context length (log2 x), or a
+    callable that draws two axes itself."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if callable(panels):  # a figure of its own kind (bars), two panels
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        panels(list(axes))
+        panels = []
+    else:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2))
+        axes = [axes] if len(panels) == 1 else list(axes)
+    for ax, (ylabel, series, log_y) in zip(axes, panels):
+        for label, xs, ys, style in series:
+            points = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, markersize=4)
+        ax.set_xscale("log", base=2)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_file_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+
+
+def series_of(rows, model, batch, key, scale=1.0):
+    """(prompt lengths, values of ``key`` times ``scale``) of one model's rows at one batch size."""
+    picked = sorted((r for r in rows if r["model"] == model and r["batch"] == batch), key=lambda r: r["prompt"])
+    return [r["prompt"] for r in picked], [None if r.get(key) is None else r[key] * scale for r in picked]
+
+
+def pair(rows, batch, prompt):
+    """The teacher's and the student's row of one (batch, prompt) cell; {} for one not measured."""
+    found = {r["model"]: r for r in rows if r["batch"] == batch and r["prompt"] == prompt}
+    return found.get("teacher", {}), found.get("student", {})
+
+
+def ratio(a, b):
+    """a / b, None where either is missing (or b is 0)."""
+    return a / b if a is not None and b else None
+
+
+def mib(value):
+    """Bytes in MiB; None stays None."""
+    return None if value is None else value / MiB

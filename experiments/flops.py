@@ -1,0 +1,88 @@
+"""FLOP and byte models: what a prefill, and one layer's attention op, must at least compute and move.
+
+Pure arithmetic on a model's configuration and the hybrid layer's settings, with no torch and no
+timing: the prefill benchmark divides measured times by ``prefill_flops`` (achieved GFLOP/s, the
+student's FLOPs against the teacher's), the kernels benchmark by ``op_floor`` (achieved GFLOP/s
+and GB/s). Kept apart so the counts can be read, and tested against hand counts, on their own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models import HybridConfig
+
+
+def prefill_flops(config, hybrid: HybridConfig, prompt: int) -> dict:
+    """Multiply-add FLOPs (x2) of one prompt's forward, teacher vs hybrid student, and where they go.
+
+    Shared: every linear layer over all tokens (q/k/v/o, MLP; the gates for the student) and the
+    head for the last token only. Teacher attention: causal q.k and p.v, T(T+1)/2 pairs per head.
+    Student, as the chunkwise form computes it: each chunk of L queries against its band of
+    L + W - 1 keys plus the sinks (window branch), and the mLSTM's intra-chunk L x L products plus
+    one state read and one state update per token (memory branch); the gates and, with
+    ``feature_map: softmax``, one d x d product per query and key head and token.
+    """
+    d, L_layers = config.hidden_size, config.num_hidden_layers
+    H = config.num_attention_heads
+    Hkv = getattr(config, "num_key_value_heads", None) or H
+    D = getattr(config, "head_dim", None) or d // H
+    ff = config.intermediate_size
+    per_token_linear = L_layers * (d * H * D * 2 + d * Hkv * D * 2 + 3 * d * ff)
+    shared = 2 * prompt * per_token_linear + 2 * d * config.vocab_size
+    teacher_attention = L_layers * H * 4 * D * prompt * (prompt + 1) / 2
+    full = set(hybrid.full_attention_layers)
+    hybrid_layers = L_layers - len([i for i in full if i < L_layers])
+    chunk = min(hybrid.chunk_size, prompt)
+    window_keys = min(prompt, chunk + hybrid.window - 1) + hybrid.sink_tokens
+    student_window = 4 * H * D * prompt * window_keys if hybrid.mode != "mlstm" else 0
+    student_memory = (4 * H * D * prompt * chunk + 4 * H * D * D * prompt) if hybrid.mode != "swa" else 0
+    if hybrid.gate_input == "qkv":  # i, f from x; o from each head's [q; k; v]
+        gates = 2 * prompt * d * 2 * H + (2 * prompt * H * 3 * D if hybrid.mode == "hybrid" else 0)
+    else:
+        gates = 2 * prompt * d * 3 * H
+    feature_maps = 2 * prompt * (H + Hkv) * D * D if hybrid.feature_map == "softmax" and hybrid.mode != "swa" else 0
+    student_attention = hybrid_layers * (student_window + student_memory + gates + feature_maps) \
+        + (L_layers - hybrid_layers) * H * 4 * D * prompt * (prompt + 1) / 2
+    return {"shared_flops": shared, "teacher_attention_flops": teacher_attention,
+            "student_attention_flops": student_attention, "teacher_flops": shared + teacher_attention,
+            "student_flops": shared + student_attention}
+
+
+def op_floor(kind: str, B: int, H: int, Hkv: int, T: int, D: int, Dv: int, hybrid: HybridConfig,
+             element_bytes: int) -> dict:
+    """FLOPs (multiply-adds x 2) and bytes one layer's op must at least compute and move.
+
+    kind: "<op> <pass>", op in hybrid | sdpa | mlstm, pass in forward | backward (forward + backward)
+    | step (one token after T). Bytes: inputs read and outputs written once (q, k, v, gates in,
+    the output out; the backward also reads the output gradient and writes every input's). FLOPs,
+    per head and query: the hybrid op as its chunked form computes it, the window branch against
+    min(T, window) + sinks keys and the memory branch a chunk of keys plus one state read and one
+    state update; causal SDPA over (T + 1) / 2 keys on average; the mLSTM alone its memory branch.
+    A backward costs about twice its forward (the recomputed forward plus two products per one).
+    """
+    op, phase = kind.split()
+    L = hybrid.chunk_size
+    qkv = (B * H * T * D + B * Hkv * T * (D + Dv)) * element_bytes
+    gates = {"hybrid": 3, "mlstm": 2, "sdpa": 0}[op] * B * H * T * 4
+    out = B * H * T * Dv * element_bytes
+    if phase == "step":
+        keys = {"hybrid": min(T, hybrid.window) + hybrid.sink_tokens, "sdpa": T}[op]
+        state = (B * H * (D * Dv + D) * 4) if op == "hybrid" else 0
+        flops = 2 * B * H * keys * (D + Dv) + (4 * B * H * D * Dv if op == "hybrid" else 0)
+        cache = (B * Hkv * keys * (D + Dv) * element_bytes) + 2 * state
+        return {"flops": flops, "bytes": cache + (B * H * D + B * Hkv * (D + Dv)) * element_bytes + B * H * Dv * 4}
+    memory = 2 * B * H * T * (min(L, T) * (D + Dv) / 2 + 2 * D * Dv)
+    window_keys = min(T, hybrid.window) + hybrid.sink_tokens
+    if op == "sdpa":
+        forward = 2 * B * H * (T * (T + 1) / 2) * (D + Dv)
+    elif op == "mlstm":
+        forward = memory
+    else:
+        forward = (memory if hybrid.mode != "swa" else 0) + (
+            2 * B * H * T * window_keys * (D + Dv) if hybrid.mode != "mlstm" else 0)
+    moved = qkv + gates + out
+    if phase == "forward":
+        return {"flops": forward, "bytes": moved}
+    return {"flops": 3 * forward, "bytes": 2 * moved + out}
