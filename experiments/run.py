@@ -40,12 +40,13 @@ def _get(namespace, dotted: str, default=None):
 
 
 def _plain_dict(value) -> dict | None:
-    """A parsed dataclass argument (jsonargparse Namespace, dict or dataclass) as a plain dict."""
-    if value is None or isinstance(value, dict):
-        return value
-    if hasattr(value, "as_dict"):
-        return value.as_dict()
-    return dataclasses.asdict(value)
+    """A parsed dataclass argument (jsonargparse Namespace, dict or dataclass) as a plain dict, without
+    jsonargparse's bookkeeping (``__path__``: the YAML file it was read from)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        value = value.as_dict() if hasattr(value, "as_dict") else dataclasses.asdict(value)
+    return {k: v for k, v in value.items() if not k.startswith("__")}
 
 
 def _teacher_config(name: str, trust_remote_code: bool):
@@ -95,7 +96,11 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
                                         _plain_dict(_get(model, "distil_xlstm", None)))
         family, hybrid = saved.family, saved.family_config.to_dict()
     if training and family == "hybrid" and seq_len and seq_len >= 2:  # a bad seq_len: the data module names it
-        window, sinks, mode = _get(hybrid, "window", 64), _get(hybrid, "sink_tokens", 4), _get(hybrid, "mode", "hybrid")
+        from models import HybridConfig
+
+        # the dataclass fills what was not given (its defaults are written in one place)
+        layer = HybridConfig.from_dict(_plain_dict(hybrid) or {})
+        window, sinks, mode = layer.window, layer.sink_tokens, layer.mode
         if mode != "mlstm" and sinks > 0 and window >= seq_len:
             raise ValueError(
                 f"model.init_args.hybrid.window={window} is not smaller than data.seq_len={seq_len} while "
@@ -228,8 +233,9 @@ def check_planned_stage(args: list[str]) -> None:
 def stage_config_yaml(args: list[str]) -> str:
     """The whole configuration of a ``fit`` command (given without the ``fit``) as one YAML, every
     default spelled out, so that ``python -m experiments.run fit --config <it>`` reruns the stage alone;
-    the command is parsed and checked as ``check_planned_stage`` does (no model is loaded)."""
-    cli = main(args, run=False, cli_class=PlannedStageCLI)
+    the command is parsed and checked as a fit about to run (its student folder exists); no model is
+    loaded."""
+    cli = main(args, run=False)
     return cli.parser.dump(cli.config, skip_none=False)
 
 

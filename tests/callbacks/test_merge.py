@@ -66,8 +66,20 @@ def test_ties_on_a_hand_made_example():
 
 
 def test_ties_merge_runs_and_stays_between_base_and_experts(experts):
-    merged = merge_students([experts["math"], experts["code"]], "ties", base=experts["base"], density=0.5)
-    assert all(torch.isfinite(v).all() for v in merged.state_dict().values())
+    """TIES at lambda 1 keeps, per entry, the base or a mean of experts that agree in sign: every
+    merged weight lies within [min, max] of the base's and the experts' values, and (density 0.5)
+    half of each task vector is trimmed, so it is neither the base nor any expert."""
+    merged = merge_students([experts["math"], experts["code"]], "ties", base=experts["base"], density=0.5).state_dict()
+    base, a, b = sd(experts["base"]), sd(experts["math"]), sd(experts["code"])
+    moved = 0
+    for key, value in merged.items():
+        stack = torch.stack([base[key], a[key], b[key]])
+        assert (value >= stack.min(0).values - 1e-7).all() and (value <= stack.max(0).values + 1e-7).all(), key
+        moved += int((value != base[key]).sum())
+    total = sum(v.numel() for v in merged.values())
+    assert 0.2 * total < moved < total  # it merged: many entries left the base, the trimmed ones did not
+    for expert in (a, b):
+        assert any(not torch.allclose(merged[k], expert[k]) for k in merged)
 
 
 def test_mismatched_experts_are_refused_naming_the_difference(experts, tmp_path):

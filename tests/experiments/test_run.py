@@ -228,6 +228,43 @@ def test_impossible_combinations_are_refused_before_any_model_loads(env, tmp_pat
         main(stage_cli_args(*env, "kd", tmp_path, 2, extra))
 
 
+def test_a_student_setting_the_stage_would_ignore_is_refused_naming_both_values(env, tmp_path, monkeypatch):
+    """With model.student_ckpt the stage trains the saved student as it is: a hybrid setting given
+    beside it that differs from the saved one would be silently ignored, so it is refused."""
+    import lightning_modules.base as base
+    from models import HybridConfig, convert_to_hybrid, load_teacher, save_student
+
+    root, _ = env
+    saved = save_student(convert_to_hybrid(load_teacher(str(root / "teacher")), HybridConfig(window=16)),
+                         tmp_path / "saved")
+    loaded = []
+    monkeypatch.setattr(base, "load_teacher", lambda *a, **k: loaded.append("teacher"))
+    ckpt = ["--model.init_args.student_ckpt", str(saved)]
+    with pytest.raises(ValueError, match=r"model.init_args.hybrid sets mode='swa' \(saved: 'hybrid'\), window=8 "
+                                         r"\(saved: 16\), but the stage trains the student saved in .*saved"):
+        main(stage_cli_args(*env, "kd", tmp_path, 2, [*ckpt, "--model.init_args.hybrid.window", "8",
+                                                      "--model.init_args.hybrid.mode", "swa"]))
+    with pytest.raises(ValueError, match=r"student_family='distil_xlstm' but .*saved holds a 'hybrid' student"):
+        main(stage_cli_args(*env, "kd", tmp_path, 2, [*ckpt, "--model.init_args.student_family", "distil_xlstm"]))
+    assert loaded == []  # refused before any model loads
+    # the saved value repeated, or the default, is no conflict
+    from experiments.run import check_stage_config
+    from jsonargparse import Namespace
+
+    cfg = Namespace(model=Namespace(class_path="lightning_modules.SparseKDModule",
+                                    init_args=Namespace(student_ckpt=str(saved), hybrid={"window": 16})),
+                    data=Namespace(seq_len=32), trainer=Namespace(strategy="auto", accelerator="cpu"))
+    check_stage_config(cfg)
+    cfg.model.init_args.hybrid = HybridConfig().to_dict()
+    check_stage_config(cfg)
+    # and a Python user who builds the module by hand gets the same refusal when the student loads
+    from lightning_modules import SparseKDModule
+
+    module = SparseKDModule(teacher=str(root / "teacher"), student_ckpt=str(saved), hybrid={"window": 8})
+    with pytest.raises(ValueError, match=r"window=8 \(saved: 16\)"):
+        module.configure_model()
+
+
 def test_window_covering_the_whole_block_is_fine_without_sinks_and_for_scoring(env, tmp_path):
     from experiments.run import check_stage_config
     from jsonargparse import Namespace

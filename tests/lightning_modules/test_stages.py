@@ -13,7 +13,7 @@ from datamodules.topk_cache import read_topk_cache, write_topk_cache
 from experiments.run import main
 from lightning_modules import AlignmentModule, SparseKDModule
 from lightning_modules.losses import IGNORE, cross_entropy, next_token_targets, sparse_kd_loss, teacher_topk
-from models import HybridConfig, load_student
+from models import HybridConfig, convert_to_hybrid, load_student
 from tests.fixtures import stage_cli_args, write_corpus, write_teacher
 
 
@@ -72,6 +72,30 @@ def test_kd_with_lora_saves_a_merged_student(env, tmp_path):
                                               "--model.init_args.lr", "1e-2"]))
     student = load_student(tmp_path / "student")
     assert not any("lora" in n for n, _ in student.named_parameters())
+
+
+def test_merge_lora_keeps_the_adapters_effect():
+    """Folding the adapters into their base weights changes no logit: the merged plain student
+    computes what the adapted one did (and the adapters did change it)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from lightning_modules.kd import merge_lora
+    from tests.conftest import make_teacher
+
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig(window=8)).eval()
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = student(ids).logits
+    # init_lora_weights=False: random A and B, so the adapters change the output from the first step
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False)
+    inject_adapter_in_model(config, student.lm)
+    with torch.no_grad():
+        adapted = student(ids).logits
+        merged = merge_lora(student)(ids).logits
+    assert (adapted - plain).abs().max() > 1e-3
+    assert not any("lora" in name for name, _ in student.named_parameters())
+    assert torch.allclose(merged, adapted, rtol=1e-5, atol=1e-5), (merged - adapted).abs().max()
 
 
 def tiny_dm(env, **kw):
