@@ -1,7 +1,8 @@
 """Callbacks: I/O and orchestration around training — saving students, throughput, merging
 experts, and evaluation with Win-and-Tie curves (DESIGN §4-§6)."""
 
-from .eval import EvalCallback, evaluate_model, primary_scores, write_report
+from .eval import EvalCallback
+from .scoring import evaluate_model, primary_scores, write_report
 from .harness import HarnessLM
 from .merge import ModelMergeCallback, merge_students
 from .student_export import StudentExportCallback, TokensPerSecond

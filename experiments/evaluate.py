@@ -16,7 +16,7 @@ from pathlib import Path
 from jsonargparse import CLI
 
 from callbacks.win_tie import CURVE_ALPHAS
-from callbacks.eval import EMBEDDED_SUITE, comparison_table, evaluate_model, item_scores, preset_table, write_report
+from callbacks.scoring import EMBEDDED_SUITE, comparison_table, evaluate_model, item_scores, preset_table, write_report
 from datamodules.eval_suite import SuiteSize
 from models import HybridConfig, convert_to_hybrid, load_student, load_teacher, load_tokenizer
 

@@ -36,6 +36,7 @@ from experiments.stages import (
     data_sources, decode_stage, eval_stage, expert_weights, heldout_stage, stage_arguments, topk_stage, train_stage,
 )
 from models import DistilXLSTMConfig, HybridConfig
+from models.checkpoint import STUDENT_FAMILIES
 from models.storage import write_json
 
 
@@ -95,8 +96,9 @@ def run_pipeline(out: str = "runs/quickstart", teacher: str = "smollm2-135m-inst
     """
     if not isinstance(getattr(torch, teacher_dtype, None), torch.dtype):
         raise ValueError(f"teacher_dtype={teacher_dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    if student_family not in ("hybrid", "distil_xlstm"):
-        raise ValueError(f"student_family={student_family!r} is not supported; allowed values: hybrid, distil_xlstm")
+    if student_family not in STUDENT_FAMILIES:
+        raise ValueError(f"student_family={student_family!r} is not supported; allowed values: "
+                         f"{', '.join(STUDENT_FAMILIES)}")
     distil = student_family == "distil_xlstm"
     from datamodules import DataSource
 

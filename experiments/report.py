@@ -91,7 +91,7 @@ def write_pipeline_report(out: Path, scores: dict[str, dict], heldout: dict, dec
     Markdown (also printed). ``scores`` / ``items``: the teacher's and those of the scored students
     (``merged``, ``kd``, ``converted``, ``swa_only``; the first present of the first three is the
     final student), per task and per item."""
-    from callbacks.eval import comparison_table, preset_table, write_report
+    from callbacks.scoring import comparison_table, preset_table, write_report
 
     teacher = scores["teacher"]
     keys = [k for k in STUDENT_KEYS[::-1] if k in scores]

@@ -357,7 +357,7 @@ def eval_stage(folder: Path, model_path: str | None, teacher: str, settings: Eva
     """One model's scores and per-item scores on the task list ({"scores", "items"}; ``model_path``
     None: the teacher). Cached across runs by weights: the teacher and the fresh conversions are
     scored once per config, and a rerun into another folder reuses every score."""
-    from callbacks.eval import cached_evaluation, cached_teacher_evaluation, weights_fingerprint
+    from callbacks.scoring import cached_evaluation, cached_teacher_evaluation, weights_fingerprint
     from models import load_student, load_teacher, load_tokenizer
 
     if settings.offline:

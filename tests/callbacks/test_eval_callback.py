@@ -59,17 +59,20 @@ def test_merge_then_evaluate_in_one_validate_run(env, tmp_path, monkeypatch):
     assert {"eval/alpha_star", "eval/win_tie@0.01", "eval/student/xd_arith_mc"} <= set(events.Tags()["scalars"])
     assert "eval/win_tie" in events.Tags()["images"]
     # the teacher's scores come from the cache the second time
-    import callbacks.eval as ev
+    import callbacks.eval
+    import callbacks.scoring
 
     calls = []
-    real = ev.evaluate_model
-    monkeypatch.setattr(ev, "evaluate_model", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    real = callbacks.scoring.evaluate_model
+    counted = lambda model, *a, **k: calls.append(model) or real(model, *a, **k)  # noqa: E731
+    for module in (callbacks.eval, callbacks.scoring):  # the callback's student, the cache's teacher
+        monkeypatch.setattr(module, "evaluate_model", counted)
     run_validate(env, tmp_path / "b", tmp_path / "cache")
     assert len(calls) == 1  # the student only
 
 
 def test_a_corrupt_teacher_score_cache_is_scored_again(tmp_path, monkeypatch):
-    import callbacks.eval as ev
+    import callbacks.scoring as ev
     from tests.conftest import make_teacher
 
     calls = []

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from callbacks import HarnessLM, evaluate_model, primary_scores
-from callbacks.eval import resolve_tasks, to_unit_scale
+from callbacks.scoring import resolve_tasks, to_unit_scale
 from models import HybridConfig, convert_to_hybrid, generate
 from tests.conftest import make_teacher
 from tests.fixtures import make_tokenizer

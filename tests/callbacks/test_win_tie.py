@@ -4,7 +4,7 @@ import math
 import pytest
 
 from callbacks import critical_tolerance, win_and_tie
-from callbacks.eval import write_report
+from callbacks.scoring import write_report
 from callbacks.win_tie import PRESETS, preset, required_tolerance, teacher_recovery
 
 TEACHER = {"a": 0.80, "b": 0.50, "c": 0.30, "d": 0.90}

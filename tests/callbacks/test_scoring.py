@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import callbacks.eval as ev
+import callbacks.scoring as ev
 
 
 def test_item_scores_follow_document_order_and_the_primary_metric():
@@ -47,7 +47,7 @@ def test_comparison_sees_a_broken_student_and_leaves_out_tasks_the_teacher_fails
 
 
 def test_students_are_cached_by_their_weights_not_their_teachers_embeddings(tmp_path, monkeypatch):
-    import callbacks.eval as ev
+    import callbacks.scoring as ev
     import torch
     from safetensors.torch import save_file
 
