@@ -13,55 +13,12 @@ import pytest
 import yaml
 
 from experiments.pipeline import main
-from experiments.runner import StageRunner
 from tests.fixtures import write_corpus, write_teacher
 
 STAGES = ["corpus", "convert", "align", "convert_swa_only", "topk_kd", "kd", "topk_expert_math", "expert_math",
           "topk_expert_code", "expert_code", "topk_expert_stem", "expert_stem", "topk_expert_chat", "expert_chat", "merge",
           "heldout", "eval_teacher", "eval_swa_only", "eval_converted", "eval_aligned", "eval_kd", "eval_merged",
           "decode"]
-
-
-def test_stage_runner_skips_finished_stages_and_refuses_changed_settings(tmp_path, capsys):
-    calls = []
-    runner = StageRunner(tmp_path, total=2)
-    assert runner("a", {"x": 1}, lambda folder: calls.append(folder) or {"value": 7}) == {"value": 7}
-    record = json.loads((tmp_path / "a" / "stage.json").read_text())
-    assert record["settings"] == {"x": 1} and record["result"] == {"value": 7} and record["seconds"] >= 0
-    again = StageRunner(tmp_path, total=2)
-    assert again("a", {"x": 1}, lambda folder: calls.append(folder)) == {"value": 7}
-    assert len(calls) == 1 and "skipped" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"stage 'a' .*changed: x.*delete"):
-        StageRunner(tmp_path, total=1)("a", {"x": 2}, lambda folder: {})
-    # a stage that fails leaves no marker: the next run does it again
-    with pytest.raises(RuntimeError):
-        StageRunner(tmp_path, total=1)("b", {}, lambda folder: (_ for _ in ()).throw(RuntimeError("boom")))
-    assert not (tmp_path / "b" / "stage.json").exists()
-
-
-def test_stage_runner_copies_a_stage_another_run_finished_with_the_same_settings(tmp_path, capsys):
-    def train(folder):
-        (folder / "student").mkdir()
-        (folder / "student" / "w.bin").write_bytes(b"12")
-        return {"student": str(folder / "student"), "note": "kept"}
-
-    first = StageRunner(tmp_path / "first", total=2)
-    first("train", {"lr": 1}, train)
-    first("other", {"x": 1}, lambda f: {"value": 1})
-    calls = []
-    second = StageRunner(tmp_path / "second", total=2, reuse=[tmp_path / "first", tmp_path / "second"])
-    result = second("train", {"lr": 1}, lambda f: calls.append(f))
-    assert not calls and "same settings finished in" in capsys.readouterr().out
-    # the copy is this run's own: its files, and a result that names them
-    assert result == {"student": str(tmp_path / "second" / "train" / "student"), "note": "kept"}
-    assert (tmp_path / "second" / "train" / "student" / "w.bin").read_bytes() == b"12"
-    record = json.loads((tmp_path / "second" / "train" / "stage.json").read_text())
-    assert record["reused_from"] == str((tmp_path / "first" / "train").resolve()) and record["result"] == result
-    # other settings: run here
-    assert second("other", {"x": 2}, lambda f: {"value": 2}) == {"value": 2}
-    # and a third run skips the copied stage as its own
-    assert StageRunner(tmp_path / "second", total=1)("train", {"lr": 1}, lambda f: calls.append(f)) == result
-    assert not calls
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path):
@@ -80,20 +37,6 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="merge.weights has 2 values for 4 domains"):
         main(["--out", str(tmp_path / "run"), "--merge.weights", "[0.5, 0.5]"])
     assert not (tmp_path / "run").exists()
-
-
-def test_merge_weights_are_one_per_domain_by_name_or_in_order():
-    from experiments.stages import expert_weights
-
-    domains = ["math", "code", "stem", "chat"]
-    # the paper's Llama-3.1-8B-IT merge (Table 1), given by name in any order
-    assert expert_weights({"chat": 0.1, "stem": 0.2, "code": 0.35, "math": 0.35}, domains) == [0.35, 0.35, 0.2, 0.1]
-    assert expert_weights([1, 2, 3, 4], domains) == [1.0, 2.0, 3.0, 4.0]
-    assert expert_weights(None, domains) is None and expert_weights([1.0], []) is None
-    with pytest.raises(ValueError, match="not a domain: \\['poetry'\\]"):
-        expert_weights({"math": 1, "code": 1, "stem": 1, "chat": 1, "poetry": 1}, domains)
-    with pytest.raises(ValueError, match="positive sum"):
-        expert_weights([0, 0, 0, 0], domains)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -210,35 +153,6 @@ def test_pipeline_end_to_end_resumes_after_a_kill_and_skips_when_done(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_training_stage_runs_as_its_own_process(tmp_path, monkeypatch):
-    """stage_process: the stage is `python -m experiments.run fit ...`, as multi-GPU launchers need."""
-    from experiments.stages import TrainSettings, train_stage
-
-    monkeypatch.setenv("XDISTILL_CACHE", str(tmp_path / "cache"))
-    teacher = write_teacher(tmp_path / "teacher")
-    own = write_corpus(tmp_path / "own")
-    result = train_stage("align", tmp_path / "align", teacher=str(teacher), teacher_dtype="float32",
-                         sources=[{"path": str(own["text"])}], seq_len=16, val_fraction=0.1, seed=0,
-                         settings=TrainSettings(steps=2, batch_size=2, lr=1e-3), tensorboard=tmp_path / "tb",
-                         trainer=["configs/trainer/cpu.yaml"], stage_process=True,
-                         extra=("--model.init_args.hybrid.window", "8"))
-    assert result["student"] == str(tmp_path / "align" / "student")
-    assert (tmp_path / "align" / "student" / "model.safetensors").is_file()
-    assert list((tmp_path / "tb" / "align" / "version_0").glob("events.out.tfevents*"))
-    # the stage ran from the YAML it wrote, every setting spelled out; that file reruns it alone
-    import yaml
-
-    from experiments.run import main as run_main
-
-    config = yaml.safe_load((tmp_path / "align" / "config.yaml").read_text())
-    assert config["model"]["init_args"]["hybrid"]["window"] == 8 and config["trainer"]["max_steps"] == 2
-    assert config["model"]["init_args"]["hybrid"]["sink_tokens"] == 4  # a default, written out
-    rerun = run_main(["fit", "--config", str(tmp_path / "align" / "config.yaml"),
-                      "--student_export.dirpath", str(tmp_path / "again")])
-    assert rerun.trainer.global_step == 2 and (tmp_path / "again" / "model.safetensors").is_file()
-
-
-@pytest.mark.slow
 def test_distil_xlstm_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     """student_family distil_xlstm: no align stage, KD with the Frobenius term, experts, merge,
     held-out and suite scores of Distil-xLSTM students, decode of the merged one."""
@@ -265,23 +179,6 @@ def test_distil_xlstm_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     events = EventAccumulator(str(run / "tensorboard" / "kd" / "version_0"))
     events.Reload()
     assert "train/frobenius" in events.Tags()["scalars"]
-
-
-def test_blocks_read_are_the_blocks_the_loader_yields_in_a_stage():
-    from datamodules.loader import ResumableDataLoader
-    from experiments.stages import blocks_read
-
-    data = list(range(10))
-    loader = ResumableDataLoader(data, batch_size=3, seed=7)
-    seen = []
-    for epoch in range(2):  # 3 whole batches an epoch; 5 steps run into the second epoch
-        loader.block_sampler.set_epoch(epoch)
-        seen += [int(i) for batch in loader for i in batch]
-    expected = list(dict.fromkeys(seen[:5 * 3]))
-    assert blocks_read(10, seed=7, batch_size=3, steps=5) == expected
-    assert len(expected) < 15  # the second epoch repeats blocks, the cache keeps each once
-    with pytest.raises(ValueError, match="fewer than batch_size=4"):
-        blocks_read(3, seed=0, batch_size=4, steps=1)
 
 
 def test_heldout_pairs_are_differences_of_the_same_blocks():
