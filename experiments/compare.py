@@ -15,7 +15,15 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from callbacks.win_tie import CURVE_ALPHAS, TABLE_ALPHAS, critical_tolerance, plot_curves, win_and_tie, write_curve_csv
+from callbacks.win_tie import (
+    CURVE_ALPHAS,
+    TABLE_ALPHAS,
+    critical_tolerance,
+    plot_curves,
+    win_and_tie,
+    write_curve_csv,
+)
+from experiments.heldout import paired_between_runs
 from models import HybridConfig
 from models.storage import atomic_file_write
 
@@ -27,6 +35,13 @@ def _read(path: Path) -> dict:
         raise FileNotFoundError(f"{path} is missing: is {path.parent.parent} a finished pipeline run "
                                 "(python -m experiments.pipeline)?")
     return json.loads(path.read_text())
+
+
+def _scores(path: Path) -> dict[str, float]:
+    """A task -> score dict from an eval stage's scores.json: ``{"scores": ..., "items": ...}`` as the
+    pipeline writes it, or the plain task -> score dict older runs wrote."""
+    payload = _read(path)
+    return payload["scores"] if isinstance(payload.get("scores"), dict) else payload
 
 
 def training_tokens(settings: dict) -> int:
@@ -44,10 +59,24 @@ def load_run(folder: Path) -> dict:
     describe = convert.get("describe") or HybridConfig.from_dict(settings.get("hybrid", {})).describe()
     return {"folder": folder, "settings": settings, "family": family, "describe": describe,
             "tokens": training_tokens(settings), "heldout": _read(folder / "heldout" / "heldout.json"),
-            "teacher": _read(folder / "eval_teacher" / "scores.json"),
+            "teacher": _scores(folder / "eval_teacher" / "scores.json"),
             # a run without experts has no merged student; one may leave its stage-2 student unscored
-            "scores": {key: _read(folder / f"eval_{key}" / "scores.json") for key, _ in STUDENTS
+            "scores": {key: _scores(folder / f"eval_{key}" / "scores.json") for key, _ in STUDENTS
                        if (folder / f"eval_{key}" / "scores.json").is_file()}}
+
+
+def _paired_with_first(run: dict, ref: dict, key: str) -> str:
+    """``key``'s held-out CE in ``run`` minus the same student's in the first run, over the same blocks
+    (``heldout.json``'s per-block sums), with a 90 % bootstrap interval; blank for the first run, and
+    ``n/a`` where a run kept no per-block sums or scored other blocks."""
+    if run is ref:
+        return "baseline"
+    mine, first = (r["heldout"].get("per_block", {}).get(key) for r in (run, ref))
+    diff = paired_between_runs(mine, first) if mine and first else None
+    if diff is None:
+        return "n/a"
+    low, high = diff["student_ce_90"]
+    return f"{diff['student_ce']:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def compare(runs: list[str], out: str = "runs/compare", target: float = 1.0) -> str:
@@ -88,14 +117,16 @@ def compare(runs: list[str], out: str = "runs/compare", target: float = 1.0) -> 
             c = win_and_tie(scores, teacher, TABLE_ALPHAS)
             mean = sum(scores.values()) / len(scores)
             rows.append(f"| {name} | {run['describe']} | {run['tokens']:,} | {h['student_ce']:.3f} | "
+                        f"{_paired_with_first(run, ref, key)} | "
                         f"{h['kl_teacher_student']:.3f} | {h['top1_agreement']:.3f} | {mean:.3f} | "
                         + " | ".join(f"{v:.3f}" for v in c) + f" | {stars[name]:.3f} |")
             per_task[name] = scores
     header = ("| student | architecture | training tokens | held-out CE | KL(teacher‖student) | top-1 agreement | "
-              "suite mean | " + " | ".join(f"C_{a:g}" for a in TABLE_ALPHAS) + " | alpha* |")
+              "suite mean | " + " | ".join(f"C_{a:g}" for a in TABLE_ALPHAS) + " | alpha* |").replace(
+        "| held-out CE |", "| held-out CE | CE − first run's (paired, 90 %) |")
     teacher_mean = sum(teacher.values()) / len(teacher)
-    lines = [header, "|---|---|---:|" + "---:|" * (5 + len(TABLE_ALPHAS)), *rows,
-             f"| teacher | | | {ref['heldout']['kd']['teacher_ce']:.3f} | | | {teacher_mean:.3f} |"
+    lines = [header, "|---|---|---:|" + "---:|" * (6 + len(TABLE_ALPHAS)), *rows,
+             f"| teacher | | | {ref['heldout']['kd']['teacher_ce']:.3f} | | | | {teacher_mean:.3f} |"
              + " |" * (len(TABLE_ALPHAS) + 1)]
     task_lines = ["| task | teacher | " + " | ".join(per_task) + " |", "|---|---:|" + "---:|" * len(per_task)]
     for task in sorted(teacher):
