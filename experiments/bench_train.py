@@ -1,8 +1,13 @@
 """The training benchmark: tokens per second and peak memory of one optimizer step of each stage
-(alignment, KD with the teacher online, KD from a top-k cache, the Distil-xLSTM student's KD).
+(alignment, KD with the teacher online, KD from a top-k cache, the Distil-xLSTM student's KD),
+each under the memory plan the stages train with (``lean``: the loss over the vocabulary in
+chunks, the hybrid op and the MLP's SiLU and product recomputed in the backward) and, side by side in the same run, without it
+(``plain``: the whole logits at once, every intermediate kept), with the step's FLOP floor.
 
-One module per benchmark keeps ``experiments.bench`` an entry point; this one builds each stage's
-Lightning module outside a Trainer, times its optimizer steps and draws the per-stage bars.
+Every (stage, plan) row runs in a fresh spawned process that builds only that stage's module: a
+process that had trained another stage before would reuse its freed pages without growing its
+resident set, and would hold the benchmark's own loaded models, both of which would blur the
+peak. One module per benchmark keeps ``experiments.bench`` an entry point.
 """
 
 from __future__ import annotations
@@ -14,11 +19,17 @@ import torch
 
 from experiments.bench_base import BenchBase
 from experiments.bench_report import markdown_table
+from experiments.flops import training_step_flops
 from experiments.measure import MiB, OUT_OF_MEMORY, PeakMemory, out_of_memory, timed
 from models.storage import write_json
 
 
 TRAIN_STAGES = ("align", "kd", "kd_cached", "distil_xlstm_kd")
+# The stages' settings of each plan (``lean`` is what they train with by default).
+MEMORY_PLANS = {
+    "lean": {"recompute_activations": True, "loss_chunk_tokens": 512},
+    "plain": {"recompute_activations": False, "loss_chunk_tokens": None},
+}
 
 
 def _train_steps(module, batch: dict, steps: int, warmup: int, device: torch.device) -> dict:
@@ -42,89 +53,163 @@ def _train_steps(module, batch: dict, steps: int, warmup: int, device: torch.dev
             "peak_bytes": peak.bytes, "peak_kind": peak.kind}
 
 
+def stage_module(spec: dict, stage: str, plan: str, ids: torch.Tensor):
+    """The stage's Lightning module under ``plan`` and one batch for it."""
+    from lightning_modules import AlignmentModule, SparseKDModule
+    from lightning_modules.losses import teacher_topk
+    from models import HybridConfig
+
+    common = dict(teacher=spec["teacher"], teacher_dtype=spec["dtype"], hybrid=HybridConfig.from_dict(spec["hybrid"]),
+                  recompute_activations=MEMORY_PLANS[plan]["recompute_activations"])
+    kd = dict(top_k=spec["top_k"], loss_chunk_tokens=MEMORY_PLANS[plan]["loss_chunk_tokens"], **common)
+    if stage == "align":
+        module = AlignmentModule(**common)
+    elif stage == "distil_xlstm_kd":
+        module = SparseKDModule(student_family="distil_xlstm", **kd)
+    else:
+        module = SparseKDModule(student_ckpt=spec["student"], **kd)
+    module.configure_model()
+    module.to(spec["device"])
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if stage == "kd_cached":
+        with torch.no_grad():
+            top_ids, top_logprobs = teacher_topk(module.teacher(ids).logits, spec["top_k"])
+        batch.update(topk_ids=top_ids, topk_logprobs=top_logprobs)
+        gc.collect()
+    return module, batch
+
+
+def train_row(spec: dict, stage: str, plan: str) -> dict:
+    """One (stage, plan) row: build, warm up, time, measure. Meant for a fresh process."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    gen = torch.Generator().manual_seed(spec["seed"])
+    shape = (spec["batch"], spec["seq_len"])
+    ids = torch.randint(min(100, spec["vocab"] // 2), spec["vocab"], shape, generator=gen).to(device)
+    module, batch = stage_module(spec, stage, plan, ids)
+    row = {"stage": stage, "plan": plan, "seq_len": spec["seq_len"], "batch": spec["batch"],
+           "trainable_parameters": sum(p.numel() for p in module.trainable_parameters())}
+    try:
+        row.update(_train_steps(module, batch, spec["steps"], spec["warmup"], device))
+    except OUT_OF_MEMORY as err:
+        row["error"] = out_of_memory(err)
+    return row
+
+
+def train_row_in_fresh_process(spec: dict, stage: str, plan: str) -> dict:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(train_row, (spec, stage, plan))
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, shapes, repeats: int = 5) -> float:
+    """The best FLOP/s this machine reaches on the step's matrix products (``shapes``: (m, k, n)):
+    the rate the floor assumes for every FLOP of the step."""
+    best = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=gen, dtype=torch.float32).to(device, dtype)
+        b = torch.randn(k, n, generator=gen, dtype=torch.float32).to(device, dtype)
+        a @ b
+        seconds = min(timed(lambda: a @ b, device)[1] for _ in range(repeats))
+        best = max(best, 2 * m * k * n / seconds)
+    return best
+
+
 def _train_figure(rows):
-    """Bars per stage: tokens/s and peak memory (a figure-drawing callback for ``figure``)."""
+    """Bars per stage and plan: tokens/s and peak memory (a figure-drawing callback for ``figure``)."""
     measured = [r for r in rows if "tokens_per_s" in r]
 
     def draw(axes):
-        names = [r["stage"] for r in measured]
+        names = [f"{r['stage']}\n{r['plan']}" for r in measured]
         for ax, key, label in zip(axes, ("tokens_per_s", "peak_mib"), ("tokens per second", "peak memory (MiB)")):
-            ax.bar(names, [r[key] for r in measured], color="tab:blue")
+            ax.bar(names, [r[key] for r in measured], color=["tab:blue" if r["plan"] == "lean" else "tab:gray"
+                                                             for r in measured])
             ax.set_ylabel(label)
-            ax.tick_params(axis="x", labelrotation=20)
+            ax.tick_params(axis="x", labelrotation=20, labelsize=7)
     return draw
 
 
 class TrainBenchmark(BenchBase):
     """``train``."""
 
-    # -- training ----------------------------------------------------------------------------------
-
     def train(self, seq_len: int = 256, batch: int = 4, steps: int = 3, warmup: int = 1, top_k: int = 64,
-              stages: list[str] = ["align", "kd", "kd_cached", "distil_xlstm_kd"]) -> dict:
-        """Tokens per second and peak memory of one optimizer step (forward, backward, AdamW) of each stage.
+              stages: list[str] = ["align", "kd", "kd_cached", "distil_xlstm_kd"],
+              plans: list[str] = ["lean", "plain"]) -> dict:
+        """Tokens per second and peak memory of one optimizer step (forward, backward, AdamW) of each
+        stage, under each memory plan, each row in a fresh process; the KD rows beside their FLOP
+        floor (the step's FLOPs at this machine's best matrix-product rate).
 
         Stages: ``align`` (stage 1, new parameters, per-layer MSE against the frozen teacher),
         ``kd`` (stage 2/3: all parameters, the teacher's top-k computed online), ``kd_cached``
         (the same with the teacher's top-k read from a cache, so no teacher forward), and
-        ``distil_xlstm_kd`` (the Distil-xLSTM student's KD step).
+        ``distil_xlstm_kd`` (the Distil-xLSTM student's KD step). Plans: ``lean`` (the stages'
+        default: KD loss over the vocabulary in chunks of 512 positions, the hybrid op and the
+        gated MLP's SiLU and product recomputed in the backward) and ``plain`` (the whole logits, every intermediate kept).
 
         Args:
             seq_len: tokens per sequence.
             batch: sequences per step.
-            steps: timed optimizer steps per stage (the median is reported).
+            steps: timed optimizer steps per row (the median is reported).
             warmup: untimed steps before them.
             top_k: teacher tokens kept per position.
             stages: which of the stages to measure.
+            plans: which memory plans to measure (rows of one stage side by side).
         """
-        unknown = sorted(set(stages) - set(TRAIN_STAGES))
+        unknown = sorted(set(stages) - set(TRAIN_STAGES)) + sorted(set(plans) - set(MEMORY_PLANS))
         if unknown:
-            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; allowed values: {', '.join(TRAIN_STAGES)}")
-        teacher, _ = self._loaded()
-        vocab = teacher.config.vocab_size
-        gen = torch.Generator().manual_seed(self.seed)
-        ids = torch.randint(min(100, vocab // 2), vocab, (batch, seq_len), generator=gen).to(self.device)
+            raise ValueError(f"unknown stage(s) or plan(s) {', '.join(unknown)}; allowed values: stages "
+                             f"{', '.join(TRAIN_STAGES)}; plans {', '.join(MEMORY_PLANS)}")
+        teacher, student = self._loaded()
+        config, hybrid = teacher.config, self._hybrid_config
+        spec = {"teacher": self.teacher_name, "student": self.student_path, "hybrid": self.hybrid.to_dict(),
+                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                "threads": self.settings["threads"], "seed": self.seed, "vocab": config.vocab_size,
+                "seq_len": seq_len, "batch": batch, "steps": steps, "warmup": warmup, "top_k": top_k}
+        tokens = batch * seq_len
+        d, ff, V = config.hidden_size, config.intermediate_size, config.vocab_size
+        rate = matmul_rate(self.device, self.dtype, [(tokens, d, ff), (min(tokens, 512), d, V)])
+        self._models = None  # the rows run in processes of their own: nothing of this one needs the models
+        del teacher, student
+        gc.collect()
+        extra = {"steps": steps, "warmup": warmup, "top_k": top_k, "matmul_gflop_per_s": rate / 1e9}
         rows = []
         for stage in stages:
-            module, inputs = self._stage_module(stage, ids, top_k)
-            row = {"stage": stage, "seq_len": seq_len, "batch": batch,
-                   "trainable_parameters": sum(p.numel() for p in module.trainable_parameters())}
-            try:
-                row.update(_train_steps(module, inputs, steps, warmup, self.device))
-            except OUT_OF_MEMORY as err:
-                row["error"] = out_of_memory(err)
-            rows.append(row)
-            del module, inputs
-            gc.collect()
-            write_json(self.out_dir / "train.json", self._payload("train", rows, {"steps": steps, "warmup": warmup}))
-        for row in rows:
-            if "peak_bytes" in row:
-                row["peak_mib"] = row["peak_bytes"] / MiB
-        payload = self._payload("train", rows, {"steps": steps, "warmup": warmup})
-        columns = [("stage", "stage", ""), ("trainable_parameters", "trainable parameters", ",d"),
+            for plan in plans:
+                row = train_row_in_fresh_process(spec, stage, plan)
+                if "peak_bytes" in row:
+                    row["peak_mib"] = row["peak_bytes"] / MiB
+                flops = training_step_flops(config, hybrid, stage, batch, seq_len) if hybrid is not None else None
+                if flops is not None and "ms_per_step" in row:
+                    row.update(step_gflop=flops / 1e9, floor_ms=1e3 * flops / rate)
+                    row["over_floor"] = row["ms_per_step"] / row["floor_ms"]
+                rows.append(row)
+                write_json(self.out_dir / "train.json", self._payload("train", rows, extra))
+        side = self._lean_against_plain(rows)
+        payload = self._payload("train", rows, {**extra, "lean_against_plain": side})
+        columns = [("stage", "stage", ""), ("plan", "plan", ""), ("trainable_parameters", "trainable parameters", ",d"),
                    ("tokens_per_s", "tokens/s", ".0f"), ("ms_per_step", "ms/step", ".0f"),
-                   ("peak_mib", "peak MiB", ".0f")]
-        title = (f"Training step per stage: batch {batch} x {seq_len} tokens, {self.settings['dtype']}, "
+                   ("peak_mib", "peak MiB", ".0f"), ("step_gflop", "step GFLOP", ".0f"),
+                   ("floor_ms", "FLOP floor ms", ".0f"), ("over_floor", "ms / floor", ".2f")]
+        side_columns = [("stage", "stage", ""), ("tokens_per_s_ratio", "lean / plain tokens/s", ".3f"),
+                        ("peak_ratio", "lean / plain peak memory", ".3f")]
+        table = (markdown_table(rows, columns)
+                 + f"\n\nFLOP floor: the step's FLOPs at {rate / 1e9:.1f} GFLOP/s, the best rate this machine reached on "
+                 "the step's matrix products (measured in this run); `ms / floor` is how far the step is from it.\n\n"
+                 "Each stage's plans side by side (same run):\n\n" + markdown_table(side, side_columns))
+        title = (f"Training step per stage and memory plan: batch {batch} x {seq_len} tokens, {self.settings['dtype']}, "
                  f"top-{top_k}")
-        return self._finish("train", payload, markdown_table(rows, columns), title, _train_figure(rows))
+        return self._finish("train", payload, table, title, _train_figure(rows))
 
-    def _stage_module(self, stage: str, ids, top_k: int):
-        from lightning_modules import AlignmentModule, SparseKDModule
-        from lightning_modules.losses import teacher_topk
-
-        dtype = str(self.dtype).removeprefix("torch.")
-        common = dict(teacher=self.teacher_name, teacher_dtype=dtype, hybrid=self.hybrid)
-        if stage == "align":
-            module = AlignmentModule(**common)
-        elif stage == "distil_xlstm_kd":
-            module = SparseKDModule(top_k=top_k, student_family="distil_xlstm", **common)
-        else:
-            module = SparseKDModule(top_k=top_k, student_ckpt=self.student_path, **common)
-        module.configure_model()
-        module.to(self.device)
-        batch = {"input_ids": ids, "labels": ids.clone()}
-        if stage == "kd_cached":
-            with torch.no_grad():
-                top_ids, top_logprobs = teacher_topk(module.teacher(ids).logits, top_k)
-            batch.update(topk_ids=top_ids, topk_logprobs=top_logprobs)
-        return module, batch
+    @staticmethod
+    def _lean_against_plain(rows) -> list[dict]:
+        by = {(r["stage"], r["plan"]): r for r in rows if "tokens_per_s" in r}
+        side = []
+        for stage in dict.fromkeys(r["stage"] for r in rows):
+            lean, plain = by.get((stage, "lean")), by.get((stage, "plain"))
+            if lean and plain:
+                side.append({"stage": stage, "tokens_per_s_ratio": lean["tokens_per_s"] / plain["tokens_per_s"],
+                             "peak_ratio": lean["peak_bytes"] / plain["peak_bytes"]})
+        return side

@@ -86,3 +86,18 @@ def op_floor(kind: str, B: int, H: int, Hkv: int, T: int, D: int, Dv: int, hybri
     if phase == "forward":
         return {"flops": forward, "bytes": moved}
     return {"flops": 3 * forward, "bytes": 2 * moved + out}
+
+
+def training_step_flops(config, hybrid: HybridConfig, stage: str, batch: int, seq_len: int) -> float | None:
+    """FLOPs of one KD optimizer step of a hybrid student that trains every parameter: its forward
+    (``prefill_flops``, with the head over every position, not only the last) and a backward of
+    twice that (the gradients w.r.t. each product's input and weight), plus the teacher's forward
+    when its top-k is computed online (``kd``). None for stages this does not model (alignment
+    trains a few parameters of the attention modules alone; Distil-xLSTM is another family)."""
+    if stage not in ("kd", "kd_cached"):
+        return None
+    counts = prefill_flops(config, hybrid, seq_len)
+    head_rest = 2 * config.hidden_size * config.vocab_size * (seq_len - 1)
+    student_forward = batch * (counts["student_flops"] + head_rest)
+    teacher_forward = batch * (counts["teacher_flops"] + head_rest) if stage == "kd" else 0
+    return 3 * student_forward + teacher_forward

@@ -51,7 +51,8 @@ class AlignmentModule(DistillationModule):
                  teacher_dtype: str = "float32", trust_remote_code: bool = False,
                  fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False,
                  student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig(),
-                 lr_schedule: str = "cosine", max_warmup_fraction: float = 0.1, layer_loss: str = "sum"):
+                 lr_schedule: str = "cosine", max_warmup_fraction: float = 0.1, layer_loss: str = "sum",
+                 recompute_activations: bool = True):
         """
         Args:
             layer_loss: how the per-layer MSEs combine: ``sum`` (the paper's Eq. 12) or ``mean``.
@@ -61,7 +62,7 @@ class AlignmentModule(DistillationModule):
                          teacher_dtype=teacher_dtype, trust_remote_code=trust_remote_code,
                          fsdp_param_dtype=fsdp_param_dtype, activation_checkpointing=activation_checkpointing,
                          student_family=student_family, distil_xlstm=distil_xlstm, lr_schedule=lr_schedule,
-                         max_warmup_fraction=max_warmup_fraction)
+                         max_warmup_fraction=max_warmup_fraction, recompute_activations=recompute_activations)
         if layer_loss not in LAYER_REDUCTIONS:
             raise ValueError(f"layer_loss={layer_loss!r} is not supported; allowed values: {', '.join(LAYER_REDUCTIONS)}")
         self.save_hyperparameters()

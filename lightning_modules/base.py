@@ -11,10 +11,11 @@ import torch
 from torchmetrics import MeanMetric
 
 from models import (
-    DistilXLSTMConfig, DistilXLSTMStudent, HybridConfig, HybridStudent, StudentLM, convert_to_hybrid,
+    DistilXLSTMConfig, DistilXLSTMStudent, HybridAttention, HybridConfig, HybridStudent, StudentLM, convert_to_hybrid,
     distil_xlstm_from_teacher, load_student, load_teacher,
 )
 from models.checkpoint import STUDENT_FAMILIES, StudentSettings, read_student_settings
+from models.lean_mlp import lean_gated_mlps
 from models.student import check_student_matches_teacher
 
 from .losses import IGNORE, heldout_metrics, next_token_targets
@@ -82,7 +83,7 @@ class DistillationModule(L.LightningModule):
                  teacher_dtype: str = "float32", trust_remote_code: bool = False,
                  fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False,
                  student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig(),
-                 lr_schedule: str = "cosine", max_warmup_fraction: float = 0.1):
+                 lr_schedule: str = "cosine", max_warmup_fraction: float = 0.1, recompute_activations: bool = True):
         """
         Args:
             lr: peak learning rate (after warm-up).
@@ -92,6 +93,10 @@ class DistillationModule(L.LightningModule):
                 (warm-up, then ``lr``).
             max_warmup_fraction: the longest warm-up as a share of the run's optimizer steps, so that
                 every run reaches its peak learning rate.
+            recompute_activations: the backward recomputes what is cheap to recompute instead of
+                keeping it: each hybrid layer keeps only its attention op's inputs (the Triton path
+                always recomputes the op), each gated MLP its two projections (``models.lean_mlp``).
+                Off (or with ``activation_checkpointing``): every intermediate is kept.
         """
         super().__init__()
         if lr_schedule not in LR_SCHEDULES:
@@ -151,6 +156,12 @@ class DistillationModule(L.LightningModule):
         if hp.activation_checkpointing:
             # recompute each decoder layer in backward (transformers' GradientCheckpointingLayer)
             self.student.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lean = hp.recompute_activations and not hp.activation_checkpointing  # (a recomputed layer needs neither)
+        for module in self.student.modules():
+            if isinstance(module, HybridAttention):
+                module.recompute_in_backward = lean
+        if lean and isinstance(self.student, HybridStudent):
+            lean_gated_mlps(self.student)
         if self.sharded:
             self.shard_models()
 

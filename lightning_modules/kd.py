@@ -9,6 +9,7 @@ import copy
 import torch
 
 from models import DistilXLSTMConfig, DistilXLSTMStudent, HybridConfig
+from models.head_loss import DEFAULT_CHUNK_TOKENS
 
 from .base import DistillationModule
 from .losses import (
@@ -97,7 +98,8 @@ class SparseKDModule(DistillationModule):
                  fsdp_param_dtype: str | None = None, activation_checkpointing: bool = False,
                  student_family: str = "hybrid", distil_xlstm: DistilXLSTMConfig = DistilXLSTMConfig(),
                  lr_schedule: str = "cosine", max_warmup_fraction: float = 0.1, kd_tail: str = "bucket",
-                 preset: str | None = None):
+                 preset: str | None = None, loss_chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+                 recompute_activations: bool = True):
         """
         Args:
             top_k: teacher tokens kept per position (None: dense KL over the vocabulary).
@@ -115,6 +117,11 @@ class SparseKDModule(DistillationModule):
                 as the paper) or ``bucket`` (one extra class; see ``losses.sparse_kd_loss``).
             preset: ``paper`` or ``distil_xlstm`` sets top_k / temperature / alpha / kd_tail /
                 lr_schedule as that recipe does (``KD_PRESETS``); null: as given.
+            loss_chunk_tokens: the loss runs over the vocabulary-sized logits this many positions at a
+                time, with its gradient (``models.head_loss``): the [B, T, V] logits never exist at
+                once. null: the whole logits at once (more memory, same numbers).
+            recompute_activations: the backward recomputes the hybrid op and the gated MLP's SiLU
+                and product instead of keeping them (``DistillationModule``).
         """
         import inspect
 
@@ -129,7 +136,10 @@ class SparseKDModule(DistillationModule):
                          teacher_dtype=teacher_dtype, trust_remote_code=trust_remote_code,
                          fsdp_param_dtype=fsdp_param_dtype, activation_checkpointing=activation_checkpointing,
                          student_family=student_family, distil_xlstm=distil_xlstm, lr_schedule=lr_schedule,
-                         max_warmup_fraction=max_warmup_fraction)
+                         max_warmup_fraction=max_warmup_fraction, recompute_activations=recompute_activations)
+        if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens={loss_chunk_tokens} is invalid; allowed values: an integer >= 1 "
+                             "(positions per chunk of the loss), or null for the whole logits at once")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} is invalid; allowed values: an integer >= 1, or null for dense KL")
         if kd_tail not in KD_TAILS:
@@ -197,32 +207,68 @@ class SparseKDModule(DistillationModule):
             raise ValueError("LoRA adapters under FSDP are not supported: use lora_rank 0 or a single device")
         return merge_lora(copy.deepcopy(self.student))
 
+    def teacher_targets(self, batch, output_hidden_states: bool):
+        """(top-k ids, top-k log-probs) or None with dense KD, the teacher's dense logits or None, and
+        its hidden states or None. An online teacher's logits are reduced to its top-k here, so that
+        the vocabulary-sized tensor is gone before the student's forward starts."""
+        if "topk_ids" in batch and not output_hidden_states:
+            k = self.top_k or batch["topk_ids"].shape[-1]
+            return (batch["topk_ids"][..., :k], batch["topk_logprobs"][..., :k]), None, None
+        with torch.no_grad():
+            t_out = self.teacher(batch["input_ids"], output_hidden_states=output_hidden_states)
+        hidden = t_out.hidden_states if output_hidden_states else None
+        if "topk_ids" in batch:
+            k = self.top_k or batch["topk_ids"].shape[-1]
+            return (batch["topk_ids"][..., :k], batch["topk_logprobs"][..., :k]), None, hidden
+        if self.top_k is None:
+            return None, t_out.logits, hidden
+        return teacher_topk(t_out.logits, self.top_k), None, hidden
+
+    def kd_and_ce(self, logits, targets, topk, dense, T: float):
+        """(KD term, cross-entropy), each a mean over the positions with a target."""
+        mask = targets != IGNORE
+        if topk is not None:
+            kd = sparse_kd_loss(logits, *topk, T, mask, tail=self.hparams.kd_tail)
+        else:
+            kd = dense_kd_loss(logits, dense, T, mask)
+        return kd, cross_entropy(logits, targets)
+
+    def chunked_kd_and_ce(self, targets, topk, dense, T: float, alpha: float, ce_weight: float):
+        """The same loss as ``kd_and_ce`` as a ``models.head_loss`` chunk function: each chunk's
+        masked means weighted by its share of the positions with a target."""
+        flat_targets = targets.flatten()
+        flat_topk = None if topk is None else [t.flatten(0, 1) for t in topk]
+        flat_dense = None if dense is None else dense.flatten(0, 1)
+        total = (flat_targets != IGNORE).sum().clamp_min(1)
+
+        def chunk(logits, rows):
+            t = flat_targets[rows]
+            share = (t != IGNORE).sum() / total
+            kd, ce = self.kd_and_ce(logits[None], t[None], None if flat_topk is None else [x[rows][None] for x in flat_topk],
+                                    None if flat_dense is None else flat_dense[rows][None], T)
+            kd, ce = kd * share, ce * share
+            return alpha * kd + ce_weight * ce, {"kd": kd, "ce": ce}
+        return chunk
+
     def training_step(self, batch, batch_idx):
         hp = self.hparams
-        ids = batch["input_ids"]
         targets = next_token_targets(batch["labels"])
-        mask = targets != IGNORE
         ctx = self.schedule_context()
         step = self.global_step
         T, alpha, beta = (float(self.schedules[n](step, **ctx)) for n in ("temperature", "alpha", "beta"))
-        out = self.student(ids, output_hidden_states=beta > 0)
-        need_teacher = beta > 0 or "topk_ids" not in batch
-        if need_teacher:
-            with torch.no_grad():
-                t_out = self.teacher(ids, output_hidden_states=beta > 0)
-        if "topk_ids" in batch:
-            k = self.top_k or batch["topk_ids"].shape[-1]
-            kd = sparse_kd_loss(out.logits, batch["topk_ids"][..., :k], batch["topk_logprobs"][..., :k], T, mask,
-                                tail=hp.kd_tail)
-        elif self.top_k is None:
-            kd = dense_kd_loss(out.logits, t_out.logits, T, mask)
+        topk, dense, teacher_hidden = self.teacher_targets(batch, output_hidden_states=beta > 0)
+        ce_weight = 1.0 - alpha - beta
+        if hp.loss_chunk_tokens:
+            out = self.student(batch["input_ids"], output_hidden_states=beta > 0, chunk_tokens=hp.loss_chunk_tokens,
+                               chunk_loss=self.chunked_kd_and_ce(targets, topk, dense, T, alpha, ce_weight))
+            loss, kd, ce = out.loss, out.loss_components["kd"], out.loss_components["ce"]
         else:
-            kd = sparse_kd_loss(out.logits, *teacher_topk(t_out.logits, self.top_k), T, mask, tail=hp.kd_tail)
-        ce = cross_entropy(out.logits, targets)
-        loss = alpha * kd + (1.0 - alpha - beta) * ce
+            out = self.student(batch["input_ids"], output_hidden_states=beta > 0)
+            kd, ce = self.kd_and_ce(out.logits, targets, topk, dense, T)
+            loss = alpha * kd + ce_weight * ce
         components = {"kd": kd, "ce": ce}
         if beta > 0:
-            teacher_mean = torch.stack(t_out.hidden_states[1:]).mean(0)
+            teacher_mean = torch.stack(teacher_hidden[1:]).mean(0)
             frob = frobenius_alignment_loss(out.hidden_states[-1], teacher_mean)
             loss = loss + beta * frob
             components["frobenius"] = frob

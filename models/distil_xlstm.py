@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import get_adapter
-from .student import HybridCausalLMOutput, StudentLM, decoder_stack
+from .student import StudentLM, decoder_stack
 from .teacher import teacher_fingerprint
 
 SLSTM_BACKENDS = ("auto", "vanilla", "cuda")
@@ -360,8 +360,12 @@ class DistilXLSTMStudent(StudentLM):
         if self.lm_head.weight is not self.embed_tokens.weight:
             yield "lm_head.weight", self.lm_head.weight
 
-    def _forward_unpadded(self, input_ids, decode_state, output_hidden_states: bool, logits_to_keep: int,
-                          position_ids=None):  # no positions: the recurrence orders the tokens
+    @property
+    def head(self) -> nn.Linear:
+        return self.lm_head
+
+    def _body(self, input_ids, decode_state, output_hidden_states: bool,
+              position_ids=None):  # no positions: the recurrence orders the tokens
         x = self.embed_tokens(input_ids)
         hidden = [x] if output_hidden_states else None
         for idx, (block, kind) in enumerate(zip(self.backbone.blocks, self.block_kinds())):
@@ -375,12 +379,7 @@ class DistilXLSTMStudent(StudentLM):
                 decode_state.layers[idx] = XLSTMBlockState(tensors, pos + input_ids.shape[1])
             if output_hidden_states:
                 hidden.append(x)
-        x = self.backbone.post_blocks_norm(x)
-        if output_hidden_states:
-            hidden[-1] = x  # as Hugging Face: the last entry is after the final norm
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
-        return HybridCausalLMOutput(logits=logits, decode_state=decode_state,
-                                    hidden_states=tuple(hidden) if output_hidden_states else None)
+        return self.backbone.post_blocks_norm(x), hidden
 
 
 def distil_xlstm_from_teacher(teacher: nn.Module, cfg: DistilXLSTMConfig | None = None) -> DistilXLSTMStudent:

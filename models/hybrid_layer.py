@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from kernels import hybrid_attention, hybrid_attention_step
+from kernels import hybrid_attention, hybrid_attention_step, resolve_backend
 from kernels._common import head_rms_norm
 
 from .adapters import AttentionShape, FamilyAdapter, project_qkv
@@ -105,6 +106,11 @@ class HybridAttention(_TeacherProjections):
         if cfg.memory_norm == "rms":
             self.mlstm_norm_weight = nn.Parameter(torch.ones(H, D, **factory))
         self.mean_mix_gate: torch.Tensor | None = None  # mean o of the last training forward, for logs
+        # Training: keep only the op's inputs (q, k, v, the layer input for the gates) for the backward
+        # and recompute gates, RoPE, feature maps and the chunkwise op there. Their intermediates
+        # (per-chunk scores, states, window scores) are most of a step's activations; the Triton
+        # kernels recompute inside their own backward, so they are left alone.
+        self.recompute_in_backward = False
         self._folded: tuple | None = None  # (key, weight, bias) of folded_gate_projection's cache
         self.reset_gate_parameters()
 
@@ -190,8 +196,26 @@ class HybridAttention(_TeacherProjections):
         return (g + kv.reshape(B, H, T)).float() + self.mix_gate_bias.float()[:, None]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, decode_state=None, **kwargs):
-        cfg = self.cfg
         q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
+        if decode_state is None:
+            if self.recompute_in_backward and torch.is_grad_enabled() and self._torch_backend(q, v):
+                out = checkpoint(self._attend, hidden_states, q, k, v, position_embeddings, use_reentrant=False)
+            else:
+                out = self._attend(hidden_states, q, k, v, position_embeddings)
+        else:
+            out = self._attend(hidden_states, q, k, v, position_embeddings, decode_state)
+        if self.cfg.mode == "mlstm" and self.cfg.memory_norm == "rms":
+            # The op returns the raw memory read-out; the layer owns the norm (DESIGN §3).
+            out = head_rms_norm(out.float(), self.mlstm_norm_weight, self.cfg.norm_eps).to(q.dtype)
+        return self.output(out), None
+
+    def _torch_backend(self, q, v) -> bool:
+        cfg = self.cfg
+        return resolve_backend(cfg.backend, q.device, q.dtype, q.shape[-1], v.shape[-1], cfg.chunk_size) != "triton"
+
+    def _attend(self, hidden_states, q, k, v, position_embeddings, decode_state=None):
+        """Gates, RoPE, feature maps and the hybrid op: q, k, v (before RoPE) -> heads [B, H, T, Dv]."""
+        cfg = self.cfg
         i, f, g = self.gates(hidden_states, q, k, v)
         q, k = self.rope(q, k, position_embeddings)
         mq = mk = None
@@ -202,33 +226,29 @@ class HybridAttention(_TeacherProjections):
         opts = dict(scale=self.shape.scaling, norm_weight=getattr(self, "mlstm_norm_weight", None), norm_eps=cfg.norm_eps,
                     mq=mq, mk=mk, memory_norm=cfg.memory_norm)
         if decode_state is None:
-            out = hybrid_attention(q, k, v, i, f, g, window=cfg.window, sink_tokens=cfg.sink_tokens, mode=cfg.mode,
-                                   combine=cfg.combine, backend=cfg.backend, chunk_size=cfg.chunk_size, **opts)
+            return hybrid_attention(q, k, v, i, f, g, window=cfg.window, sink_tokens=cfg.sink_tokens, mode=cfg.mode,
+                                    combine=cfg.combine, backend=cfg.backend, chunk_size=cfg.chunk_size, **opts)
+        state = decode_state.layers[self.layer_idx]
+        if state is None:
+            out, state = hybrid_attention(
+                q, k, v, i, f, g, window=cfg.window, sink_tokens=cfg.sink_tokens, mode=cfg.mode,
+                combine=cfg.combine, backend=cfg.backend, chunk_size=cfg.chunk_size, return_state=True, **opts,
+            )
+        elif q.shape[2] == 1:  # the decoding step: no slicing, no concatenation
+            out, state = hybrid_attention_step(q, k, v, i, f, g, state, **opts)
         else:
-            state = decode_state.layers[self.layer_idx]
-            if state is None:
-                out, state = hybrid_attention(
-                    q, k, v, i, f, g, window=cfg.window, sink_tokens=cfg.sink_tokens, mode=cfg.mode,
-                    combine=cfg.combine, backend=cfg.backend, chunk_size=cfg.chunk_size, return_state=True, **opts,
-                )
-            elif q.shape[2] == 1:  # the decoding step: no slicing, no concatenation
-                out, state = hybrid_attention_step(q, k, v, i, f, g, state, **opts)
-            else:
-                steps = []
-                for t in range(q.shape[2]):
-                    sl = slice(t, t + 1)
-                    step_opts = {**opts, "mq": None if mq is None else mq[:, :, sl],
-                                 "mk": None if mk is None else mk[:, :, sl]}
-                    o_t, state = hybrid_attention_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], i[:, :, sl],
-                                                       f[:, :, sl], None if g is None else g[:, :, sl], state,
-                                                       **step_opts)
-                    steps.append(o_t)
-                out = torch.cat(steps, 2)
-            decode_state.layers[self.layer_idx] = state
-        if cfg.mode == "mlstm" and cfg.memory_norm == "rms":
-            # The op returns the raw memory read-out; the layer owns the norm (DESIGN §3).
-            out = head_rms_norm(out.float(), self.mlstm_norm_weight, cfg.norm_eps).to(q.dtype)
-        return self.output(out), None
+            steps = []
+            for t in range(q.shape[2]):
+                sl = slice(t, t + 1)
+                step_opts = {**opts, "mq": None if mq is None else mq[:, :, sl],
+                             "mk": None if mk is None else mk[:, :, sl]}
+                o_t, state = hybrid_attention_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], i[:, :, sl],
+                                                   f[:, :, sl], None if g is None else g[:, :, sl], state,
+                                                   **step_opts)
+                steps.append(o_t)
+            out = torch.cat(steps, 2)
+        decode_state.layers[self.layer_idx] = state
+        return out
 
 
 class FullAttention(_TeacherProjections):

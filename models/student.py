@@ -12,6 +12,7 @@ from transformers.utils import ModelOutput
 
 from .adapters import attention_shape, get_adapter
 from .config import HybridConfig
+from .head_loss import DEFAULT_CHUNK_TOKENS, ChunkLoss, head_loss
 from .hybrid_layer import FullAttention, HybridAttention
 from .state import DecodeState
 from .targets import IGNORE
@@ -24,6 +25,8 @@ class HybridCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     hidden_states: tuple | None = None
     decode_state: DecodeState | None = None
+    # with ``chunk_loss``: each component's detached total (the logits were never held at once)
+    loss_components: dict | None = None
 
 
 def decoder_stack(lm: nn.Module):
@@ -61,9 +64,10 @@ def _left_align(attention_mask: torch.Tensor):
 
 class StudentLM(nn.Module):
     """What every student family shares: the Hugging Face-style call (padding, labels, hidden
-    states, ``logits_to_keep``) and recurrent decoding through ``decode_state``. A family implements
-    ``skeleton``, ``_forward_unpadded``, ``new_parameters``, ``describe`` and the properties
-    ``config`` (the teacher's model config), ``family_config`` and ``num_layers``."""
+    states, ``logits_to_keep``, a loss over the head in chunks) and recurrent decoding through
+    ``decode_state``. A family implements ``skeleton``, ``_body``, ``new_parameters``, ``describe``
+    and the properties ``head`` (the vocabulary-sized linear layer), ``config`` (the teacher's model
+    config), ``family_config`` and ``num_layers``."""
 
     family = "student"
     tokenizer = None  # set by load_student when the folder has one
@@ -79,13 +83,22 @@ class StudentLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, decode_state: DecodeState | None = None,
                 labels=None, output_hidden_states: bool = False, use_cache: bool | None = None,
-                return_dict: bool | None = None, logits_to_keep: int = 0):
+                return_dict: bool | None = None, logits_to_keep: int = 0, chunk_loss: ChunkLoss | None = None,
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         # use_cache / return_dict are accepted so Hugging Face-style callers work unchanged: the
         # output is always a ModelOutput, and decoding state travels in ``decode_state``.
         # logits_to_keep (as in Hugging Face): 0 computes logits at every position, n > 0 only at
         # the last n; a prefill needs one row of the vocabulary-sized head, not T.
+        # chunk_loss (training): the loss it defines over the logits, computed chunk_tokens positions
+        # at a time with its gradient (models.head_loss); ``logits`` is then None.
         if logits_to_keep and labels is not None:
             raise ValueError("logits_to_keep and labels cannot be combined: the loss needs every position's logits")
+        if chunk_loss is not None and (labels is not None or logits_to_keep or decode_state is not None):
+            raise ValueError("chunk_loss is the whole loss over every position's logits: it cannot be combined with "
+                             "labels, logits_to_keep or decode_state; put the cross-entropy inside chunk_loss")
+        if chunk_loss is not None and attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("chunk_loss needs an unpadded batch (every attention_mask entry 1); mark padded positions "
+                             "IGNORE in the targets chunk_loss reads instead of padding the attention")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             if decode_state is not None:
                 raise ValueError("decode_state with a padded attention_mask is not supported; use models.generate")
@@ -106,13 +119,32 @@ class StudentLM(nn.Module):
                 hidden = tuple(h.gather(1, index.expand(-1, -1, h.shape[-1])) for h in out.hidden_states)
             loss = self._loss(logits, labels, attention_mask) if labels is not None else None
             return HybridCausalLMOutput(loss=loss, logits=logits, hidden_states=hidden)
-        out = self._forward_unpadded(input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids)
+        out = self._forward_unpadded(input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids,
+                                     chunk_loss, chunk_tokens)
         if labels is not None:
             out.loss = self._loss(out.logits, labels, attention_mask)
         return out
 
-    def _forward_unpadded(self, input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids=None):
-        raise NotImplementedError(f"{type(self).__name__} must implement _forward_unpadded")
+    def _forward_unpadded(self, input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids=None,
+                          chunk_loss=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+        hidden, all_hidden = self._body(input_ids, decode_state, output_hidden_states, position_ids)
+        if output_hidden_states:
+            all_hidden = (*all_hidden[:-1], hidden)  # as Hugging Face: the last entry is after the final norm
+        if chunk_loss is not None:
+            loss, components = head_loss(hidden, self.head, chunk_loss, chunk_tokens)
+            return HybridCausalLMOutput(loss=loss, loss_components=components, decode_state=decode_state,
+                                        hidden_states=all_hidden)
+        logits = self.head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return HybridCausalLMOutput(logits=logits, decode_state=decode_state, hidden_states=all_hidden)
+
+    def _body(self, input_ids, decode_state, output_hidden_states, position_ids=None):
+        """(the final-normed hidden states [B, T, d] the head reads, every layer's hidden states
+        (embeddings first) or None)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _body")
+
+    @property
+    def head(self) -> nn.Linear:
+        raise NotImplementedError(f"{type(self).__name__} must implement head")
 
     @staticmethod
     def _loss(logits, labels, attention_mask):
@@ -164,7 +196,11 @@ class HybridStudent(StudentLM):
     def describe(self) -> str:
         return self.hybrid_config.describe()
 
-    def _forward_unpadded(self, input_ids, decode_state, output_hidden_states, logits_to_keep, position_ids=None):
+    @property
+    def head(self) -> nn.Linear:
+        return self.lm.lm_head
+
+    def _body(self, input_ids, decode_state, output_hidden_states, position_ids=None):
         base = decoder_stack(self.lm)
         hidden_states = base.embed_tokens(input_ids)
         if position_ids is None:
@@ -178,12 +214,7 @@ class HybridStudent(StudentLM):
                                   position_embeddings=position_embeddings, decode_state=decode_state)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-        hidden_states = base.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden[-1] = hidden_states  # as Hugging Face: the last entry is after the final norm
-        logits = self.lm.lm_head(hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states)
-        return HybridCausalLMOutput(logits=logits, decode_state=decode_state,
-                                    hidden_states=tuple(all_hidden) if output_hidden_states else None)
+        return base.norm(hidden_states), all_hidden
 
 
 def student_from_config(model_config, hybrid_config: HybridConfig, dtype: torch.dtype = torch.float32) -> HybridStudent:

@@ -103,15 +103,27 @@ def test_prefill_rows_and_flops_from_the_models_own_weights(teacher_dir, tmp_pat
         assert r["prefill_tokens_per_s"] == pytest.approx(r["batch"] * r["prompt"] / r["ttft_s"])
 
 
-def test_train_measures_each_requested_stage(teacher_dir, tmp_path):
+def test_train_measures_each_requested_stage_under_each_plan_in_fresh_processes(teacher_dir, tmp_path):
     bench(teacher_dir, tmp_path).train(seq_len=16, batch=2, steps=1, warmup=1, top_k=4,
-                                       stages=["align", "kd_cached"])
-    rows = read_outputs(tmp_path, "train")["rows"]
-    assert [r["stage"] for r in rows] == ["align", "kd_cached"]
+                                       stages=["align", "kd_cached"], plans=["lean", "plain"])
+    payload = read_outputs(tmp_path, "train")
+    rows = payload["rows"]
+    assert [(r["stage"], r["plan"]) for r in rows] == [("align", "lean"), ("align", "plain"), ("kd_cached", "lean"),
+                                                       ("kd_cached", "plain")]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 and r["trainable_parameters"] > 0
     # alignment trains the new gate parameters only; KD trains the whole student
-    assert rows[0]["trainable_parameters"] < rows[1]["trainable_parameters"]
+    assert rows[0]["trainable_parameters"] < rows[2]["trainable_parameters"]
+    # the KD rows sit beside their FLOP floor; alignment has none
+    assert "floor_ms" not in rows[0] and rows[2]["floor_ms"] > 0 and rows[2]["over_floor"] > 0
+    assert payload["matmul_gflop_per_s"] > 0
+    assert [r["stage"] for r in payload["lean_against_plain"]] == ["align", "kd_cached"]
+    assert "lean / plain tokens/s" in (tmp_path / "train.md").read_text()
+
+
+def test_train_refuses_an_unknown_plan(teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown stage\\(s\\) or plan\\(s\\) tiny"):
+        bench(teacher_dir, tmp_path).train(plans=["tiny"])
 
 
 def test_kernels_table_has_every_op_at_every_length(teacher_dir, tmp_path):

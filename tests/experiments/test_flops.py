@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from experiments.flops import op_floor, prefill_flops
+from experiments.flops import op_floor, prefill_flops, training_step_flops
 from models import HybridConfig, load_teacher
 from tests.conftest import TINY
 from tests.fixtures import write_teacher
@@ -51,3 +51,14 @@ def test_op_floor_matches_hand_counts():
     backward = op_floor("hybrid backward", 1, 1, 1, 3, 2, 2, hybrid, 4)
     assert backward["flops"] == 3 * hybrid_forward["flops"]
     assert backward["bytes"] == 2 * hybrid_forward["bytes"] + 6 * 4
+
+
+def test_training_step_flops_are_three_student_forwards_with_the_head_everywhere(teacher_dir):
+    config = load_teacher(str(teacher_dir)).config
+    T, B = 40, 3
+    counts = prefill_flops(config, HYBRID, T)
+    head = 2 * config.hidden_size * config.vocab_size
+    forward = B * (counts["student_flops"] + (T - 1) * head)  # the head over all T positions
+    assert training_step_flops(config, HYBRID, "kd_cached", B, T) == 3 * forward
+    assert training_step_flops(config, HYBRID, "kd", B, T) == 3 * forward + B * (counts["teacher_flops"] + (T - 1) * head)
+    assert training_step_flops(config, HYBRID, "align", B, T) is None

@@ -390,3 +390,39 @@ def test_an_expert_trains_with_the_recipe_its_preset_resolved(env):
     assert (hp.domain, hp.top_k, hp.kd_tail, hp.lr_schedule, hp.preset) == ("math", 256, "renormalised", "constant", "paper")
     assert hp.alpha["start"] == 0.1 and hp.temperature["start"] == 1.0
     assert dict(expert.hparams_initial) == dict(hp)  # what hparams.yaml and TensorBoard record
+
+
+@pytest.mark.parametrize("setting", [dict(top_k=8), dict(top_k=None), dict(top_k=8, kd_tail="renormalised"),
+                                     dict(top_k=8, beta={"kind": "constant", "start": 0.2}), "cached"])
+def test_kd_step_in_chunks_with_recomputed_activations_equals_the_plain_step(env, tmp_path, setting):
+    """The memory plan changes what is kept, not what is computed: the loss and every gradient of
+    the lean step (loss over the vocabulary in chunks of 5 positions, recomputed hybrid op and MLP
+    product) equal those of the plain step, for sparse, dense, renormalised, Frobenius and cached KD."""
+    root, _ = env
+    dm = tiny_dm(env)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    kwargs = dict(top_k=8) if setting == "cached" else setting
+    if setting == "cached":
+        _, module = cached_blocks(env, tmp_path / "c", k=8, blocks=4)
+        cached = read_topk_cache(tmp_path / "c", tokenizer=dm.tokenizer, teacher=module.teacher)
+        batch = {k: cached[k] for k in ("input_ids", "labels", "topk_ids", "topk_logprobs")}
+    results = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        module = SparseKDModule(teacher=str(root / "teacher"), trainable="all", loss_chunk_tokens=5 if lean else None,
+                                recompute_activations=lean, **kwargs)
+        module.configure_model()
+        module.log = module.log_dict = lambda *a, **k: None
+        loss = module.training_step(batch, 0)
+        grads = torch.autograd.grad(loss, [p for p in module.student.parameters() if p.requires_grad])
+        results.append((loss.detach(), grads))
+    (plain_loss, plain_grads), (lean_loss, lean_grads) = results
+    assert lean_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    for g, e in zip(lean_grads, plain_grads):
+        assert ((g - e).norm() / e.norm().clamp_min(1e-30)).item() < 1e-4
+
+
+def test_loss_chunk_tokens_below_one_is_refused(env):
+    with pytest.raises(ValueError, match="loss_chunk_tokens=0 is invalid"):
+        SparseKDModule(teacher=str(env[0] / "teacher"), loss_chunk_tokens=0)

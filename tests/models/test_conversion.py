@@ -204,6 +204,45 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert rel_err(p.grad, plain[n]) < 1e-6, n
 
 
+def saved_bytes_and_grads(student, ids):
+    """Bytes autograd keeps for the backward of the attention modules' forwards in one training
+    step, and the gradients of the step."""
+    saved = {}
+
+    def pack(t):  # a tensor saved by several ops (the layer input by q, k and v) is kept once
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    contexts, handles = [], []
+    for layer in student.lm.model.layers:
+        def enter(module, args, contexts=contexts):
+            contexts.append(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+            contexts[-1].__enter__()
+
+        handles += [layer.self_attn.register_forward_pre_hook(enter),
+                    layer.self_attn.register_forward_hook(lambda *a: contexts.pop().__exit__(None, None, None))]
+    student.zero_grad()
+    loss = student(ids, labels=ids).loss
+    for h in handles:
+        h.remove()
+    loss.backward()
+    return sum(saved.values()), {n: p.grad.clone() for n, p in student.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "mlstm"])
+def test_recomputed_attention_gives_the_same_gradients_and_keeps_far_less(mode):
+    """recompute_in_backward: the op's intermediates are recomputed in the backward, not kept."""
+    student = convert_to_hybrid(make_teacher("qwen2"), HybridConfig(window=8, sink_tokens=2, chunk_size=16,
+                                                                     mode=mode)).train()
+    ids = torch.randint(0, 97, (2, 96), generator=torch.Generator().manual_seed(0))
+    kept_plain, plain = saved_bytes_and_grads(student, ids)
+    for layer in student.lm.model.layers:
+        layer.self_attn.recompute_in_backward = True
+    kept_recomputed, recomputed = saved_bytes_and_grads(student, ids)
+    for n, g in recomputed.items():
+        assert torch.equal(g, plain[n]), n  # the same ops on the same inputs: bit for bit
+    assert kept_recomputed < 0.25 * kept_plain, (kept_recomputed, kept_plain)
+
+
 def test_bfloat16_student_is_close_to_float32():
     teacher = make_teacher("llama")
     ids = torch.randint(0, 97, (2, 50))

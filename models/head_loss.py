@@ -1,0 +1,83 @@
+"""A loss over the vocabulary-sized head's logits that never holds them all (DESIGN §4).
+
+Training a 135 M model on 4 x 512 tokens with a 49,152-token vocabulary makes [B, T, V] float32
+logits of 384 MiB, and the loss keeps several tensors of that size alive until the backward (the
+logits, their log-softmax, the gradient). ``head_loss`` instead walks over the positions in chunks:
+for each chunk it computes the logits, the loss and the loss's gradient with respect to those
+logits, turns that gradient into the gradients of the hidden states and of the head's weight at
+once, and drops the chunk. The backward only scales what the forward stored, so nothing is
+recomputed: the FLOPs are those of the plain head (one product forward, two backward) and the
+memory is one chunk's logits plus two tensors the size of the hidden states and of the weight.
+
+Any loss that is a sum over positions works unchanged: the caller's function gets one chunk's
+logits and the rows they belong to, and returns that chunk's share of the total (e.g. a masked
+mean over the chunk times the chunk's share of the masked positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# chunk_loss(logits [n, V] of rows, rows) -> (that chunk's share of the loss: a scalar with a
+# gradient w.r.t. the logits, {name: detached value of a component's share, for logs})
+ChunkLoss = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+DEFAULT_CHUNK_TOKENS = 512
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk_loss, chunk_tokens, components):
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk_tokens):
+            rows = slice(start, min(start + chunk_tokens, n))
+            h = hidden[rows]
+            with torch.enable_grad():
+                logits = F.linear(h, weight, bias).detach().requires_grad_(True)
+                loss, parts = chunk_loss(logits, rows)
+                (grad_logits,) = torch.autograd.grad(loss, logits)
+            total += loss.detach().float()
+            for name, value in parts.items():
+                components[name] = components.get(name, 0.0) + value.detach().float()
+            grad_logits = grad_logits.to(h.dtype)
+            torch.matmul(grad_logits, weight, out=grad_hidden[rows])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+            del logits, grad_logits, loss
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_total.to(grad_hidden.dtype)
+        return (grad_hidden * scale, None if grad_weight is None else grad_weight * scale,
+                None if grad_bias is None else grad_bias * scale, None, None, None)
+
+
+def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, chunk_loss: ChunkLoss,
+              chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss ``chunk_loss`` defines over ``head(hidden)``, summed over chunks of ``chunk_tokens``
+    positions, with the gradients w.r.t. ``hidden`` and the head's parameters of the same loss over
+    the whole logits. ``hidden`` [..., d] (flattened to rows in order). Returns (loss, the summed
+    detached components ``chunk_loss`` reported). ``chunk_loss`` must not depend on anything
+    that needs a gradient other than the logits it is given.
+
+    ``head`` is called as its weight and bias, read inside the student's forward: under FSDP2 the
+    caller runs this inside the root module's forward, where the head's parameters are gathered."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens} is invalid; allowed values: an integer >= 1 (positions "
+                         "whose logits are computed at once)")
+    components: dict[str, torch.Tensor] = {}
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    loss = _ChunkedHeadLoss.apply(rows, head.weight, head.bias, chunk_loss, chunk_tokens, components)
+    return loss, components

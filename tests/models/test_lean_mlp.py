@@ -1,0 +1,69 @@
+"""The gated MLP with a lean backward: the teacher MLP's outputs and gradients (float64), half the
+saved intermediate-size tensors, and the plain path where a projection is wrapped."""
+
+import pytest
+import torch
+
+from models import HybridConfig, convert_to_hybrid
+from models.lean_mlp import LeanGatedMLP, lean_gated_mlps
+from tests.conftest import FAMILIES, make_teacher
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lean_mlp_gives_the_teacher_mlps_outputs_and_gradients(family):
+    teacher = make_teacher(family, mlp_bias=True) if family == "llama" else make_teacher(family)
+    plain = teacher.model.layers[0].mlp.double()
+    lean = LeanGatedMLP(plain)
+    x = torch.randn(2, 9, plain.gate_proj.in_features, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 9, plain.down_proj.out_features, dtype=torch.float64)
+    params = [x, *plain.parameters()]
+    expected = plain(x)
+    expected_grads = torch.autograd.grad(expected, params, grad_out)
+    got = lean(x)
+    got_grads = torch.autograd.grad(got, params, grad_out)
+    assert torch.equal(got, expected)  # the same ops in the same order
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_lean_mlp_keeps_half_the_intermediate_tensors():
+    mlp = make_teacher("llama").model.layers[0].mlp
+    ff = mlp.gate_proj.out_features
+    x = torch.randn(3, 7, mlp.gate_proj.in_features, requires_grad=True)
+
+    def saved_intermediate(module):
+        weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+        kept = set()
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights and t.numel() == 3 * 7 * ff:
+                kept.add(t.untyped_storage().data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        return len(kept)
+
+    # gate, up (lean) against gate, silu(gate), up, product (plain); the weights are not counted
+    assert saved_intermediate(LeanGatedMLP(mlp)) == 2
+    assert saved_intermediate(mlp) == 4
+
+
+def test_student_gets_lean_mlps_and_a_lora_wrapped_projection_takes_the_plain_path():
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig(window=4, sink_tokens=1))
+    ids = torch.randint(0, 97, (2, 10))
+    before = student(ids).logits
+    assert lean_gated_mlps(student) == 2 and lean_gated_mlps(student) == 0  # once per layer
+    assert all(isinstance(layer.mlp, LeanGatedMLP) for layer in student.lm.model.layers)
+    assert torch.equal(student(ids).logits, before)
+    assert all(".mlp.gate_proj.weight" in n or ".mlp." not in n for n, _ in student.named_parameters()
+               if n.endswith("gate_proj.weight"))
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["down_proj"]), student.lm)
+    student(ids).logits.sum().backward()  # the LoRA-wrapped down projection: the plain computation
+    assert all(layer.mlp.down_proj.lora_A["default"].weight.grad is not None for layer in student.lm.model.layers)
+
+
+def test_an_mlp_with_another_activation_is_left_alone():
+    teacher = make_teacher("llama", hidden_act="gelu")
+    assert lean_gated_mlps(teacher) == 0
