@@ -15,7 +15,7 @@ from models import (
     distil_xlstm_from_teacher, load_student, load_teacher,
 )
 from models.checkpoint import STUDENT_FAMILIES, StudentSettings, read_student_settings
-from models.lean_mlp import lean_gated_mlps
+from models.lean_backward import lean_backward
 from models.student import check_student_matches_teacher
 
 from .losses import IGNORE, heldout_metrics, next_token_targets
@@ -95,7 +95,8 @@ class DistillationModule(L.LightningModule):
                 every run reaches its peak learning rate.
             recompute_activations: the backward recomputes what is cheap to recompute instead of
                 keeping it: each hybrid layer keeps only its attention op's inputs (the Triton path
-                always recomputes the op), each gated MLP its two projections (``models.lean_mlp``).
+                always recomputes the op), each gated MLP its two projections and each RMS norm its
+                input (``models.lean_backward``).
                 Off (or with ``activation_checkpointing``): every intermediate is kept.
         """
         super().__init__()
@@ -161,7 +162,7 @@ class DistillationModule(L.LightningModule):
             if isinstance(module, HybridAttention):
                 module.recompute_in_backward = lean
         if lean and isinstance(self.student, HybridStudent):
-            lean_gated_mlps(self.student)
+            lean_backward(self.student)
         if self.sharded:
             self.shard_models()
 

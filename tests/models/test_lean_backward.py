@@ -1,11 +1,11 @@
-"""The gated MLP with a lean backward: the teacher MLP's outputs and gradients (float64), half the
-saved intermediate-size tensors, and the plain path where a projection is wrapped."""
+"""Modules with a lean backward: the teacher's gated MLP and RMS norm outputs and gradients
+(float64), fewer saved tensors, the plain path where a projection is wrapped, other norms left alone."""
 
 import pytest
 import torch
 
 from models import HybridConfig, convert_to_hybrid
-from models.lean_mlp import LeanGatedMLP, lean_gated_mlps
+from models.lean_backward import LeanGatedMLP, LeanRMSNorm, lean_gated_mlps, lean_rms_norms
 from tests.conftest import FAMILIES, make_teacher
 
 
@@ -67,3 +67,43 @@ def test_student_gets_lean_mlps_and_a_lora_wrapped_projection_takes_the_plain_pa
 def test_an_mlp_with_another_activation_is_left_alone():
     teacher = make_teacher("llama", hidden_act="gelu")
     assert lean_gated_mlps(teacher) == 0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lean_norm_gives_the_teacher_norms_outputs_and_gradients_and_olmo2_is_left_alone(family):
+    teacher = make_teacher(family).double()
+    replaced = lean_rms_norms(teacher)
+    assert replaced == (0 if family == "olmo2" else 2 * 2)  # two norms per layer, two layers
+    if family == "olmo2":
+        return
+    plain = make_teacher(family).double().model.layers[0].input_layernorm
+    with torch.no_grad():
+        plain.weight.normal_(1.0, 0.3)
+    lean = LeanRMSNorm(plain)
+    x = torch.randn(2, 9, plain.weight.shape[0], dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 9, plain.weight.shape[0], dtype=torch.float64)
+    expected = plain(x)
+    expected_grads = torch.autograd.grad(expected, [x, plain.weight], grad_out)
+    got = lean(x)
+    assert torch.equal(got, expected)
+    for g, e in zip(torch.autograd.grad(got, [x, plain.weight], grad_out), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)  # both norms compute in float32, as HF's does
+    with torch.no_grad():
+        assert torch.equal(lean(x), expected)
+
+
+def test_lean_norm_keeps_one_tensor_of_the_hidden_size():
+    norm = make_teacher("llama").model.layers[0].input_layernorm
+    x = torch.randn(3, 7, norm.weight.shape[0], requires_grad=True)
+
+    def saved_full_size(module):
+        kept = set()
+
+        def pack(t):
+            if t.numel() == x.numel():
+                kept.add(t.untyped_storage().data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        return len(kept)
+    assert saved_full_size(LeanRMSNorm(norm)) == 1 and saved_full_size(norm) == 2

@@ -1,4 +1,6 @@
-"""The gated MLP (Llama, Qwen, Mistral, OLMo: ``down(silu(gate(x)) * up(x))``) with a lean backward.
+"""Modules of the teacher's decoder layers whose backward keeps fewer tensors (DESIGN §4).
+
+The gated MLP (Llama, Qwen, Mistral, OLMo: ``down(silu(gate(x)) * up(x))``) with a lean backward.
 
 Autograd keeps four intermediate-size tensors per layer for the plain MLP (the gate projection,
 its SiLU, the up projection and their product, which the down projection saves). They are the
@@ -7,6 +9,10 @@ SmolLM2). ``LeanGatedMLP`` keeps the two projections only and recomputes SiLU an
 in the backward: elementwise work, no matrix product is repeated. Its forward computes exactly
 what the teacher's MLP does, in the same order, and it holds the teacher's own three
 projections under their own names, so state dicts and checkpoints do not change.
+
+The RMS norm likewise: Hugging Face's keeps its input and the normalised input (two tensors of the
+hidden size per norm, two norms per layer); ``LeanRMSNorm`` keeps the input and one number per
+position (1 / rms) and recomputes the normalised input in the backward.
 """
 
 from __future__ import annotations
@@ -78,3 +84,67 @@ def lean_gated_mlps(model: nn.Module) -> int:
             setattr(parent, attr, LeanGatedMLP(module))
             replaced += 1
     return replaced
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight * (x / rms(x)) in the order Hugging Face's Llama-style norm computes it, keeping x and
+    1 / rms(x) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, rstd, weight = ctx.saved_tensors
+        normed = x.to(torch.float32) * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_out * normed.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad_out * weight).to(torch.float32)
+            # d(x r)/dx applied to g: r (g - n mean(g n)), n = x r
+            grad_x = (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+# Norm classes whose forward is weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype) (OLMo2's
+# multiplies by the weight before casting back: left alone).
+LLAMA_STYLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+class LeanRMSNorm(nn.Module):
+    """A teacher's Llama-style RMS norm (its ``weight``, shared) keeping x and 1 / rms(x) for the
+    backward instead of x and x / rms(x)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+
+    def forward(self, hidden_states):
+        if torch.is_grad_enabled():
+            return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+        xf = hidden_states.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(hidden_states.dtype)
+
+
+def lean_rms_norms(model: nn.Module) -> int:
+    """Replace the Llama-style RMS norms of ``model``'s decoder layers (``input_layernorm``,
+    ``post_attention_layernorm``; not the heads' q/k norms) by ``LeanRMSNorm``; returns how many."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        attr = name.rsplit(".", 1)[-1]
+        if type(module).__name__ in LLAMA_STYLE_NORMS and attr in ("input_layernorm", "post_attention_layernorm"):
+            setattr(model.get_submodule(name.rsplit(".", 1)[0]), attr, LeanRMSNorm(module))
+            replaced += 1
+    return replaced
+
+
+def lean_backward(model: nn.Module) -> int:
+    """``lean_gated_mlps`` and ``lean_rms_norms`` on ``model``; returns how many modules changed."""
+    return lean_gated_mlps(model) + lean_rms_norms(model)
