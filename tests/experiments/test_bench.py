@@ -164,7 +164,7 @@ def test_bad_settings_are_refused_with_the_allowed_values(teacher_dir, tmp_path)
         bench(teacher_dir, tmp_path, dtype="float8")
     with pytest.raises(ValueError, match="must be non-empty lists of integers >= 1"):
         bench(teacher_dir, tmp_path, prompt_lengths=[0])
-    with pytest.raises(ValueError, match="unknown stage.*allowed values: align, kd, kd_cached"):
+    with pytest.raises(ValueError, match="unknown stage.*stage4; allowed values: stages align, kd, kd_cached"):
         bench(teacher_dir, tmp_path).train(stages=["stage4"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available here"):
