@@ -21,13 +21,14 @@ from experiments.bench_base import BenchBase
 from experiments.bench_report import markdown_table
 from experiments.flops import training_step_flops
 from experiments.measure import MiB, OUT_OF_MEMORY, PeakMemory, out_of_memory, timed
+from models.head_loss import DEFAULT_CHUNK_TOKENS
 from models.storage import write_json
 
 
 TRAIN_STAGES = ("align", "kd", "kd_cached", "distil_xlstm_kd")
 # The stages' settings of each plan (``lean`` is what they train with by default).
 MEMORY_PLANS = {
-    "lean": {"recompute_activations": True, "loss_chunk_tokens": 512},
+    "lean": {"recompute_activations": True, "loss_chunk_tokens": DEFAULT_CHUNK_TOKENS},
     "plain": {"recompute_activations": False, "loss_chunk_tokens": None},
 }
 
@@ -177,11 +178,11 @@ class TrainBenchmark(BenchBase):
         extra = {"steps": steps, "warmup": warmup, "top_k": top_k, "matmul_gflop_per_s": rate / 1e9}
         rows = []
         for stage in stages:
+            flops = training_step_flops(config, hybrid, stage, batch, seq_len) if hybrid is not None else None
             for plan in plans:
                 row = train_row_in_fresh_process(spec, stage, plan)
                 if "peak_bytes" in row:
                     row["peak_mib"] = row["peak_bytes"] / MiB
-                flops = training_step_flops(config, hybrid, stage, batch, seq_len) if hybrid is not None else None
                 if flops is not None and "ms_per_step" in row:
                     row.update(step_gflop=flops / 1e9, floor_ms=1e3 * flops / rate)
                     row["over_floor"] = row["ms_per_step"] / row["floor_ms"]

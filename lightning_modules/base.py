@@ -11,7 +11,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from models import (
-    DistilXLSTMConfig, DistilXLSTMStudent, HybridAttention, HybridConfig, HybridStudent, StudentLM, convert_to_hybrid,
+    DistilXLSTMConfig, DistilXLSTMStudent, HybridConfig, HybridStudent, StudentLM, convert_to_hybrid,
     distil_xlstm_from_teacher, load_student, load_teacher,
 )
 from models.checkpoint import STUDENT_FAMILIES, StudentSettings, read_student_settings
@@ -157,11 +157,8 @@ class DistillationModule(L.LightningModule):
         if hp.activation_checkpointing:
             # recompute each decoder layer in backward (transformers' GradientCheckpointingLayer)
             self.student.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lean = hp.recompute_activations and not hp.activation_checkpointing  # (a recomputed layer needs neither)
-        for module in self.student.modules():
-            if isinstance(module, HybridAttention):
-                module.recompute_in_backward = lean
-        if lean and isinstance(self.student, HybridStudent):
+        # (a decoder layer recomputed whole needs no recompute inside it)
+        if hp.recompute_activations and not hp.activation_checkpointing and isinstance(self.student, HybridStudent):
             lean_backward(self.student)
         if self.sharded:
             self.shard_models()

@@ -120,8 +120,8 @@ class SparseKDModule(DistillationModule):
             loss_chunk_tokens: the loss runs over the vocabulary-sized logits this many positions at a
                 time, with its gradient (``models.head_loss``): the [B, T, V] logits never exist at
                 once. null: the whole logits at once (more memory, same numbers).
-            recompute_activations: the backward recomputes the hybrid op and the gated MLP's SiLU
-                and product instead of keeping them (``DistillationModule``).
+            recompute_activations: the backward recomputes the hybrid op, the gated MLP's SiLU and
+                product and the RMS norms instead of keeping them (``DistillationModule``).
         """
         import inspect
 
@@ -211,11 +211,10 @@ class SparseKDModule(DistillationModule):
         """(top-k ids, top-k log-probs) or None with dense KD, the teacher's dense logits or None, and
         its hidden states or None. An online teacher's logits are reduced to its top-k here, so that
         the vocabulary-sized tensor is gone before the student's forward starts."""
-        if "topk_ids" in batch and not output_hidden_states:
-            k = self.top_k or batch["topk_ids"].shape[-1]
-            return (batch["topk_ids"][..., :k], batch["topk_logprobs"][..., :k]), None, None
-        with torch.no_grad():
-            t_out = self.teacher(batch["input_ids"], output_hidden_states=output_hidden_states)
+        t_out = None
+        if output_hidden_states or "topk_ids" not in batch:
+            with torch.no_grad():
+                t_out = self.teacher(batch["input_ids"], output_hidden_states=output_hidden_states)
         hidden = t_out.hidden_states if output_hidden_states else None
         if "topk_ids" in batch:
             k = self.top_k or batch["topk_ids"].shape[-1]

@@ -1,4 +1,7 @@
-"""Modules of the teacher's decoder layers whose backward keeps fewer tensors (DESIGN §4).
+"""The lean plan of a training step: modules whose backward keeps fewer tensors (DESIGN §4).
+``lean_backward`` applies all of it: the hybrid layers recompute their attention op in the
+backward (``HybridAttention.recompute_in_backward``), and the two modules below replace the
+teacher's gated MLPs and RMS norms.
 
 The gated MLP (Llama, Qwen, Mistral, OLMo: ``down(silu(gate(x)) * up(x))``) with a lean backward.
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .hybrid_layer import HybridAttention
 
 SILU_NAMES = ("silu", "swish")
 
@@ -146,5 +151,10 @@ def lean_rms_norms(model: nn.Module) -> int:
 
 
 def lean_backward(model: nn.Module) -> int:
-    """``lean_gated_mlps`` and ``lean_rms_norms`` on ``model``; returns how many modules changed."""
-    return lean_gated_mlps(model) + lean_rms_norms(model)
+    """The lean plan on ``model``: its hybrid layers recompute their attention op in the backward
+    (``HybridAttention.recompute_in_backward``), ``lean_gated_mlps`` and ``lean_rms_norms``;
+    returns how many modules changed."""
+    layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
+    for layer in layers:
+        layer.recompute_in_backward = True
+    return len(layers) + lean_gated_mlps(model) + lean_rms_norms(model)

@@ -413,6 +413,9 @@ def test_kd_step_in_chunks_with_recomputed_activations_equals_the_plain_step(env
         module = SparseKDModule(teacher=str(root / "teacher"), trainable="all", loss_chunk_tokens=5 if lean else None,
                                 recompute_activations=lean, **kwargs)
         module.configure_model()
+        layers = module.student.lm.model.layers
+        assert all(layer.self_attn.recompute_in_backward == lean for layer in layers)
+        assert all((type(layer.mlp).__name__ == "LeanGatedMLP") == lean for layer in layers)
         module.log = module.log_dict = lambda *a, **k: None
         loss = module.training_step(batch, 0)
         grads = torch.autograd.grad(loss, [p for p in module.student.parameters() if p.requires_grad])
