@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from models import load_student
 from models.storage import atomic_directory_write, json_text
 from models.checkpoint import (
+    verify_student_folder,
     CONFIG_NAME, FAMILY_SECTIONS, WEIGHTS_NAME, read_student_settings,
     skeleton_from_folder,
 )
@@ -184,6 +185,8 @@ def merge_students(paths, method: str = "mean", weights=None, base=None, out=Non
         raise ValueError(f"trim={trim!r} is not supported; allowed values: {', '.join(TRIMS)}")
     folders = paths + ([Path(base)] if base is not None else [])
     check_compatible(folders)
+    for folder in folders:  # every byte merged is the byte each expert was saved with
+        verify_student_folder(folder)
     w = torch.tensor(weights, dtype=torch.float32)
     merged: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:

@@ -3,7 +3,10 @@
 The folder reloads without the teacher and without ``trust_remote_code``: config.json holds the
 teacher's model config (to rebuild the skeleton with ``transformers``), the student family
 (``hybrid`` or ``distil_xlstm``; folders without one are hybrid) and that family's config.
-Writes are atomic: everything goes to a temporary sibling folder that is renamed into place.
+Writes are atomic: everything goes to a temporary sibling folder that is renamed into place, with a
+manifest (each file's size and SHA-256) written last; readers check config.json against it before
+reading a field and every file before loading weights (format version 2: the manifest is required;
+version 1 folders predate it and load unverified).
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from .config import HybridConfig
-from .storage import atomic_directory_write, json_text, recover_directory
+from .storage import (
+    MANIFEST_NAME, atomic_directory_write, json_text, previous_versions, read_manifest, recover_directory,
+    verify_directory,
+)
 
 FORMAT = "xdistill-hybrid-student"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the folder carries a manifest (models.storage.MANIFEST_NAME); 1: before manifests
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 # student family -> the config.json field holding its configuration
@@ -61,18 +67,35 @@ def read_config_json(path) -> dict:
     recover_directory(path)
     cfg_file = path / CONFIG_NAME
     if not path.is_dir():
-        raise FileNotFoundError(f"student folder {path} does not exist (expected a folder written by models.save_student)")
+        leftovers = previous_versions(path)
+        found = (f"; {', '.join(p.name for p in leftovers)} beside it "
+                 f"{'is a previous version' if len(leftovers) == 1 else 'are previous versions'} whose replacement "
+                 "was killed and which did not verify against its manifest (half-deleted): rerun the stage that "
+                 "writes it") if leftovers else ""
+        raise FileNotFoundError(f"student folder {path} does not exist (expected a folder written by "
+                                f"models.save_student){found}")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} is missing: {path} is not a student folder written by models.save_student")
+    manifest = read_manifest(path)
+    if manifest is not None:  # an edited config.json would build another model from the same weights
+        verify_directory(path, _CHANGED_ADVICE, only={CONFIG_NAME})
     try:
         config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{cfg_file} is not valid JSON ({err}); the folder is corrupt, save the student again") from err
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ValueError(
             f"{cfg_file}: field 'format' is {config.get('format') if isinstance(config, dict) else None!r}, "
             f"expected {FORMAT!r} (is this a plain Hugging Face model? load it with models.load_teacher)"
         )
+    version = config.get("format_version", 1)
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"{cfg_file}: field 'format_version' is {version!r}; this xdistill reads versions "
+                         f"1..{FORMAT_VERSION} (a newer xdistill wrote the folder: upgrade xdistill; otherwise the "
+                         "file was edited: save the student again)")
+    if version >= 2 and manifest is None:
+        raise ValueError(f"{path / MANIFEST_NAME} is missing: {path} (format_version {version}) cannot be verified, "
+                         f"files were removed or the folder was copied in part. {_CHANGED_ADVICE}")
     family = config.get("family", "hybrid")
     if family not in FAMILY_SECTIONS:
         raise ValueError(f"{cfg_file}: field 'family' is {family!r}; allowed values: {', '.join(FAMILY_SECTIONS)}")
@@ -82,6 +105,19 @@ def read_config_json(path) -> dict:
     if "model_type" not in config["teacher_config"]:
         raise ValueError(f"{cfg_file}: field 'teacher_config.model_type' is missing")
     return config
+
+
+_CHANGED_ADVICE = ("The folder was changed after models.save_student wrote it: copy it again from where it came "
+                   "from, or rerun the stage (or merge) that writes it")
+
+
+def verify_student_folder(path) -> dict | None:
+    """Check every file of a saved student against its manifest (config.json, weights, tokenizer),
+    naming the first that differs; returns the manifest (None for a version-1 folder, which has none).
+    Reads every byte once: about 0.8 s per GB on one core."""
+    path = Path(path)
+    config = read_config_json(path)
+    return verify_directory(path, _CHANGED_ADVICE, required=config.get("format_version", 1) >= 2)
 
 
 @dataclass(frozen=True)
@@ -171,6 +207,7 @@ def load_student(path, dtype: torch.dtype | None = None, device=None):
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing; the student folder is incomplete")
+    verify_student_folder(path)
     _check_shapes(student, weights, path / CONFIG_NAME)
     try:
         missing, unexpected = load_model(student, str(weights), strict=False, device="cpu")

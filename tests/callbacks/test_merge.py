@@ -131,12 +131,15 @@ def test_tokenizers_saved_with_other_load_options_still_merge_but_another_vocabu
     import json
     import shutil
 
+    from models.storage import write_manifest
+
     copy = tmp_path / "code_copy"
     shutil.copytree(experts["code"], copy)
     config_path = copy / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["local_files_only"] = not config.get("local_files_only", False)  # what an offline load saves
     config_path.write_text(json.dumps(config))
+    write_manifest(copy)  # as saved that way (a hand edit is refused: tests/models/test_checkpoint.py)
     merge_students([experts["math"], copy])
     vocab_path = copy / "tokenizer.json"
     tok = json.loads(vocab_path.read_text())
@@ -144,6 +147,7 @@ def test_tokenizers_saved_with_other_load_options_still_merge_but_another_vocabu
     first = next(iter(vocab))
     vocab[first + "_renamed"] = vocab.pop(first)
     vocab_path.write_text(json.dumps(tok))
+    write_manifest(copy)
     with pytest.raises(ValueError, match="tokenizers differ"):
         merge_students([experts["math"], copy])
 

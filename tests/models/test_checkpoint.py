@@ -48,10 +48,45 @@ def saved(tmp_path):
     return save_student(student, tmp_path / "s")
 
 
-def edit_config(path, fn):
+def edit_config(path, fn, record: bool = True):
+    """Change config.json; ``record``: record the change in the manifest too (a folder written wrong
+    on purpose, to reach the field checks), else leave the manifest as saved (a folder edited by hand)."""
+    from models.storage import write_manifest
+
     cfg = json.loads((path / "config.json").read_text())
     fn(cfg)
     (path / "config.json").write_text(json.dumps(cfg))
+    if record:
+        write_manifest(path)
+
+
+@pytest.mark.parametrize("field, value", [("mode", "swa"), ("combine", "shared_norm")])
+def test_a_hand_edited_config_is_refused_naming_the_file(saved, field, value):
+    edit_config(saved, lambda c: c["hybrid_config"].update({field: value}), record=False)
+    for read in (load_student, __import__("models.checkpoint", fromlist=["x"]).read_student_settings):
+        with pytest.raises(ValueError, match=r"s/config.json does not match .*xdistill-manifest.json.*rerun the stage"):
+            read(saved)
+
+
+def test_a_newer_format_version_is_refused(saved):
+    edit_config(saved, lambda c: c.update(format_version=99))
+    with pytest.raises(ValueError, match=r"'format_version' is 99; this xdistill reads versions 1..2.*upgrade"):
+        load_student(saved)
+
+
+def test_overwritten_weight_bytes_are_refused_before_they_load(saved):
+    weights = saved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4000:] = b"\xff" * 4000  # same size: the safetensors header still parses, the values do not
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors does not match .*SHA-256 .*same size, different bytes"):
+        load_student(saved)
+
+
+def test_a_version_2_folder_without_its_manifest_is_refused(saved):
+    (saved / "xdistill-manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"xdistill-manifest.json is missing.*cannot be verified"):
+        load_student(saved)
 
 
 def test_bad_hybrid_field_is_named(saved):
@@ -94,7 +129,7 @@ def test_missing_model_type_and_foreign_format(saved):
 def test_truncated_weights_are_refused(saved):
     data = (saved / "model.safetensors").read_bytes()
     (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
+    with pytest.raises(ValueError, match="model.safetensors does not match .*truncated"):
         load_student(saved)
 
 
