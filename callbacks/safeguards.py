@@ -5,6 +5,7 @@ first training step, so a wrong path or a full disk costs seconds, not a run."""
 from __future__ import annotations
 
 import errno
+import pickle
 import shutil
 import zipfile
 from pathlib import Path
@@ -14,23 +15,77 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from models.storage import atomic_file_write, unwritable_reason
+from models.storage import atomic_file_write, sidecar_of, unwritable_reason
 
 from .student_export import StudentExportCallback
 
+_VERIFIED: dict[tuple, bool] = {}  # (path, size, mtime_ns) of checkpoints already checked in this process
+LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict")
+
+
+def _other_checkpoints(path: Path) -> str:
+    kept = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
+    where = f"another checkpoint in {path.parent} ({', '.join(kept)})" if kept else "an earlier checkpoint"
+    return f"resume from {where}, or start the stage over without --ckpt_path"
+
+
 def check_checkpoint_file(path) -> Path:
-    """Refuse a missing, truncated or foreign checkpoint by name before anything loads it (a torch
-    checkpoint is a zip archive whose directory sits at its end, so a truncated one has none)."""
+    """Refuse, by name and before any model loads, a checkpoint ``--ckpt_path`` cannot resume: missing,
+    empty, truncated (a torch checkpoint is a zip archive whose directory sits at its end), damaged
+    (its bytes differ from the manifest saved beside it, or, for one saved without, a zip member's CRC
+    fails: torch itself checks neither), holding pickled objects (refused rather than run: it is read
+    with ``weights_only=True``), or a torch file that is not a Lightning checkpoint."""
+    from models.storage import ArtifactMismatch, verify_file
+
     path = Path(path)
     if path.is_dir():
         return path  # a distributed (FSDP) checkpoint folder: its own loader checks it
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check --ckpt_path (or pass --ckpt_path last to "
                                 "resume from the newest checkpoint of this run, or start from scratch)")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return path
+    if stat.st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): a write that never started or a copy that "
+                         f"failed; {_other_checkpoints(path)}")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"checkpoint {path} is truncated or not a torch checkpoint ({path.stat().st_size} bytes, no "
-                         "zip directory at its end); resume from an earlier checkpoint in "
-                         f"{path.parent} or start over without --ckpt_path")
+        raise ValueError(f"checkpoint {path} is truncated or not a torch checkpoint ({stat.st_size} bytes, no "
+                         f"zip directory at its end); {_other_checkpoints(path)}")
+    try:
+        advice = _other_checkpoints(path)
+        verified = verify_file(path, advice[:1].upper() + advice[1:])
+    except ArtifactMismatch as err:
+        raise ValueError(f"checkpoint {err}") from None
+    with zipfile.ZipFile(path) as archive:
+        members = archive.namelist()
+        if not any(name.endswith("data.pkl") for name in members):
+            raise ValueError(f"checkpoint {path} is a zip archive without a torch payload (no data.pkl among its "
+                             f"{len(members)} members): not a checkpoint; {_other_checkpoints(path)}")
+        broken = None if verified else archive.testzip()  # CRCs: what a manifest would have caught
+    if broken is not None:
+        raise ValueError(f"checkpoint {path} is damaged: member {broken!r} fails its CRC check (bytes changed after "
+                         f"it was written); {_other_checkpoints(path)}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).splitlines()[-1] if str(err) else type(err).__name__
+        raise ValueError(f"checkpoint {path} holds pickled Python objects that a weights-only load refuses "
+                         f"({first.strip()[:200]}); xdistill never unpickles code from a checkpoint, and its own "
+                         f"checkpoints hold tensors and plain data only, so this file was not written by "
+                         f"experiments.run: {_other_checkpoints(path)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is "
+                         f"truncated or damaged; {_other_checkpoints(path)}") from None
+    missing = [k for k in LIGHTNING_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        kind = f"a dict with keys {sorted(payload)[:6]}" if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is a torch file but not a Lightning training checkpoint (it holds {kind}; missing "
+                         f"{', '.join(repr(k) for k in missing)}). --ckpt_path resumes a run from the last.ckpt "
+                         "experiments.run wrote; to start a stage from a saved student use "
+                         "--model.init_args.student_ckpt <student folder>")
+    _VERIFIED[key] = True
     return path
 
 
@@ -42,7 +97,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
       across file systems is a copy: a kill or a full disk during that copy leaves a truncated
       checkpoint under the real name.) A failed write leaves the previous checkpoint untouched and
       says so.
-    - **load**: always ``weights_only=True``; an unreadable file is refused by name.
+      The file's size and SHA-256 go to a sidecar ``<name>.sha256.json`` (removed with the checkpoint).
+    - **load**: checked first (``check_checkpoint_file``: the sidecar, or the zip CRCs of a checkpoint
+      saved without one, the payload, the Lightning keys); always ``weights_only=True``.
     """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
@@ -51,7 +108,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options for local paths")
         try:
-            atomic_file_write(path, lambda tmp: torch.save(checkpoint, tmp))
+            atomic_file_write(path, lambda tmp: torch.save(checkpoint, tmp), manifest=True)
         except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
             kept = sorted(p.name for p in Path(path).parent.glob("*.ckpt"))
             cause = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
@@ -62,6 +119,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                           f"half-written; the checkpoints already in {Path(path).parent} are intact "
                           f"({', '.join(kept) or 'none yet'}). Free space (or choose another --checkpoint.dirpath) "
                           "and rerun the same command with --ckpt_path last to resume") from err
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        if "://" not in str(path):
+            sidecar_of(path).unlink(missing_ok=True)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         if "://" not in str(path):

@@ -308,12 +308,75 @@ class NotATensor:
     pass
 
 
+def lightning_like(**extra):
+    """The keys a Lightning checkpoint always has, and a tensor big enough to damage in the middle."""
+    return {"pytorch-lightning_version": "2.6.0", "state_dict": {"w": torch.arange(40_000, dtype=torch.float32)},
+            "global_step": 4, **extra}
+
+
 def test_checkpoints_load_only_with_weights_only(tmp_path):
     from callbacks.safeguards import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
-    io.save_checkpoint({"w": torch.ones(3), "step": 4}, tmp_path / "good.ckpt")
-    assert io.load_checkpoint(tmp_path / "good.ckpt", weights_only=False)["step"] == 4
-    torch.save({"w": torch.ones(3), "payload": NotATensor()}, tmp_path / "pickled.ckpt")
-    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path / 'pickled.ckpt'} cannot be read with weights_only=True"):
+    io.save_checkpoint(lightning_like(), tmp_path / "good.ckpt")
+    assert io.load_checkpoint(tmp_path / "good.ckpt", weights_only=False)["global_step"] == 4
+    torch.save(lightning_like(payload=NotATensor()), tmp_path / "pickled.ckpt")
+    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path / 'pickled.ckpt'} holds pickled Python objects"):
         io.load_checkpoint(tmp_path / "pickled.ckpt", weights_only=False)  # the caller cannot turn it off
+
+
+def _zero_the_middle(path, nbytes=10_000):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + nbytes] = bytes(nbytes)
+    path.write_bytes(bytes(data))
+
+
+def test_a_saved_checkpoint_carries_a_manifest_and_damaged_bytes_are_refused(tmp_path):
+    """Torch does not check a zip member's CRC: 10 KB zeroed in the middle of a checkpoint used to
+    resume with zeroed optimizer moments. The manifest names it; a checkpoint saved without one
+    (by an older xdistill or another tool) is caught by the CRCs."""
+    from callbacks.safeguards import AtomicCheckpointIO, check_checkpoint_file
+
+    io = AtomicCheckpointIO()
+    ckpt = tmp_path / "last.ckpt"
+    io.save_checkpoint(lightning_like(), ckpt)
+    sidecar = json.loads((tmp_path / "last.ckpt.sha256.json").read_text())
+    assert sidecar["files"]["last.ckpt"]["bytes"] == ckpt.stat().st_size
+    torch.load(ckpt, weights_only=True)  # what torch alone would do after the damage: nothing
+    _zero_the_middle(ckpt)
+    assert torch.load(ckpt, weights_only=True)["state_dict"]["w"].eq(0).sum() > 1000  # loads, silently zeroed
+    with pytest.raises(ValueError, match=r"checkpoint .*last.ckpt does not match .*last.ckpt.sha256.json: its SHA-256"):
+        check_checkpoint_file(ckpt)
+    (tmp_path / "last.ckpt.sha256.json").unlink()
+    with pytest.raises(ValueError, match=r"last.ckpt is damaged: member .* fails its CRC check"):
+        check_checkpoint_file(ckpt)
+    io.remove_checkpoint(ckpt)
+    io.save_checkpoint(lightning_like(), ckpt)
+    io.remove_checkpoint(ckpt)  # the sidecar goes with its checkpoint
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ("pickled", r"holds pickled Python objects .* not written by experiments.run"),
+    ("empty_zip", r"zip archive without a torch payload"),
+    ("empty_file", r"is empty \(0 bytes\)"),
+    ("plain_tensors", r"is a torch file but not a Lightning training checkpoint .*missing 'pytorch-lightning_version'"
+                      r".*--model.init_args.student_ckpt"),
+])
+def test_a_checkpoint_it_cannot_resume_is_refused_in_project_words_before_any_model_loads(
+        env, tmp_path, no_model_loads, content, message):
+    import zipfile
+
+    ckpt = tmp_path / "given.ckpt"
+    if content == "pickled":
+        torch.save(lightning_like(payload=NotATensor()), ckpt)
+    elif content == "empty_zip":
+        zipfile.ZipFile(ckpt, "w").close()
+    elif content == "empty_file":
+        ckpt.write_bytes(b"")
+    else:
+        torch.save({"w": torch.ones(3)}, ckpt)
+    with pytest.raises(ValueError, match=message) as err:
+        main(stage_cli_args(*env, "kd", tmp_path, 2, ["--ckpt_path", str(ckpt)]))
+    assert str(ckpt) in str(err.value) and "weights_only=False" not in str(err.value)
