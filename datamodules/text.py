@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from models.storage import atomic_file_write
+from models.storage import ArtifactMismatch, atomic_file_write, verify_file
 
 from .loader import ResumableDataLoader
 from .sources import DataSource
@@ -168,10 +168,15 @@ class TextDataModule(L.LightningDataModule):
                                          self.seed, self.val_fraction]).encode()).hexdigest()[:20]
         path = self._cache_root() / f"{source.label}-{key}.safetensors"
         if path.is_file():
+            # A derived cache: one that does not verify (damaged, or cut short before its sidecar) is
+            # rebuilt from the source, saying why, rather than trained on or refused.
             try:
+                verify_file(path, "Rebuilding it from the source.", required=True)
                 return load_file(str(path))
-            except (SafetensorError, OSError) as err:  # a derived cache: rebuild it rather than fail
-                warnings.warn(f"tokenised-data cache {path} cannot be read ({err}); rebuilding it")
+            except ArtifactMismatch as err:
+                warnings.warn(f"tokenised-data cache: {err}")
+            except (SafetensorError, OSError) as err:
+                warnings.warn(f"tokenised-data cache {path} cannot be read ({err}); rebuilding it from the source")
         records = source.load()
         out = {}
         for split, want_val in (("train", False), ("val", True)):
@@ -181,7 +186,8 @@ class TextDataModule(L.LightningDataModule):
             out[f"{split}_input_ids"] = torch.stack([b[0] for b in blocks]) if blocks else empty
             out[f"{split}_labels"] = torch.stack([b[1] for b in blocks]) if blocks else empty
         metadata = {"source": str(source.path), "seq_len": str(self.seq_len)}
-        atomic_file_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, str(tmp), metadata=metadata))
+        atomic_file_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in out.items()}, str(tmp),
+                                                      metadata=metadata), manifest=True)
         return out
 
     def _mixture(self, per_source: list[dict]) -> dict[str, torch.Tensor]:

@@ -4,21 +4,27 @@ trains without running the teacher. The manifest's fingerprint (teacher, tokeniz
 checked on every read: a cache made for another tokenizer or teacher is refused, never misused.
 
 Layout: <out>/manifest.json and <out>/shard-00000.safetensors, ... (input_ids, labels [N, L] int64,
-topk_ids [N, L, k] int32, topk_logprobs [N, L, k] float32). Shards are written atomically and a
-rerun skips the shards that are already complete, so an interrupted build resumes.
+topk_ids [N, L, k] int32, topk_logprobs [N, L, k] float32). Shards are written atomically, each with
+its size and SHA-256 in a sidecar; a rerun skips the shards that verify, so an interrupted build
+resumes. The manifest, written last, records every shard's size and SHA-256; readers check each
+shard against it and refuse one that differs, naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from models.storage import atomic_file_write, write_json
+from models.storage import (
+    ArtifactMismatch, atomic_file_write, check_file, read_manifest as read_file_manifest, verify_file,
+    write_json,
+)
 from models.teacher import teacher_fingerprint
 
 from .tokenization import tokenizer_fingerprint
@@ -60,7 +66,11 @@ def write_topk_cache(teacher, tokenizer, input_ids: torch.Tensor, labels: torch.
     for s in range(n_shards):
         path = out / _shard_name(s)
         if path.is_file():
-            continue
+            try:
+                if verify_file(path, "", required=True):
+                    continue
+            except ArtifactMismatch as err:  # cut short between the rename and its sidecar, or damaged since
+                warnings.warn(f"top-k cache: rebuilding {path.name}: {err}")
         lo, hi = s * shard_blocks, min((s + 1) * shard_blocks, len(input_ids))
         ids_list, lp_list = [], []
         for b in range(lo, hi, batch_size):
@@ -70,9 +80,11 @@ def write_topk_cache(teacher, tokenizer, input_ids: torch.Tensor, labels: torch.
             lp_list.append(lp.cpu())
         tensors = {"input_ids": input_ids[lo:hi].contiguous(), "labels": labels[lo:hi].contiguous(),
                    "topk_ids": torch.cat(ids_list), "topk_logprobs": torch.cat(lp_list)}
-        atomic_file_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-    manifest = {"format": FORMAT, "fingerprint": fingerprint, "shards": [_shard_name(s) for s in range(n_shards)],
-                "blocks": int(len(input_ids))}
+        atomic_file_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}), manifest=True)
+    shards = [_shard_name(s) for s in range(n_shards)]
+    files = {name: read_file_manifest(out / name)["files"][name] for name in shards}
+    manifest = {"format": FORMAT, "fingerprint": fingerprint, "shards": shards, "blocks": int(len(input_ids)),
+                "files": files}
     write_json(manifest_path, manifest)
     return out
 
@@ -106,8 +118,16 @@ def read_topk_cache(path, *, tokenizer=None, teacher=None) -> dict[str, torch.Te
     """All shards of a cache as one dict of tensors, after checking its fingerprint."""
     manifest = check_fingerprint(path, tokenizer=tokenizer, teacher=teacher)
     parts = []
+    recorded = manifest.get("files")  # None: a cache built before shards were recorded (read unverified)
     for name in manifest["shards"]:
         shard = Path(path) / name
+        if recorded is not None:
+            try:
+                check_file(shard, recorded.get(name, {}), Path(path) / MANIFEST,
+                           f"Delete {shard} and rerun the command that built the cache (python -m "
+                           "experiments.topk_cache, same arguments): it rebuilds that shard and keeps the others")
+            except ArtifactMismatch as err:
+                raise ValueError(f"top-k cache: {err}") from None
         try:
             parts.append(load_file(str(shard)))
         except (SafetensorError, OSError) as err:

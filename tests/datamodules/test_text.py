@@ -67,16 +67,32 @@ def test_second_run_reads_the_cache(env, tmp_path, monkeypatch):
     assert len(dm.train_set) > 0
 
 
-def test_a_truncated_data_cache_is_rebuilt_with_a_warning(env, tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "no_sidecar"])
+def test_a_data_cache_that_does_not_verify_is_rebuilt_naming_the_file(env, tmp_path, damage):
     first = make_dm(env, tmp_path)
     first.setup("fit")
     (cache,) = (tmp_path / "cache").glob("*.safetensors")
-    cache.write_bytes(cache.read_bytes()[:100])
+    sidecar = cache.with_name(cache.name + ".sha256.json")
+    assert sidecar.is_file()
+    data = cache.read_bytes()
+    if damage == "truncated":
+        cache.write_bytes(data[:100])
+        expected = rf"{cache} does not match .*sha256.json: it has 100 bytes"
+    elif damage == "overwritten":  # the header parses, the tokens are wrong: only the digest sees it
+        cache.write_bytes(data[:-64] + bytes(64))
+        expected = rf"{cache} does not match .*its SHA-256"
+    else:  # a kill between the cache's rename and its sidecar
+        sidecar.unlink()
+        expected = rf"{sidecar} is missing"
     again = make_dm(env, tmp_path)
-    with pytest.warns(UserWarning, match=rf"cache {cache} cannot be read.*rebuilding it"):
+    with pytest.warns(UserWarning, match=expected + ".*Rebuilding it from the source"):
         again.setup("fit")
     assert torch.equal(again.train_set.tensors["input_ids"], first.train_set.tensors["input_ids"])
-    assert len(cache.read_bytes()) > 100
+    from safetensors.torch import load_file
+
+    from models.storage import verify_file
+
+    assert verify_file(cache, "") and load_file(str(cache))["train_input_ids"].shape[0] > 0  # rewritten whole
 
 
 def test_mixture_weights(env, tmp_path):

@@ -223,6 +223,34 @@ def test_topk_cache_loss_equals_online_loss(env, tmp_path):
     assert set(next(iter(dm_cache.train_dataloader()))) >= {"input_ids", "labels", "topk_ids", "topk_logprobs"}
 
 
+def test_a_damaged_topk_shard_is_refused_by_name_and_a_rerun_rebuilds_only_it(env, tmp_path):
+    import json
+    import warnings
+
+    dm, module = cached_blocks(env, tmp_path / "c", k=4, blocks=6, shard_blocks=2)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert set(manifest["files"]) == set(manifest["shards"]) == {f"shard-0000{i}.safetensors" for i in range(3)}
+    before = read_topk_cache(tmp_path / "c", tokenizer=dm.tokenizer)
+    shard = tmp_path / "c" / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100:] = bytes(100)  # log-probabilities zeroed: a valid file that trains on wrong targets
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"top-k cache: .*shard-00001.safetensors does not match .*manifest.json: "
+                                         r"its SHA-256.*rerun the command that built the cache"):
+        read_topk_cache(tmp_path / "c", tokenizer=dm.tokenizer)
+    untouched = {name: (tmp_path / "c" / name).stat().st_mtime_ns for name in ("shard-00000.safetensors",
+                                                                               "shard-00002.safetensors")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train = dm.train_set.tensors
+        write_topk_cache(module.teacher, dm.tokenizer, train["input_ids"][:6], train["labels"][:6], 4, tmp_path / "c",
+                         shard_blocks=2)
+    assert any("rebuilding shard-00001.safetensors" in str(w.message) for w in caught)
+    assert untouched == {name: (tmp_path / "c" / name).stat().st_mtime_ns for name in untouched}
+    after = read_topk_cache(tmp_path / "c", tokenizer=dm.tokenizer)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+
+
 def test_cache_for_another_tokenizer_is_refused(env, tmp_path):
     root, _ = env
     dm, _ = cached_blocks(env, tmp_path / "c", k=4, blocks=2)
