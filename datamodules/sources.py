@@ -34,6 +34,9 @@ class DataSource:
     """Share of this source in the training mixture (relative to the others)."""
     max_documents: int | None = None
     """Read at most this many documents."""
+    allow_missing_text: bool = False
+    """Skip records whose ``text_field`` is missing or not a string (counted and reported) instead of
+    refusing the source; empty strings are always skipped and counted."""
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -59,7 +62,9 @@ class DataSource:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def load(self, streaming: bool = False):
-        """The records, through ``datasets.load_dataset``; clear errors for missing files."""
+        """The records, through ``datasets.load_dataset``; clear errors for missing files. Local json,
+        jsonl and txt files are checked line by line first (not when streaming: a record's problem is
+        then named when it is reached), so a bad byte, line or record is named with its file and line."""
         import datasets
 
         if self.is_local():
@@ -72,7 +77,18 @@ class DataSource:
                 raise ValueError(f"data source {self.path!r}: no file with a supported extension "
                                  f"({', '.join(LOCAL_BUILDERS)})")
             builder = LOCAL_BUILDERS[files[0].suffix]
-            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
+            if not streaming:
+                for f in files:
+                    scan_local_file(f, self)
+            try:
+                ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                           streaming=streaming)
+            except Exception as err:  # datasets buries the cause in a chain of its own errors
+                cause = err
+                while cause.__cause__ is not None or cause.__context__ is not None:
+                    cause = cause.__cause__ or cause.__context__
+                raise ValueError(f"data source {self.path!r} cannot be read by datasets' {builder!r} reader "
+                                 f"({type(cause).__name__}: {str(cause)[:300]})") from err
         else:
             try:
                 ds = datasets.load_dataset(self.path, self.subset, split=self.split, streaming=streaming)
@@ -88,3 +104,114 @@ class DataSource:
         if self.max_documents is not None:
             ds = ds.take(self.max_documents) if streaming else ds.select(range(min(self.max_documents, len(ds))))
         return ds
+
+
+def _line_problem(path: Path, line: int, what: str, source: DataSource) -> ValueError:
+    return ValueError(f"{path}, line {line}: {what} (data source {source.label!r})")
+
+
+def scan_local_file(path: Path, source: DataSource) -> dict:
+    """Check a local json/jsonl/txt file line by line before ``datasets`` reads it: UTF-8, JSON syntax,
+    one object per line, the text or messages field. Returns counts ({"records", "skipped", "empty"});
+    a problem raises ``ValueError`` naming the file, the line and what was expected."""
+    path = Path(path)
+    counts = {"records": 0, "skipped": 0, "empty": 0}
+    if path.suffix == ".json":
+        raw = path.read_bytes()
+        try:
+            whole = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise _line_problem(path, line, f"byte {raw[err.start]:#04x} is not UTF-8; re-encode the file as UTF-8",
+                                source) from None
+        except json.JSONDecodeError:
+            whole = None  # JSON lines under a .json name: read line by line below
+        if isinstance(whole, list):
+            lines = [(i + 1, record) for i, record in enumerate(whole)]
+            return _check_records(path, lines, source, counts)
+    lines = []
+    with open(path, "rb") as f:
+        for number, raw_line in enumerate(f, 1):
+            try:
+                text = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _line_problem(path, number, f"byte {raw_line[err.start]:#04x} at column {err.start + 1} is not "
+                                    "UTF-8; re-encode the file as UTF-8", source) from None
+            if not text.strip():
+                continue
+            if path.suffix == ".txt":
+                lines.append((number, None))
+                continue
+            try:
+                lines.append((number, json.loads(text)))
+            except json.JSONDecodeError as err:
+                raise _line_problem(path, number, f"not valid JSON: {err.msg} (column {err.colno}); each line "
+                                    "of a .jsonl file must be one JSON object", source) from None
+    if not lines:
+        raise ValueError(f"{path} has no records (the file is empty or blank): data source {source.label!r} needs "
+                         "at least one document; remove the source or fill the file")
+    if path.suffix == ".txt":
+        counts["records"] = len(lines)
+        return counts
+    return _check_records(path, lines, source, counts)
+
+
+def _check_records(path: Path, lines: list, source: DataSource, counts: dict) -> dict:
+    first_skipped = None
+    for number, record in lines:
+        counts["records"] += 1
+        if not isinstance(record, dict):
+            raise _line_problem(path, number, f"a JSON {type(record).__name__}, expected an object with field "
+                                f"{source.text_field if source.format == 'text' else source.messages_field!r}", source)
+        problem = record_problem(record, source)
+        if problem == "empty":
+            counts["empty"] += 1
+        elif problem is not None and source.format == "text" and source.allow_missing_text:
+            counts["skipped"] += 1
+            first_skipped = first_skipped or number
+        elif problem is not None:
+            raise _line_problem(path, number, problem, source)
+    if not lines:
+        raise ValueError(f"{path} holds an empty list: data source {source.label!r} has no records")
+    report_skipped(source, path, counts, first_skipped and f"line {first_skipped}")
+    return counts
+
+
+def record_problem(record: dict, source: DataSource) -> str | None:
+    """What is wrong with one record for this source (None: usable, "empty": an empty text)."""
+    if source.format == "text":
+        value = record.get(source.text_field)
+        if isinstance(value, str):
+            return "empty" if not value else None
+        fields = ", ".join(map(repr, list(record)[:6])) or "none"
+        got = "missing" if source.text_field not in record else f"a {type(value).__name__}, not a string"
+        return (f"field {source.text_field!r} is {got} (fields: {fields}); set DataSource.text_field to the column "
+                "holding the text, or allow_missing_text: true to skip such records")
+    messages = record.get(source.messages_field)
+    if not isinstance(messages, list) or not messages:
+        got = "missing" if source.messages_field not in record else f"{type(messages).__name__} {str(messages)[:40]!r}"
+        return (f"field {source.messages_field!r} is {got}; format 'chat' expects a non-empty list of "
+                "{\"role\": ..., \"content\": ...} messages (DataSource.messages_field names the field)")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"message {index} is a {type(message).__name__}, expected an object with 'role' and 'content'"
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                got = "missing" if key not in message else f"a {type(message.get(key)).__name__}"
+                return f"message {index} has {key!r} {got}; every message needs 'role' and 'content' strings"
+    return None
+
+
+def report_skipped(source: DataSource, where, counts: dict, first) -> None:
+    """Say how many records a source lost (no text, or an empty one)."""
+    import warnings
+
+    if counts["skipped"] or counts["empty"]:
+        parts = []
+        if counts["skipped"]:
+            parts.append(f"{counts['skipped']} without a string {source.text_field!r} (first at {first}; "
+                         "allow_missing_text)")
+        if counts["empty"]:
+            parts.append(f"{counts['empty']} with an empty {source.text_field!r}")
+        warnings.warn(f"data source {source.label!r} ({where}): skipped {' and '.join(parts)} of "
+                      f"{counts['records']} records")

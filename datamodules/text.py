@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from models.storage import ArtifactMismatch, atomic_file_write, verify_file
 
 from .loader import ResumableDataLoader
-from .sources import DataSource
+from .sources import DataSource, record_problem
 from .tokenization import encode_chat, encode_text, pack, tokenizer_fingerprint
 
 
@@ -50,16 +50,21 @@ class BlockDataset(Dataset):
 
 
 def _examples(source: DataSource, records, tokenizer, keep):
+    """Encoded documents of the kept records; a record this source cannot use is named by its index
+    (local json/jsonl files were checked line by line before: ``sources.scan_local_file``)."""
     field = source.text_field if source.format == "text" else source.messages_field
     for index, record in enumerate(records):
         if not keep(index):
             continue
-        value = record[field]
+        problem = record_problem(record, source)
+        if problem == "empty" or (problem is not None and source.format == "text" and source.allow_missing_text):
+            continue
+        if problem is not None:
+            raise ValueError(f"data source {source.label!r} ({source.path}), record {index}: {problem}")
         if source.format == "text":
-            if value:
-                yield encode_text(tokenizer, value)
+            yield encode_text(tokenizer, record[field])
         else:
-            yield encode_chat(tokenizer, value)
+            yield encode_chat(tokenizer, record[field])
 
 
 def balanced_validation(per_source: list[dict], cap: int | None) -> dict[str, torch.Tensor]:
