@@ -131,6 +131,7 @@ class TextDataModule(L.LightningDataModule):
         streaming: bool = False,
         cache_dir: str | None = None,
         topk_cache: str | None = None,
+        trust_remote_code: bool = False,
     ):
         """
         Args:
@@ -147,16 +148,25 @@ class TextDataModule(L.LightningDataModule):
             streaming: read sources lazily and pack on the fly (no cache, no mixture_blocks).
             cache_dir: where tokenised blocks are cached (default: $XDISTILL_CACHE/data).
             topk_cache: folder written by ``experiments.topk_cache``: train on its blocks and top-k.
+            trust_remote_code: allow a tokenizer that ships its own code (linked to the model's setting
+                on the command line).
         """
         super().__init__()
         if seq_len < 2:
             raise ValueError(f"seq_len={seq_len} is invalid; allowed values: >= 2")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction={val_fraction} is invalid; allowed values: 0 <= val_fraction < 1")
+        # refused here, when the data module is built (before any model loads), not in the DataLoader
+        for key, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                  ("max_val_blocks", max_val_blocks, 1), ("mixture_blocks", mixture_blocks, 1)):
+            if value is not None and (type(value) is not int or value < least):
+                raise ValueError(f"data.{key}={value!r} is invalid; allowed values: an integer >= {least}"
+                                 + ("" if key in ("batch_size", "num_workers") else " (or null)"))
         self.tokenizer_name, self.sources = tokenizer, list(sources or [])
         self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
         self.max_val_blocks, self.mixture_blocks, self.seed = max_val_blocks, mixture_blocks, seed
         self.num_workers, self.streaming, self.topk_cache = num_workers, streaming, topk_cache
+        self.trust_remote_code = trust_remote_code
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.tokenizer = None
         self.train_set = self.val_set = None
@@ -221,7 +231,7 @@ class TextDataModule(L.LightningDataModule):
 
         if not self.sources and not self.topk_cache:
             raise ValueError("TextDataModule needs data: set data.sources (a list of DataSource) or data.topk_cache")
-        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        self.tokenizer = load_tokenizer(self.tokenizer_name, trust_remote_code=self.trust_remote_code)
         if self.streaming:
             self.train_set = PackedStream(self.sources, self.tokenizer, self.seq_len, self.seed, self.val_fraction, False)
             self.val_set = PackedStream(self.sources, self.tokenizer, self.seq_len, self.seed, self.val_fraction, True)

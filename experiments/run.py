@@ -84,6 +84,15 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
 
     model = _get(cfg, "model.init_args", {})
     seq_len = _get(cfg, "data.seq_len")
+    teacher_name = _get(model, "teacher")
+    if teacher_name:
+        from models.adapters import get_adapter
+        from models.teacher import check_teacher_source
+
+        check_teacher_source(teacher_name)  # a path that is not there, named as one (not as a bad hub id)
+        teacher_cfg = _teacher_config(teacher_name, bool(_get(model, "trust_remote_code", False)))
+        if teacher_cfg is not None:
+            get_adapter(teacher_cfg)  # an unsupported family, from its config, before its weights load
     student_ckpt = _get(model, "student_ckpt")
     family = _get(model, "student_family", "hybrid")
     hybrid = _get(model, "hybrid", {})
@@ -181,6 +190,8 @@ class XDistillCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # the data is tokenised with the teacher's tokenizer unless the config says otherwise
         parser.link_arguments("model.init_args.teacher", "data.tokenizer", apply_on="parse")
+        # a tokenizer that ships code is the teacher's: the same permission covers both
+        parser.link_arguments("model.init_args.trust_remote_code", "data.trust_remote_code", apply_on="parse")
         # always-on callbacks, each configurable under its own key (--checkpoint.monitor, ...)
         # Checkpoints are for resuming (the stage's output is the student exported when fit ends): the
         # newest one every 100 steps. No monitored metric by default: Lightning defers a step-interval

@@ -325,10 +325,28 @@ def unwritable_reason(folder) -> str | None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
-        return f"{err.strerror or err} ({type(err).__name__}, errno {err.errno})"
+        return _write_failure(folder, err)
     finally:
         try:
             probe.unlink()
         except OSError:
             pass
     return None
+
+
+def _write_failure(folder: Path, err: OSError) -> str:
+    """Why a write under ``folder`` failed, in words that say what to change."""
+    import errno
+
+    blocking = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"{blocking} is a file where a folder is needed (move or rename it, or choose another folder)"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        existing = next((p for p in [folder, *folder.parents] if p.exists()), folder)
+        return (f"permission denied: {existing} is not writable by this user (a read-only folder or one owned by "
+                "someone else; fix its permissions or choose another folder)")
+    if err.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system (choose a folder on a writable disk)"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left for {folder} (the disk or the user's quota is full; free space or choose another disk)"
+    return f"{err.strerror or err} ({type(err).__name__}, errno {err.errno})"

@@ -79,12 +79,67 @@ def _resolve(name_or_path: str) -> str:
     return str(embedded_teacher_dir()) if str(name_or_path) in EMBEDDED_ALIASES else str(name_or_path)
 
 
+def check_teacher_source(name_or_path) -> str:
+    """Refuse a teacher name that can only be a local path and is not a model folder, before anything
+    loads (transformers would call it a malformed hub id). Returns the name unchanged."""
+    name = str(name_or_path)
+    if name in EMBEDDED_ALIASES:
+        return name
+    path = Path(name).expanduser()
+    expected = (f"expected a local folder with config.json and the weights, a hub id such as "
+                f"'HuggingFaceTB/SmolLM2-135M-Instruct', or {EMBEDDED_TEACHER!r} (the embedded default)")
+    if path.is_file():
+        raise ValueError(f"teacher {name!r} is a file, not a model folder; {expected}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"teacher folder {name!r} has no config.json, so it is not a Hugging Face model "
+                                    f"folder (write one with model.save_pretrained); {expected}")
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or not name.strip():
+        raise FileNotFoundError(f"teacher {name!r} does not exist; {expected}")
+    return name
+
+
+def _remote_code_refusal(name, err):
+    return ValueError(f"the teacher {name} ships its own modelling code, which is never run unless you allow it: read "
+                      "that code, then set model.init_args.trust_remote_code true (or trust_remote_code=True)")
+
+
+def teacher_config(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   gguf_file: str | None = None):
+    """The teacher's Hugging Face config, read without its weights, and checked to be a supported family
+    (so an unsupported teacher is refused before gigabytes load)."""
+    from transformers import AutoConfig
+
+    name = check_teacher_source(name_or_path)
+    source = _resolve(name)
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise _remote_code_refusal(name, err) from err
+        raise
+    except OSError as err:
+        if Path(source).expanduser().is_dir():
+            raise
+        raise OSError(f"teacher {name!r} is not a local folder and the Hugging Face hub could not provide it "
+                      f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); offline, download it on a machine "
+                      "with access (huggingface-cli download) and pass the folder") from err
+    get_adapter(config)
+    return config
+
+
 def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, *, device=None, revision: str | None = None,
                  attn_implementation: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None):
     """A frozen teacher (eval mode, no gradients) from a hub id, a local folder or the embedded
-    default (``"smollm2-135m-instruct"``). Raises ValueError for unsupported families."""
+    default (``"smollm2-135m-instruct"``). Raises ValueError for unsupported families, from the
+    config alone, before the weights load."""
     from transformers import AutoModelForCausalLM
 
+    teacher_config(name_or_path, revision=revision, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     kwargs = dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -95,10 +150,7 @@ def load_teacher(name_or_path: str, dtype: torch.dtype = torch.float32, *, devic
     except ValueError as err:
         if "trust_remote_code" not in str(err) or trust_remote_code:
             raise
-        raise ValueError(f"the teacher {name_or_path} ships its own modelling code, which is never run unless you "
-                         "allow it: read that code, then set model.init_args.trust_remote_code true (or "
-                         "trust_remote_code=True)") from err
-    get_adapter(model.config)
+        raise _remote_code_refusal(name_or_path, err) from err
     model.eval().requires_grad_(False)
     return model.to(device) if device is not None else model
 
@@ -107,4 +159,12 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     """The tokenizer of a teacher (same names as ``load_teacher``) or of a saved student folder."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_resolve(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
+    name = check_teacher_source(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(_resolve(name), revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise ValueError(f"the tokenizer of {name} ships its own code, which is never run unless you allow it: "
+                             "read that code, then set model.init_args.trust_remote_code true (the data module "
+                             "follows it)") from err
+        raise

@@ -172,7 +172,7 @@ def test_read_only_folder_is_detected(tmp_path):
     folder.mkdir()
     if os.geteuid() != 0:
         folder.chmod(0o555)
-        assert "Permission denied" in unwritable_reason(folder)
+        assert f"permission denied: {folder} is not writable by this user" in unwritable_reason(folder)
         return
     if shutil.which("unshare") is None:
         pytest.skip("running as root without unshare(1): no way to make a read-only folder")
@@ -183,7 +183,7 @@ def test_read_only_folder_is_detected(tmp_path):
     if "mount:" in done.stderr or "unshare:" in done.stderr:
         pytest.skip(f"no private read-only mount possible here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "Read-only file system" in done.stdout and "errno 30" in done.stdout
+    assert f"{folder} is on a read-only file system (choose a folder on a writable disk)" in done.stdout
 
 
 def test_too_little_free_space_is_refused_before_the_first_step(env, tmp_path, monkeypatch):
@@ -380,3 +380,52 @@ def test_a_checkpoint_it_cannot_resume_is_refused_in_project_words_before_any_mo
     with pytest.raises(ValueError, match=message) as err:
         main(stage_cli_args(*env, "kd", tmp_path, 2, ["--ckpt_path", str(ckpt)]))
     assert str(ckpt) in str(err.value) and "weights_only=False" not in str(err.value)
+
+
+def _gpt2_folder(folder):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=97).save_pretrained(folder)  # a config, no weights
+    return folder
+
+
+@pytest.mark.parametrize("teacher, error, message", [
+    ("{tmp}/no/such/teacher", FileNotFoundError, r"teacher '.*/no/such/teacher' does not exist; expected a local folder "
+                                                 r"with config.json and the weights, a hub id"),
+    ("{tmp}/empty_folder", FileNotFoundError, r"teacher folder '.*empty_folder' has no config.json"),
+    ("{tmp}/gpt2", ValueError, r"unsupported teacher architecture model_type='gpt2'; supported families: .*llama"),
+])
+def test_a_teacher_that_cannot_serve_is_refused_before_any_model_loads(env, tmp_path, no_model_loads, teacher, error,
+                                                                       message):
+    (tmp_path / "empty_folder").mkdir()
+    _gpt2_folder(tmp_path / "gpt2")
+    args = stage_cli_args(*env, "kd", tmp_path, 2)
+    args[args.index("--model.init_args.teacher") + 1] = teacher.format(tmp=tmp_path)
+    with pytest.raises(error, match=message):
+        main(args)
+
+
+def test_an_unsupported_teacher_is_refused_from_its_config_before_its_weights(tmp_path):
+    from models import load_teacher
+
+    # the folder has no weights at all: reaching them would fail differently
+    with pytest.raises(ValueError, match="unsupported teacher architecture model_type='gpt2'"):
+        load_teacher(str(_gpt2_folder(tmp_path / "gpt2")))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("--data.batch_size", "-1", r"data.batch_size=-1 is invalid; allowed values: an integer >= 1"),
+    ("--data.batch_size", "0", r"data.batch_size=0 is invalid"),
+    ("--data.num_workers", "-2", r"data.num_workers=-2 is invalid; allowed values: an integer >= 0"),
+    ("--data.max_val_blocks", "0", r"data.max_val_blocks=0 is invalid; allowed values: an integer >= 1 \(or null\)"),
+])
+def test_bad_data_numbers_are_refused_before_any_model_loads(env, tmp_path, no_model_loads, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        main(stage_cli_args(*env, "kd", tmp_path, 2, [key, value]))
+
+
+def test_trust_remote_code_reaches_the_data_modules_tokenizer(env, tmp_path, no_model_loads):
+    cli = main(stage_cli_args(*env, "kd", tmp_path, 2, ["--model.init_args.trust_remote_code", "true"])[1:], run=False)
+    assert cli.datamodule.trust_remote_code is True and cli.model.hparams.trust_remote_code is True
+    cli = main(stage_cli_args(*env, "kd", tmp_path, 2)[1:], run=False)
+    assert cli.datamodule.trust_remote_code is False

@@ -43,7 +43,25 @@ def test_unwritable_reason_names_the_error_and_leaves_no_probe(tmp_path):
     assert unwritable_reason(tmp_path / "new") is None and list((tmp_path / "new").iterdir()) == []
     (tmp_path / "file").write_text("x")
     reason = unwritable_reason(tmp_path / "file" / "below")  # a file where a folder should be
-    assert reason is not None and "errno" in reason
+    assert reason == f"{tmp_path / 'file'} is a file where a folder is needed (move or rename it, or choose another folder)"
+
+
+def test_a_permission_error_is_said_as_one_naming_the_folder(tmp_path, monkeypatch):
+    """(Root writes anywhere, so the refusal is simulated at the open the probe makes.)"""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def denied(path, *args, **kwargs):
+        if "write-probe" in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    assert unwritable_reason(tmp_path) == (f"permission denied: {tmp_path} is not writable by this user (a read-only "
+                                           "folder or one owned by someone else; fix its permissions or choose "
+                                           "another folder)")
 
 
 def _version_folder(path, version: str, files: int = 6):
