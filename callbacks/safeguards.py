@@ -29,12 +29,14 @@ def _other_checkpoints(path: Path) -> str:
     return f"resume from {where}, or start the stage over without --ckpt_path"
 
 
-def check_checkpoint_file(path) -> Path:
+def check_checkpoint_file(path, *, again: bool = False) -> Path:
     """Refuse, by name and before any model loads, a checkpoint ``--ckpt_path`` cannot resume: missing,
     empty, truncated (a torch checkpoint is a zip archive whose directory sits at its end), damaged
     (its bytes differ from the manifest saved beside it, or, for one saved without, a zip member's CRC
     fails: torch itself checks neither), holding pickled objects (refused rather than run: it is read
-    with ``weights_only=True``), or a torch file that is not a Lightning checkpoint."""
+    with ``weights_only=True``), or a torch file that is not a Lightning checkpoint. A file already
+    checked by this process and unchanged since (size, modification time) is not read twice unless
+    ``again``."""
     from models.storage import ArtifactMismatch, verify_file
 
     path = Path(path)
@@ -45,7 +47,7 @@ def check_checkpoint_file(path) -> Path:
                                 "resume from the newest checkpoint of this run, or start from scratch)")
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key in _VERIFIED:
+    if key in _VERIFIED and not again:
         return path
     if stat.st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): a write that never started or a copy that "

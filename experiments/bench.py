@@ -5,6 +5,7 @@
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml train     # tokens/s, peak memory per stage
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml kernels   # the hybrid op's forms
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml kd_memory # top-k vs dense KD loss
+    python -m experiments.bench --config configs/bench/smollm2-cpu.yaml integrity # what manifests cost
     python -m experiments.bench --config configs/bench/gpu.yaml decode            # on a GPU: bf16, to 64k
 
 Every key can be overridden on the command line (``--prompt_lengths '[256, 1024]' decode --steps 8``).
@@ -32,6 +33,7 @@ from __future__ import annotations
 from jsonargparse import CLI
 
 from experiments.bench_decode import DecodeBenchmarks
+from experiments.bench_integrity import IntegrityBenchmark
 from experiments.bench_kd_memory import KdMemoryBenchmark, kd_loss_peak, kd_loss_peak_in_fresh_process
 from experiments.bench_kernels import KernelsBenchmark
 from experiments.bench_prefill import PrefillBenchmark
@@ -40,8 +42,10 @@ from experiments.bench_train import TRAIN_STAGES, TrainBenchmark
 __all__ = ["Bench", "TRAIN_STAGES", "kd_loss_peak", "kd_loss_peak_in_fresh_process", "main"]
 
 
-class Bench(DecodeBenchmarks, PrefillBenchmark, TrainBenchmark, KdMemoryBenchmark, KernelsBenchmark):
-    """Student against teacher: decode, prefill, training steps and the hybrid op's kernels."""
+class Bench(DecodeBenchmarks, PrefillBenchmark, TrainBenchmark, KdMemoryBenchmark, KernelsBenchmark,
+            IntegrityBenchmark):
+    """Student against teacher: decode, prefill, training steps and the hybrid op's kernels; what the
+    artifacts' manifests cost."""
 
 
 def main(args: list[str] | None = None):

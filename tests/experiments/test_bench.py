@@ -179,6 +179,23 @@ def test_kd_memory_writes_both_variants(teacher_dir, tmp_path):
     assert written["logits_tensor_mib"] == pytest.approx(2 * 32 * TINY["vocab_size"] * 4 / 2**20)
 
 
+def test_integrity_writes_and_reads_both_artifacts_both_ways_and_restores_the_writers(teacher_dir, tmp_path):
+    import models.checkpoint as checkpoint
+    import models.storage as storage
+
+    real = (storage.write_manifest, checkpoint.verify_student_folder)
+    payload = bench(teacher_dir, tmp_path / "out").integrity(repeats=1)
+    written = read_outputs(tmp_path / "out", "integrity")
+    assert written == json.loads(json.dumps(payload))
+    assert [(r["artifact"].split(" ")[0], r["operation"]) for r in written["rows"]] == [
+        ("student", "write"), ("student", "read"), ("KD", "write"), ("KD", "read")]
+    student_bytes = written["rows"][0]["bytes"]
+    assert written["rows"][2]["bytes"] > 2 * student_bytes  # weights and two moments per weight
+    assert all(r["plain_s"] > 0 and r["verified_s"] > 0 for r in written["rows"])
+    assert (storage.write_manifest, checkpoint.verify_student_folder) == real
+    assert not list(tmp_path.glob("xdistill-integrity-*"))  # the scratch folder is gone
+
+
 def test_a_distil_xlstm_student_folder_is_measured_without_floor_or_flops_model(teacher_dir, tmp_path):
     from models import distil_xlstm_from_teacher, save_student
 
@@ -200,7 +217,7 @@ def test_the_commands_are_the_benchmarks_and_nothing_else():
 
     public = {name for name, value in inspect.getmembers(Bench)
               if (callable(value) or isinstance(value, property)) and not name.startswith("_")}
-    assert public == {"decode", "decode_layers", "prefill", "train", "kd_memory", "kernels"}
+    assert public == {"decode", "decode_layers", "prefill", "train", "kd_memory", "kernels", "integrity"}
 
 
 def test_the_parts_import_public_names_only_and_never_the_entry_point():
