@@ -99,10 +99,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
       across file systems is a copy: a kill or a full disk during that copy leaves a truncated
       checkpoint under the real name.) A failed write leaves the previous checkpoint untouched and
       says so.
-      The file's size and SHA-256 go to a sidecar ``<name>.sha256.json`` (removed with the checkpoint).
+      The file's size and SHA-256 go to a sidecar ``<name>.sha256.json`` (removed with the checkpoint),
+      unless ``manifest`` is off (``--checkpoint_manifest false``: multi-GB checkpoints saved often,
+      where hashing costs about 1 s per GB; ``docs/results/integrity``): resuming then checks the zip CRCs.
     - **load**: checked first (``check_checkpoint_file``: the sidecar, or the zip CRCs of a checkpoint
       saved without one, the payload, the Lightning keys); always ``weights_only=True``.
     """
+
+    def __init__(self, manifest: bool = True):
+        super().__init__()
+        self.manifest = manifest
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if "://" in str(path):  # object stores have their own atomic uploads
@@ -110,7 +116,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options for local paths")
         try:
-            atomic_file_write(path, lambda tmp: torch.save(checkpoint, tmp), manifest=True)
+            atomic_file_write(path, lambda tmp: torch.save(checkpoint, tmp), manifest=self.manifest)
         except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
             kept = sorted(p.name for p in Path(path).parent.glob("*.ckpt"))
             cause = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"

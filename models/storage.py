@@ -284,9 +284,8 @@ def atomic_file_write(path, write, *, manifest: bool = False) -> Path:
     try:
         write(tmp)
         fsync_tree(tmp)
-        if manifest:
-            digest = file_digest(tmp)
-            sidecar_of(path).unlink(missing_ok=True)
+        digest = file_digest(tmp) if manifest else None
+        sidecar_of(path).unlink(missing_ok=True)  # any sidecar describes the old content
         os.replace(tmp, path)
         if manifest:
             write_json(sidecar_of(path), _manifest_payload({path.name: digest}))

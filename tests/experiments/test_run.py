@@ -429,3 +429,19 @@ def test_trust_remote_code_reaches_the_data_modules_tokenizer(env, tmp_path, no_
     assert cli.datamodule.trust_remote_code is True and cli.model.hparams.trust_remote_code is True
     cli = main(stage_cli_args(*env, "kd", tmp_path, 2)[1:], run=False)
     assert cli.datamodule.trust_remote_code is False
+
+
+def test_checkpoint_manifests_can_be_turned_off_and_resuming_still_checks_the_crcs(env, tmp_path):
+    args = checkpointed(env, "align", tmp_path, 2, 2, ["--checkpoint_manifest", "false"])
+    cli = main(args)
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    assert cli.trainer.strategy.checkpoint_io.manifest is False
+    assert ckpt.is_file() and not (tmp_path / "ckpt" / "last.ckpt.sha256.json").exists()
+    from callbacks.safeguards import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint(torch.load(ckpt, weights_only=True), ckpt)  # with a sidecar
+    AtomicCheckpointIO(manifest=False).save_checkpoint(torch.load(ckpt, weights_only=True), ckpt)
+    assert not (tmp_path / "ckpt" / "last.ckpt.sha256.json").exists()  # never left describing old bytes
+    _zero_the_middle(ckpt)
+    with pytest.raises(ValueError, match="fails its CRC check"):
+        main(checkpointed(env, "align", tmp_path, 4, 2, ["--ckpt_path", str(ckpt)]))
