@@ -143,7 +143,11 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_says_so(env,
     assert "Nothing was half-written" in failed.stderr and "are intact (last.ckpt)" in failed.stderr
     assert "--ckpt_path last" in failed.stderr
     assert torch.load(out / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
-    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["last.ckpt"]  # no half-written leftovers
+    # no half-written leftovers; the kept checkpoint still matches the manifest saved with it
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["last.ckpt", "last.ckpt.sha256.json"]
+    from models.storage import verify_file
+
+    assert verify_file(out / "ckpt" / "last.ckpt", "", required=True)
 
 
 def test_unwritable_output_folder_is_refused_before_training(env, tmp_path, monkeypatch):
