@@ -8,11 +8,17 @@ Every (stage, plan) row runs in a fresh spawned process that builds only that st
 process that had trained another stage before would reuse its freed pages without growing its
 resident set, and would hold the benchmark's own loaded models, both of which would blur the
 peak. One module per benchmark keeps ``experiments.bench`` an entry point.
+
+``allocators`` runs the rows again under other memory allocators, preloaded into the row's process
+(``LD_PRELOAD``): glibc keeps freed blocks in its heaps, so the resident peak of a step sits well
+above its live tensors, and tcmalloc or jemalloc return more of them. Each row records whether the
+library was actually mapped into its process.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 
 import torch
@@ -80,7 +86,38 @@ def stage_module(spec: dict, stage: str, plan: str, ids: torch.Tensor):
     return module, batch
 
 
-def train_row(spec: dict, stage: str, plan: str) -> dict:
+# allocator -> (the library preloaded for it, the Debian package that ships it); glibc: nothing preloaded
+ALLOCATORS = {"glibc": (None, None), "tcmalloc": ("libtcmalloc_minimal.so.4", "libgoogle-perftools4"),
+              "jemalloc": ("libjemalloc.so.2", "libjemalloc2")}
+
+
+def allocator_library(name: str) -> str | None:
+    """The path of the library ``LD_PRELOAD`` needs for allocator ``name`` (None for glibc); a missing
+    one is refused naming the package that ships it."""
+    import ctypes
+
+    if name not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {name!r}; allowed values: {', '.join(ALLOCATORS)}")
+    library, package = ALLOCATORS[name]
+    if library is None:
+        return None
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        raise ValueError(f"allocator {name!r} needs {library}, which is not installed here (Debian/Ubuntu: apt "
+                         f"install {package})") from None
+    return library
+
+
+def _mapped_libraries() -> str:
+    try:
+        with open("/proc/self/maps") as maps:
+            return maps.read()
+    except OSError:
+        return ""
+
+
+def train_row(spec: dict, stage: str, plan: str, allocator: str = "glibc") -> dict:
     """One (stage, plan) row: build, warm up, time, measure. Meant for a fresh process."""
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -89,8 +126,10 @@ def train_row(spec: dict, stage: str, plan: str) -> dict:
     shape = (spec["batch"], spec["seq_len"])
     ids = torch.randint(min(100, spec["vocab"] // 2), spec["vocab"], shape, generator=gen).to(device)
     module, batch = stage_module(spec, stage, plan, ids)
-    row = {"stage": stage, "plan": plan, "seq_len": spec["seq_len"], "batch": spec["batch"],
-           "trainable_parameters": sum(p.numel() for p in module.trainable_parameters())}
+    library = ALLOCATORS[allocator][0]
+    row = {"stage": stage, "plan": plan, "allocator": allocator, "seq_len": spec["seq_len"], "batch": spec["batch"],
+           "trainable_parameters": sum(p.numel() for p in module.trainable_parameters()),
+           "allocator_loaded": library is None or library.split(".so")[0] in _mapped_libraries()}
     try:
         row.update(_train_steps(module, batch, spec["steps"], spec["warmup"], device))
     except OUT_OF_MEMORY as err:
@@ -98,11 +137,22 @@ def train_row(spec: dict, stage: str, plan: str) -> dict:
     return row
 
 
-def train_row_in_fresh_process(spec: dict, stage: str, plan: str) -> dict:
+def train_row_in_fresh_process(spec: dict, stage: str, plan: str, allocator: str = "glibc") -> dict:
+    """``train_row`` in a new interpreter, with ``allocator`` preloaded into it."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(train_row, (spec, stage, plan))
+    library = allocator_library(allocator)
+    before = os.environ.get("LD_PRELOAD")
+    if library is not None:  # the spawned interpreter is started with this environment
+        os.environ["LD_PRELOAD"] = library if not before else f"{library}:{before}"
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(train_row, (spec, stage, plan, allocator))
+    finally:
+        if before is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = before
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, shapes, repeats: int = 5) -> float:
@@ -138,7 +188,7 @@ class TrainBenchmark(BenchBase):
 
     def train(self, seq_len: int = 256, batch: int = 4, steps: int = 3, warmup: int = 1, top_k: int = 64,
               stages: list[str] = ["align", "kd", "kd_cached", "distil_xlstm_kd"],
-              plans: list[str] = ["lean", "plain"]) -> dict:
+              plans: list[str] = ["lean", "plain"], allocators: list[str] = ["glibc"]) -> dict:
         """Tokens per second and peak memory of one optimizer step (forward, backward, AdamW) of each
         stage, under each memory plan, each row in a fresh process; the KD rows beside their FLOP
         floor (the step's FLOPs at this machine's best matrix-product rate).
@@ -158,11 +208,15 @@ class TrainBenchmark(BenchBase):
             top_k: teacher tokens kept per position.
             stages: which of the stages to measure.
             plans: which memory plans to measure (rows of one stage side by side).
+            allocators: memory allocators each row runs under (``glibc``, ``tcmalloc``, ``jemalloc``;
+                the others preloaded with ``LD_PRELOAD``), compared with the first one side by side.
         """
         unknown = sorted(set(stages) - set(TRAIN_STAGES)) + sorted(set(plans) - set(MEMORY_PLANS))
         if unknown:
             raise ValueError(f"unknown stage(s) or plan(s) {', '.join(unknown)}; allowed values: stages "
                              f"{', '.join(TRAIN_STAGES)}; plans {', '.join(MEMORY_PLANS)}")
+        for allocator in allocators:
+            allocator_library(allocator)  # refused now, not after the first rows
         teacher, student = self._loaded()
         config, hybrid = teacher.config, self._hybrid_config
         spec = {"teacher": self.teacher_name, "student": self.student_path, "hybrid": self.hybrid.to_dict(),
@@ -180,37 +234,62 @@ class TrainBenchmark(BenchBase):
         for stage in stages:
             flops = training_step_flops(config, hybrid, stage, batch, seq_len) if hybrid is not None else None
             for plan in plans:
-                row = train_row_in_fresh_process(spec, stage, plan)
-                if "peak_bytes" in row:
-                    row["peak_mib"] = row["peak_bytes"] / MiB
-                if flops is not None and "ms_per_step" in row:
-                    row.update(step_gflop=flops / 1e9, floor_ms=1e3 * flops / rate)
-                    row["over_floor"] = row["ms_per_step"] / row["floor_ms"]
-                rows.append(row)
-                write_json(self.out_dir / "train.json", self._payload("train", rows, extra))
+                for allocator in allocators:
+                    row = train_row_in_fresh_process(spec, stage, plan, allocator)
+                    if "peak_bytes" in row:
+                        row["peak_mib"] = row["peak_bytes"] / MiB
+                    if flops is not None and "ms_per_step" in row:
+                        row.update(step_gflop=flops / 1e9, floor_ms=1e3 * flops / rate)
+                        row["over_floor"] = row["ms_per_step"] / row["floor_ms"]
+                    rows.append(row)
+                    write_json(self.out_dir / "train.json", self._payload("train", rows, extra))
         side = self._lean_against_plain(rows)
-        payload = self._payload("train", rows, {**extra, "lean_against_plain": side})
-        columns = [("stage", "stage", ""), ("plan", "plan", ""), ("trainable_parameters", "trainable parameters", ",d"),
+        by_allocator = self._against_first_allocator(rows, allocators)
+        payload = self._payload("train", rows, {**extra, "lean_against_plain": side,
+                                                "against_first_allocator": by_allocator})
+        columns = [("stage", "stage", ""), ("plan", "plan", ""), ("allocator", "allocator", ""),
+                   ("trainable_parameters", "trainable parameters", ",d"),
                    ("tokens_per_s", "tokens/s", ".0f"), ("ms_per_step", "ms/step", ".0f"),
                    ("peak_mib", "peak MiB", ".0f"), ("step_gflop", "step GFLOP", ".0f"),
                    ("floor_ms", "FLOP floor ms", ".0f"), ("over_floor", "ms / floor", ".2f")]
-        side_columns = [("stage", "stage", ""), ("tokens_per_s_ratio", "lean / plain tokens/s", ".3f"),
+        side_columns = [("stage", "stage", ""), ("allocator", "allocator", ""),
+                        ("tokens_per_s_ratio", "lean / plain tokens/s", ".3f"),
                         ("peak_ratio", "lean / plain peak memory", ".3f")]
         table = (markdown_table(rows, columns)
                  + f"\n\nFLOP floor: the step's FLOPs at {rate / 1e9:.1f} GFLOP/s, the best rate this machine reached on "
                  "the step's matrix products (measured in this run); `ms / floor` is how far the step is from it.\n\n"
                  "Each stage's plans side by side (same run):\n\n" + markdown_table(side, side_columns))
+        if by_allocator:
+            table += (f"\n\nEach allocator against {allocators[0]} (same run, same stage and plan):\n\n"
+                      + markdown_table(by_allocator, [("stage", "stage", ""), ("plan", "plan", ""),
+                                                      ("allocator", "allocator", ""),
+                                                      ("tokens_per_s_ratio", f"tokens/s / {allocators[0]}", ".3f"),
+                                                      ("peak_ratio", f"peak memory / {allocators[0]}", ".3f")]))
         title = (f"Training step per stage and memory plan: batch {batch} x {seq_len} tokens, {self.settings['dtype']}, "
                  f"top-{top_k}")
         return self._finish("train", payload, table, title, _train_figure(rows))
 
     @staticmethod
     def _lean_against_plain(rows) -> list[dict]:
-        by = {(r["stage"], r["plan"]): r for r in rows if "tokens_per_s" in r}
+        by = {(r["stage"], r["plan"], r.get("allocator", "glibc")): r for r in rows if "tokens_per_s" in r}
         side = []
         for stage in dict.fromkeys(r["stage"] for r in rows):
-            lean, plain = by.get((stage, "lean")), by.get((stage, "plain"))
-            if lean and plain:
-                side.append({"stage": stage, "tokens_per_s_ratio": lean["tokens_per_s"] / plain["tokens_per_s"],
-                             "peak_ratio": lean["peak_bytes"] / plain["peak_bytes"]})
+            for allocator in dict.fromkeys(r.get("allocator", "glibc") for r in rows):
+                lean, plain = by.get((stage, "lean", allocator)), by.get((stage, "plain", allocator))
+                if lean and plain:
+                    side.append({"stage": stage, "allocator": allocator,
+                                 "tokens_per_s_ratio": lean["tokens_per_s"] / plain["tokens_per_s"],
+                                 "peak_ratio": lean["peak_bytes"] / plain["peak_bytes"]})
         return side
+
+    @staticmethod
+    def _against_first_allocator(rows, allocators) -> list[dict]:
+        by = {(r["stage"], r["plan"], r["allocator"]): r for r in rows if "tokens_per_s" in r}
+        out = []
+        for (stage, plan, allocator), row in by.items():
+            first = by.get((stage, plan, allocators[0]))
+            if allocator != allocators[0] and first is not None:
+                out.append({"stage": stage, "plan": plan, "allocator": allocator,
+                            "tokens_per_s_ratio": row["tokens_per_s"] / first["tokens_per_s"],
+                            "peak_ratio": row["peak_bytes"] / first["peak_bytes"]})
+        return out

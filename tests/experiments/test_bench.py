@@ -110,6 +110,7 @@ def test_train_measures_each_requested_stage_under_each_plan_in_fresh_processes(
     rows = payload["rows"]
     assert [(r["stage"], r["plan"]) for r in rows] == [("align", "lean"), ("align", "plain"), ("kd_cached", "lean"),
                                                        ("kd_cached", "plain")]
+    assert all(r["allocator"] == "glibc" and r["allocator_loaded"] for r in rows)
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 and r["trainable_parameters"] > 0
     # alignment trains the new gate parameters only; KD trains the whole student
@@ -119,6 +120,46 @@ def test_train_measures_each_requested_stage_under_each_plan_in_fresh_processes(
     assert payload["matmul_gflop_per_s"] > 0
     assert [r["stage"] for r in payload["lean_against_plain"]] == ["align", "kd_cached"]
     assert "lean / plain tokens/s" in (tmp_path / "train.md").read_text()
+
+
+def test_train_runs_rows_under_a_preloaded_allocator_and_says_whether_it_was_mapped(teacher_dir, tmp_path,
+                                                                                     monkeypatch):
+    import os
+
+    import experiments.bench_train as bench_train
+
+    installed = [name for name in ("tcmalloc", "jemalloc") if _loads(bench_train.ALLOCATORS[name][0])]
+    if not installed:
+        pytest.skip("neither tcmalloc nor jemalloc is installed here (apt install libgoogle-perftools4 libjemalloc2)")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    payload = bench(teacher_dir, tmp_path).train(seq_len=16, batch=2, steps=1, warmup=0, top_k=4,
+                                                 stages=["kd_cached"], plans=["lean"],
+                                                 allocators=["glibc", installed[0]])
+    rows = payload["rows"]
+    assert [(r["allocator"], r["allocator_loaded"]) for r in rows] == [("glibc", True), (installed[0], True)]
+    assert [r["allocator"] for r in payload["against_first_allocator"]] == [installed[0]]
+    assert "LD_PRELOAD" not in os.environ  # the benchmark's own process is left as it was
+
+
+def _loads(library) -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL(library)
+        return True
+    except OSError:
+        return False
+
+
+def test_an_allocator_that_is_not_installed_is_refused_naming_its_package(teacher_dir, tmp_path, monkeypatch):
+    import experiments.bench_train as bench_train
+
+    monkeypatch.setitem(bench_train.ALLOCATORS, "jemalloc", ("libjemalloc-not-here.so.9", "libjemalloc2"))
+    with pytest.raises(ValueError, match=r"allocator 'jemalloc' needs libjemalloc-not-here.so.9, which is not "
+                                         r"installed here \(Debian/Ubuntu: apt install libjemalloc2\)"):
+        bench(teacher_dir, tmp_path).train(stages=["kd_cached"], allocators=["glibc", "jemalloc"])
+    with pytest.raises(ValueError, match="unknown allocator 'mimalloc'; allowed values: glibc, tcmalloc, jemalloc"):
+        bench(teacher_dir, tmp_path).train(stages=["kd_cached"], allocators=["mimalloc"])
 
 
 def test_train_refuses_an_unknown_plan(teacher_dir, tmp_path):
