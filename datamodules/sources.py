@@ -106,8 +106,8 @@ class DataSource:
         return ds
 
 
-def _line_problem(path: Path, line: int, what: str, source: DataSource) -> ValueError:
-    return ValueError(f"{path}, line {line}: {what} (data source {source.label!r})")
+def _line_problem(path: Path, line: int, what: str, source: DataSource, unit: str = "line") -> ValueError:
+    return ValueError(f"{path}, {unit} {line}: {what} (data source {source.label!r})")
 
 
 def scan_local_file(path: Path, source: DataSource) -> dict:
@@ -126,9 +126,11 @@ def scan_local_file(path: Path, source: DataSource) -> dict:
                                 source) from None
         except json.JSONDecodeError:
             whole = None  # JSON lines under a .json name: read line by line below
-        if isinstance(whole, list):
+        if isinstance(whole, list):  # an array of records: "line" i is record i, counted from 1
             lines = [(i + 1, record) for i, record in enumerate(whole)]
-            return _check_records(path, lines, source, counts)
+            return _check_records(path, lines, source, counts, unit="record")
+        if isinstance(whole, dict):  # one (possibly pretty-printed) record
+            return _check_records(path, [(1, whole)], source, counts, unit="record")
     lines = []
     with open(path, "rb") as f:
         for number, raw_line in enumerate(f, 1):
@@ -156,13 +158,14 @@ def scan_local_file(path: Path, source: DataSource) -> dict:
     return _check_records(path, lines, source, counts)
 
 
-def _check_records(path: Path, lines: list, source: DataSource, counts: dict) -> dict:
+def _check_records(path: Path, lines: list, source: DataSource, counts: dict, unit: str = "line") -> dict:
     first_skipped = None
     for number, record in lines:
         counts["records"] += 1
         if not isinstance(record, dict):
             raise _line_problem(path, number, f"a JSON {type(record).__name__}, expected an object with field "
-                                f"{source.text_field if source.format == 'text' else source.messages_field!r}", source)
+                                f"{source.text_field if source.format == 'text' else source.messages_field!r}", source,
+                                unit)
         problem = record_problem(record, source)
         if problem == "empty":
             counts["empty"] += 1
@@ -170,10 +173,10 @@ def _check_records(path: Path, lines: list, source: DataSource, counts: dict) ->
             counts["skipped"] += 1
             first_skipped = first_skipped or number
         elif problem is not None:
-            raise _line_problem(path, number, problem, source)
+            raise _line_problem(path, number, problem, source, unit)
     if not lines:
         raise ValueError(f"{path} holds an empty list: data source {source.label!r} has no records")
-    report_skipped(source, path, counts, first_skipped and f"line {first_skipped}")
+    report_skipped(source, path, counts, first_skipped and f"{unit} {first_skipped}")
     return counts
 
 

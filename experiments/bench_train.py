@@ -94,18 +94,18 @@ ALLOCATORS = {"glibc": (None, None), "tcmalloc": ("libtcmalloc_minimal.so.4", "l
 def allocator_library(name: str) -> str | None:
     """The path of the library ``LD_PRELOAD`` needs for allocator ``name`` (None for glibc); a missing
     one is refused naming the package that ships it."""
-    import ctypes
+    import ctypes.util
 
     if name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {name!r}; allowed values: {', '.join(ALLOCATORS)}")
     library, package = ALLOCATORS[name]
     if library is None:
         return None
-    try:
-        ctypes.CDLL(library)
-    except OSError:
+    # found by the dynamic linker's cache, not loaded: jemalloc cannot be dlopen'ed into a running
+    # process (static TLS), only preloaded into a new one
+    if ctypes.util.find_library(library.removeprefix("lib").split(".so")[0]) != library:
         raise ValueError(f"allocator {name!r} needs {library}, which is not installed here (Debian/Ubuntu: apt "
-                         f"install {package})") from None
+                         f"install {package})")
     return library
 
 

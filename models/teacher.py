@@ -79,9 +79,10 @@ def _resolve(name_or_path: str) -> str:
     return str(embedded_teacher_dir()) if str(name_or_path) in EMBEDDED_ALIASES else str(name_or_path)
 
 
-def check_teacher_source(name_or_path) -> str:
-    """Refuse a teacher name that can only be a local path and is not a model folder, before anything
-    loads (transformers would call it a malformed hub id). Returns the name unchanged."""
+def check_teacher_source(name_or_path, gguf_file: str | None = None) -> str:
+    """Refuse a teacher name that can only be a local path and is not a model folder (config.json, or
+    the ``gguf_file`` it is read from), before anything loads (transformers would call it a malformed
+    hub id). Returns the name unchanged."""
     name = str(name_or_path)
     if name in EMBEDDED_ALIASES:
         return name
@@ -91,6 +92,10 @@ def check_teacher_source(name_or_path) -> str:
     if path.is_file():
         raise ValueError(f"teacher {name!r} is a file, not a model folder; {expected}")
     if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise FileNotFoundError(f"teacher folder {name!r} has no {gguf_file} (gguf_file)")
+            return name
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"teacher folder {name!r} has no config.json, so it is not a Hugging Face model "
                                     f"folder (write one with model.save_pretrained); {expected}")
@@ -111,7 +116,7 @@ def teacher_config(name_or_path: str, *, revision: str | None = None, trust_remo
     (so an unsupported teacher is refused before gigabytes load)."""
     from transformers import AutoConfig
 
-    name = check_teacher_source(name_or_path)
+    name = check_teacher_source(name_or_path, gguf_file)
     source = _resolve(name)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     if gguf_file is not None:

@@ -60,8 +60,11 @@ def test_a_bad_file_is_named_with_its_line_and_what_was_expected(teacher, tmp_pa
 
 def test_a_json_array_file_names_the_record(teacher, tmp_path):
     path = tmp_path / "data.json"
-    path.write_text(json.dumps([GOOD, GOOD, {"txt": "x"}]))
-    with pytest.raises(ValueError, match=r"data.json, line 3: field 'text' is missing"):
+    path.write_text(json.dumps([GOOD, GOOD, {"txt": "x"}], indent=2))
+    with pytest.raises(ValueError, match=r"data.json, record 3: field 'text' is missing"):
+        setup_with(teacher, tmp_path, DataSource(str(path)))
+    path.write_text(json.dumps({"txt": "x"}, indent=2))  # one pretty-printed record
+    with pytest.raises(ValueError, match=r"data.json, record 1: field 'text' is missing"):
         setup_with(teacher, tmp_path, DataSource(str(path)))
 
 

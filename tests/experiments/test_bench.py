@@ -126,9 +126,7 @@ def test_train_runs_rows_under_a_preloaded_allocator_and_says_whether_it_was_map
                                                                                      monkeypatch):
     import os
 
-    import experiments.bench_train as bench_train
-
-    installed = [name for name in ("tcmalloc", "jemalloc") if _loads(bench_train.ALLOCATORS[name][0])]
+    installed = [name for name in ("jemalloc", "tcmalloc") if _installed(name)]
     if not installed:
         pytest.skip("neither tcmalloc nor jemalloc is installed here (apt install libgoogle-perftools4 libjemalloc2)")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
@@ -141,13 +139,12 @@ def test_train_runs_rows_under_a_preloaded_allocator_and_says_whether_it_was_map
     assert "LD_PRELOAD" not in os.environ  # the benchmark's own process is left as it was
 
 
-def _loads(library) -> bool:
-    import ctypes
+def _installed(allocator) -> bool:
+    from experiments.bench_train import allocator_library
 
     try:
-        ctypes.CDLL(library)
-        return True
-    except OSError:
+        return allocator_library(allocator) is not None
+    except ValueError:
         return False
 
 

@@ -35,3 +35,19 @@ def test_remote_code_runs_only_when_the_user_allows_it(tmp_path):
     with pytest.raises(ValueError):  # allowed: the code runs, then the unknown family is refused by name
         load_teacher(str(folder), trust_remote_code=True)
     assert marker.exists()
+
+
+def test_a_teacher_source_is_checked_for_what_it_will_be_read_from(tmp_path):
+    from models.teacher import check_teacher_source
+
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "model.Q4.gguf").write_bytes(b"GGUF")
+    assert check_teacher_source(tmp_path / "gguf", "model.Q4.gguf") == str(tmp_path / "gguf")  # no config.json needed
+    with pytest.raises(FileNotFoundError, match=r"has no other.gguf \(gguf_file\)"):
+        check_teacher_source(tmp_path / "gguf", "other.gguf")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        check_teacher_source(tmp_path / "gguf")
+    for hub_id in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "smollm2-135m-instruct"):
+        assert check_teacher_source(hub_id) == hub_id  # left to the hub (or the embedded default)
+    with pytest.raises(ValueError, match="is a file, not a model folder"):
+        check_teacher_source(tmp_path / "gguf" / "model.Q4.gguf")
