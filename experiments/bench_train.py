@@ -257,8 +257,9 @@ class TrainBenchmark(BenchBase):
                         ("peak_ratio", "lean / plain peak memory", ".3f")]
         table = (markdown_table(rows, columns)
                  + f"\n\nFLOP floor: the step's FLOPs at {rate / 1e9:.1f} GFLOP/s, the best rate this machine reached on "
-                 "the step's matrix products (measured in this run); `ms / floor` is how far the step is from it.\n\n"
-                 "Each stage's plans side by side (same run):\n\n" + markdown_table(side, side_columns))
+                 "the step's matrix products (measured in this run); `ms / floor` is how far the step is from it.")
+        if side:
+            table += "\n\nEach stage's plans side by side (same run):\n\n" + markdown_table(side, side_columns)
         if by_allocator:
             table += (f"\n\nEach allocator against {allocators[0]} (same run, same stage and plan):\n\n"
                       + markdown_table(by_allocator, [("stage", "stage", ""), ("plan", "plan", ""),
