@@ -111,11 +111,11 @@ def _line_problem(path: Path, line: int, what: str, source: DataSource, unit: st
 
 
 def scan_local_file(path: Path, source: DataSource) -> dict:
-    """Check a local json/jsonl/txt file line by line before ``datasets`` reads it: UTF-8, JSON syntax,
-    one object per line, the text or messages field. Returns counts ({"records", "skipped", "empty"});
-    a problem raises ``ValueError`` naming the file, the line and what was expected."""
+    """Check a local json/jsonl/txt file line by line before ``datasets`` reads it (one line in memory at
+    a time): UTF-8, JSON syntax, one object per line, the text or messages field. Returns counts
+    ({"records", "skipped", "empty"}); a problem raises ``ValueError`` naming the file, the line (the
+    record, in a JSON array or object file) and what was expected."""
     path = Path(path)
-    counts = {"records": 0, "skipped": 0, "empty": 0}
     if path.suffix == ".json":
         raw = path.read_bytes()
         try:
@@ -126,12 +126,12 @@ def scan_local_file(path: Path, source: DataSource) -> dict:
                                 source) from None
         except json.JSONDecodeError:
             whole = None  # JSON lines under a .json name: read line by line below
-        if isinstance(whole, list):  # an array of records: "line" i is record i, counted from 1
-            lines = [(i + 1, record) for i, record in enumerate(whole)]
-            return _check_records(path, lines, source, counts, unit="record")
-        if isinstance(whole, dict):  # one (possibly pretty-printed) record
-            return _check_records(path, [(1, whole)], source, counts, unit="record")
-    lines = []
+        if isinstance(whole, (list, dict)):  # an array of records, or one (pretty-printed) record
+            records = _RecordCheck(path, source, "record")
+            for number, record in enumerate(whole if isinstance(whole, list) else [whole], 1):
+                records.check(number, record)
+            return records.finish()
+    records = _RecordCheck(path, source, "line")
     with open(path, "rb") as f:
         for number, raw_line in enumerate(f, 1):
             try:
@@ -142,42 +142,47 @@ def scan_local_file(path: Path, source: DataSource) -> dict:
             if not text.strip():
                 continue
             if path.suffix == ".txt":
-                lines.append((number, None))
+                records.counts["records"] += 1
                 continue
             try:
-                lines.append((number, json.loads(text)))
+                record = json.loads(text)
             except json.JSONDecodeError as err:
                 raise _line_problem(path, number, f"not valid JSON: {err.msg} (column {err.colno}); each line "
                                     "of a .jsonl file must be one JSON object", source) from None
-    if not lines:
-        raise ValueError(f"{path} has no records (the file is empty or blank): data source {source.label!r} needs "
-                         "at least one document; remove the source or fill the file")
-    if path.suffix == ".txt":
-        counts["records"] = len(lines)
-        return counts
-    return _check_records(path, lines, source, counts)
+            records.check(number, record)
+    return records.finish()
 
 
-def _check_records(path: Path, lines: list, source: DataSource, counts: dict, unit: str = "line") -> dict:
-    first_skipped = None
-    for number, record in lines:
-        counts["records"] += 1
+class _RecordCheck:
+    """Checks records one at a time, counting what a source skips."""
+
+    def __init__(self, path: Path, source: DataSource, unit: str):
+        self.path, self.source, self.unit = path, source, unit
+        self.counts = {"records": 0, "skipped": 0, "empty": 0}
+        self.first_skipped = None
+
+    def check(self, number: int, record) -> None:
+        source = self.source
+        self.counts["records"] += 1
         if not isinstance(record, dict):
-            raise _line_problem(path, number, f"a JSON {type(record).__name__}, expected an object with field "
-                                f"{source.text_field if source.format == 'text' else source.messages_field!r}", source,
-                                unit)
+            expected = source.text_field if source.format == "text" else source.messages_field
+            raise _line_problem(self.path, number, f"a JSON {type(record).__name__}, expected an object with field "
+                                f"{expected!r}", source, self.unit)
         problem = record_problem(record, source)
         if problem == "empty":
-            counts["empty"] += 1
+            self.counts["empty"] += 1
         elif problem is not None and source.format == "text" and source.allow_missing_text:
-            counts["skipped"] += 1
-            first_skipped = first_skipped or number
+            self.counts["skipped"] += 1
+            self.first_skipped = self.first_skipped or number
         elif problem is not None:
-            raise _line_problem(path, number, problem, source, unit)
-    if not lines:
-        raise ValueError(f"{path} holds an empty list: data source {source.label!r} has no records")
-    report_skipped(source, path, counts, first_skipped and f"{unit} {first_skipped}")
-    return counts
+            raise _line_problem(self.path, number, problem, source, self.unit)
+
+    def finish(self) -> dict:
+        if not self.counts["records"]:
+            raise ValueError(f"{self.path} has no records (the file is empty or blank): data source "
+                             f"{self.source.label!r} needs at least one document; remove the source or fill the file")
+        report_skipped(self.source, self.path, self.counts, self.first_skipped and f"{self.unit} {self.first_skipped}")
+        return self.counts
 
 
 def record_problem(record: dict, source: DataSource) -> str | None:
