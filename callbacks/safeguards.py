@@ -15,7 +15,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from models.storage import atomic_file_write, sidecar_of, unwritable_reason
+from models.storage import ArtifactMismatch, atomic_file_write, sidecar_of, unwritable_reason, verify_file
 
 from .student_export import StudentExportCallback
 
@@ -37,8 +37,6 @@ def check_checkpoint_file(path, *, again: bool = False) -> Path:
     with ``weights_only=True``), or a torch file that is not a Lightning checkpoint. A file already
     checked by this process and unchanged since (size, modification time) is not read twice unless
     ``again``."""
-    from models.storage import ArtifactMismatch, verify_file
-
     path = Path(path)
     if path.is_dir():
         return path  # a distributed (FSDP) checkpoint folder: its own loader checks it

@@ -168,14 +168,13 @@ class _RecordCheck:
             expected = source.text_field if source.format == "text" else source.messages_field
             raise _line_problem(self.path, number, f"a JSON {type(record).__name__}, expected an object with field "
                                 f"{expected!r}", source, self.unit)
-        problem = record_problem(record, source)
-        if problem == "empty":
-            self.counts["empty"] += 1
-        elif problem is not None and source.format == "text" and source.allow_missing_text:
-            self.counts["skipped"] += 1
-            self.first_skipped = self.first_skipped or number
-        elif problem is not None:
+        verdict, problem = record_verdict(record, source)
+        if verdict == "refused":
             raise _line_problem(self.path, number, problem, source, self.unit)
+        if verdict != "usable":
+            self.counts[verdict] += 1
+        if verdict == "skipped":
+            self.first_skipped = self.first_skipped or number
 
     def finish(self) -> dict:
         if not self.counts["records"]:
@@ -183,6 +182,19 @@ class _RecordCheck:
                              f"{self.source.label!r} needs at least one document; remove the source or fill the file")
         report_skipped(self.source, self.path, self.counts, self.first_skipped and f"{self.unit} {self.first_skipped}")
         return self.counts
+
+
+def record_verdict(record: dict, source: DataSource) -> tuple[str, str | None]:
+    """What a source does with one record: ("usable", None), ("empty", None) (an empty text: skipped),
+    ("skipped", problem) (no usable text, and ``allow_missing_text``) or ("refused", problem)."""
+    problem = record_problem(record, source)
+    if problem is None:
+        return "usable", None
+    if problem == "empty":
+        return "empty", None
+    if source.format == "text" and source.allow_missing_text:
+        return "skipped", problem
+    return "refused", problem
 
 
 def record_problem(record: dict, source: DataSource) -> str | None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from models.storage import ArtifactMismatch, atomic_file_write, verify_file
 
 from .loader import ResumableDataLoader
-from .sources import DataSource, record_problem
+from .sources import DataSource, record_verdict
 from .tokenization import encode_chat, encode_text, pack, tokenizer_fingerprint
 
 
@@ -56,11 +56,11 @@ def _examples(source: DataSource, records, tokenizer, keep):
     for index, record in enumerate(records):
         if not keep(index):
             continue
-        problem = record_problem(record, source)
-        if problem == "empty" or (problem is not None and source.format == "text" and source.allow_missing_text):
-            continue
-        if problem is not None:
+        verdict, problem = record_verdict(record, source)
+        if verdict == "refused":
             raise ValueError(f"data source {source.label!r} ({source.path}), record {index}: {problem}")
+        if verdict != "usable":
+            continue
         if source.format == "text":
             yield encode_text(tokenizer, record[field])
         else:

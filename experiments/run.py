@@ -84,7 +84,7 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
 
     model = _get(cfg, "model.init_args", {})
     seq_len = _get(cfg, "data.seq_len")
-    teacher_name = _get(model, "teacher")
+    teacher_name, teacher_cfg = _get(model, "teacher"), None
     if teacher_name:
         from models.adapters import get_adapter
         from models.teacher import check_teacher_source
@@ -123,8 +123,7 @@ def check_stage_config(cfg, training: bool = True, students_exist: bool = True) 
 
         top_k = KD_PRESETS.get(preset, {}).get("top_k", top_k)
     if top_k is not None and _get(cfg, "model.class_path", "").endswith(("SparseKDModule", "ExpertFinetuneModule")):
-        teacher = _teacher_config(_get(model, "teacher", ""), bool(_get(model, "trust_remote_code", False)))
-        vocab = getattr(teacher, "vocab_size", None)
+        vocab = getattr(teacher_cfg, "vocab_size", None)
         if vocab:
             from lightning_modules.kd import kd_top_k
 
