@@ -28,6 +28,7 @@ from models import HybridConfig, HybridStudent, convert_to_hybrid, load_student,
 from models.storage import atomic_file_write, write_json
 
 DTYPES = ("float32", "bfloat16", "float16")
+DECODE_STEPS = ("compiled", "eager")
 
 
 class BenchBase:
@@ -37,7 +38,8 @@ class BenchBase:
                  hybrid: HybridConfig = HybridConfig(), dtype: str = "float32", device: str = "auto",
                  threads: int | None = None, prompt_lengths: list[int] = [256, 1024, 4096],
                  batch_sizes: list[int] = [1, 8], max_batch_tokens: int | None = None,
-                 teacher_attention: str = "auto", seed: int = 0, out_dir: str = "runs/bench"):
+                 teacher_attention: str = "auto", student_decode_step: str = "compiled", seed: int = 0,
+                 out_dir: str = "runs/bench"):
         """
         Args:
             teacher: the teacher (hub id, folder, or the embedded default).
@@ -52,11 +54,17 @@ class BenchBase:
             max_batch_tokens: skip (and list as skipped) cells with batch x prompt above this.
             teacher_attention: the teacher's attention implementation; ``auto`` picks
                 ``flash_attention_2`` on CUDA when flash-attn is installed, else ``sdpa``.
+            student_decode_step: ``compiled`` (a hybrid student decodes through its compiled layer
+                step, ``HybridStudent.compile_decode_step``; compiled during the untimed warm-up steps)
+                or ``eager``.
             seed: seed of the random prompts.
             out_dir: folder for ``<what>.json``, ``<what>.md`` and ``<what>.png``.
         """
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; allowed values: {', '.join(DTYPES)}")
+        if student_decode_step not in DECODE_STEPS:
+            raise ValueError(f"student_decode_step={student_decode_step!r} is not supported; allowed values: "
+                             f"{', '.join(DECODE_STEPS)}")
         bad = [n for n in list(prompt_lengths) + list(batch_sizes) if not isinstance(n, int) or n < 1]
         if bad or not prompt_lengths or not batch_sizes:
             raise ValueError(f"prompt_lengths={prompt_lengths} and batch_sizes={batch_sizes} must be non-empty lists "
@@ -72,11 +80,13 @@ class BenchBase:
         self.prompt_lengths, self.batch_sizes = sorted(prompt_lengths), sorted(batch_sizes)
         self.max_batch_tokens, self.seed = max_batch_tokens, seed
         self.teacher_attention = teacher_attention
+        self.student_decode_step = student_decode_step
         self.out_dir = Path(out_dir)
         self.settings = {"teacher": teacher, "student": student, "hybrid": hybrid.to_dict(), "dtype": dtype,
                          "device": str(self.device), "threads": torch.get_num_threads(),
                          "prompt_lengths": self.prompt_lengths, "batch_sizes": self.batch_sizes,
-                         "max_batch_tokens": max_batch_tokens, "seed": seed}
+                         "max_batch_tokens": max_batch_tokens, "student_decode_step": student_decode_step,
+                         "seed": seed}
         self._models = None
 
     # -- shared plumbing ---------------------------------------------------------------------------
@@ -99,6 +109,7 @@ class BenchBase:
                 student = load_student(self.student_path, dtype=self.dtype)
             else:
                 student = convert_to_hybrid(teacher, self.hybrid)
+            self._decode_step_of(student)
             self._models = (teacher.to(self.device).eval(), student.to(self.device).eval())
             self.settings["teacher_attention"] = teacher.config._attn_implementation
             self.settings["student_description"] = student.describe()
@@ -107,6 +118,12 @@ class BenchBase:
             self.settings["teacher_parameter_bytes"] = parameter_bytes(teacher)
             self.settings["student_parameter_bytes"] = parameter_bytes(student)
         return self._models
+
+    def _decode_step_of(self, student):
+        """Set a hybrid student's decoding step to the ``student_decode_step`` setting."""
+        if isinstance(student, HybridStudent):
+            student.compile_decode_step(self.student_decode_step == "compiled")
+        return student
 
     def _prompt(self, length: int, vocab: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed + length)

@@ -112,7 +112,9 @@ class HybridState:
                        memory_keys=memory_keys)
         st.pos = torch.full((B,), T, dtype=torch.long, device=k.device)
         if st.has_memory:
-            st.C, st.n, st.m = (x.to(compute_dtype) for x in memory)
+            # contiguous, as every step's state is: one layout, so that a compiled step sees the same
+            # strides after the prefill as after itself (a new layout would compile the step again)
+            st.C, st.n, st.m = (x.to(compute_dtype).contiguous() for x in memory)
         if st.has_attention:
             # sinks, then the last `window` non-sink positions
             recent_start = max(sink_tokens, T - window)
@@ -209,9 +211,16 @@ def hybrid_attention_step(q, k, v, i_gate, f_gate, g_gate, state: HybridState, *
             a_lse = torch.logsumexp(scores, -1, keepdim=True)
             num_a = (torch.exp(scores - a_lse) @ new.attn_v.to(dt)).view(B, H, Dv)
         else:
-            h_attn = F.scaled_dot_product_attention(
-                q.to(dt), new.attn_k.to(dt), new.attn_v.to(dt), attn_mask=filled, scale=scale, enable_gqa=True,
-            ).view(B, H, Dv)
+            if torch.compiler.is_compiling():
+                # written out, it fuses with the rest of a compiled step (ATen's SDPA on a CPU costs
+                # more for one query over S + W slots than the whole fused memory update)
+                q_a = q.view(B, Hkv, G, Dqk).to(dt) * scale
+                scores = (q_a @ new.attn_k.to(dt).transpose(-1, -2)).masked_fill(~filled, float("-inf"))
+                h_attn = (torch.softmax(scores, -1) @ new.attn_v.to(dt)).view(B, H, Dv)
+            else:  # eager: one op instead of five
+                h_attn = F.scaled_dot_product_attention(
+                    q.to(dt), new.attn_k.to(dt), new.attn_v.to(dt), attn_mask=filled, scale=scale, enable_gqa=True,
+                ).view(B, H, Dv)
 
     if state.mode == "mlstm":
         out = mlstm_normalise(num_m, den_m, m_new, eps)

@@ -17,6 +17,7 @@ from kernels import hybrid_attention, hybrid_attention_step, resolve_backend
 from kernels._common import head_rms_norm
 
 from .adapters import AttentionShape, FamilyAdapter, project_qkv
+from .compiled_step import compiled_decode_step
 from .config import HybridConfig
 from .state import KVCacheState
 
@@ -112,6 +113,9 @@ class HybridAttention(_TeacherProjections):
         # kernels recompute inside their own backward, so they are left alone.
         self.recompute_in_backward = False
         self._folded: tuple | None = None  # (key, weight, bias) of folded_gate_projection's cache
+        # Decoding steps through one torch.compile'd graph per layer call (models.compiled_step) instead
+        # of several dozen eager ops; HybridStudent.compile_decode_step turns it on for every layer.
+        self.compiled_decode = False
         self.reset_gate_parameters()
 
     def new_named_parameters(self):
@@ -138,13 +142,18 @@ class HybridAttention(_TeacherProjections):
             if hasattr(self, "feature_maps"):
                 self.feature_maps.reset_parameters(cfg.feature_map_init_scale)
 
-    def gates(self, hidden_states, q=None, k=None, v=None):
+    def gate_folding(self):
+        """``folded_gate_projection()`` where the gates may use it (inference with the qkv gate), else
+        None. Kept out of ``gates`` because its cache check reads tensor addresses, which a compiled
+        decoding step cannot trace: the step receives the folded projection as an input instead."""
+        if self.gate_from_qkv and not (self.training or torch.is_grad_enabled()):
+            return self.folded_gate_projection()
+        return None
+
+    def gates(self, hidden_states, q=None, k=None, v=None, folded=None):
         """Gate pre-activations [B, H, T] in float32: i and f (soft-capped) from the layer input;
         g from it too (``gate_input: hidden``) or from the heads' q, k, v before RoPE (``qkv``;
-        None in modes without the mix)."""
-        folded = None
-        if self.gate_from_qkv and not (self.training or torch.is_grad_enabled()):
-            folded = self.folded_gate_projection()
+        None in modes without the mix). ``folded``: ``gate_folding()``'s [i | f | o] projection."""
         if folded is not None:
             pre = F.linear(hidden_states, *folded).float().transpose(1, 2)
         else:
@@ -196,6 +205,12 @@ class HybridAttention(_TeacherProjections):
         return (g + kv.reshape(B, H, T)).float() + self.mix_gate_bias.float()[:, None]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, decode_state=None, **kwargs):
+        state = None if decode_state is None else decode_state.layers[self.layer_idx]
+        if state is not None and hidden_states.shape[1] == 1:  # the decoding step
+            step = compiled_decode_step(hidden_states.device) if self.compiled_decode else type(self).decode_step
+            out, decode_state.layers[self.layer_idx] = step(self, hidden_states, position_embeddings, state,
+                                                            self.gate_folding())
+            return out, None
         q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
         if decode_state is None:
             if self.recompute_in_backward and torch.is_grad_enabled() and self._torch_backend(q, v):
@@ -204,27 +219,46 @@ class HybridAttention(_TeacherProjections):
                 out = self._attend(hidden_states, q, k, v, position_embeddings)
         else:
             out = self._attend(hidden_states, q, k, v, position_embeddings, decode_state)
+        return self._output(out, q.dtype), None
+
+    def decode_step(self, hidden_states, position_embeddings, state, folded=None):
+        """One token [B, 1, hidden] from the layer's ``HybridState``: (output [B, 1, hidden], new state).
+        ``folded``: ``gate_folding()``. Free of Python-side caches and of data-dependent branches, so
+        that ``torch.compile`` traces the whole layer step, projections to output, as one graph."""
+        q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
+        i, f, g = self.gates(hidden_states, q, k, v, folded=folded)
+        q, k = self.rope(q, k, position_embeddings)
+        mq, mk = self.feature_maps(q, k) if hasattr(self, "feature_maps") else (None, None)
+        out, state = hybrid_attention_step(q, k, v, i, f, g, state, **self._op_options(mq, mk))
+        return self._output(out, q.dtype), state
+
+    def _output(self, heads, dtype):
         if self.cfg.mode == "mlstm" and self.cfg.memory_norm == "rms":
             # The op returns the raw memory read-out; the layer owns the norm (DESIGN §3).
-            out = head_rms_norm(out.float(), self.mlstm_norm_weight, self.cfg.norm_eps).to(q.dtype)
-        return self.output(out), None
+            heads = head_rms_norm(heads.float(), self.mlstm_norm_weight, self.cfg.norm_eps).to(dtype)
+        return self.output(heads)
+
+    def _op_options(self, mq, mk):
+        cfg = self.cfg
+        return dict(scale=self.shape.scaling, norm_weight=getattr(self, "mlstm_norm_weight", None),
+                    norm_eps=cfg.norm_eps, mq=mq, mk=mk, memory_norm=cfg.memory_norm)
 
     def _torch_backend(self, q, v) -> bool:
         cfg = self.cfg
         return resolve_backend(cfg.backend, q.device, q.dtype, q.shape[-1], v.shape[-1], cfg.chunk_size) != "triton"
 
     def _attend(self, hidden_states, q, k, v, position_embeddings, decode_state=None):
-        """Gates, RoPE, feature maps and the hybrid op: q, k, v (before RoPE) -> heads [B, H, T, Dv]."""
+        """Gates, RoPE, feature maps and the hybrid op over T tokens: q, k, v (before RoPE) -> heads
+        [B, H, T, Dv]; with ``decode_state`` a prefill (empty state) or a continuation token by token."""
         cfg = self.cfg
-        i, f, g = self.gates(hidden_states, q, k, v)
+        i, f, g = self.gates(hidden_states, q, k, v, folded=self.gate_folding())
         q, k = self.rope(q, k, position_embeddings)
         mq = mk = None
         if hasattr(self, "feature_maps"):
             mq, mk = self.feature_maps(q, k)
         if self.training and cfg.mode == "hybrid":  # the mix gate exists only where both branches do
             self.mean_mix_gate = torch.sigmoid(g.detach()).mean()
-        opts = dict(scale=self.shape.scaling, norm_weight=getattr(self, "mlstm_norm_weight", None), norm_eps=cfg.norm_eps,
-                    mq=mq, mk=mk, memory_norm=cfg.memory_norm)
+        opts = self._op_options(mq, mk)
         if decode_state is None:
             return hybrid_attention(q, k, v, i, f, g, window=cfg.window, sink_tokens=cfg.sink_tokens, mode=cfg.mode,
                                     combine=cfg.combine, backend=cfg.backend, chunk_size=cfg.chunk_size, **opts)
@@ -234,8 +268,6 @@ class HybridAttention(_TeacherProjections):
                 q, k, v, i, f, g, window=cfg.window, sink_tokens=cfg.sink_tokens, mode=cfg.mode,
                 combine=cfg.combine, backend=cfg.backend, chunk_size=cfg.chunk_size, return_state=True, **opts,
             )
-        elif q.shape[2] == 1:  # the decoding step: no slicing, no concatenation
-            out, state = hybrid_attention_step(q, k, v, i, f, g, state, **opts)
         else:
             steps = []
             for t in range(q.shape[2]):

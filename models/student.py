@@ -196,6 +196,16 @@ class HybridStudent(StudentLM):
     def describe(self) -> str:
         return self.hybrid_config.describe()
 
+    def compile_decode_step(self, enabled: bool = True) -> "HybridStudent":
+        """Decode through the compiled layer step (``models.compiled_step``): the same maths as the
+        eager step, several times fewer dispatches per token. The first step compiles (seconds on a
+        CPU; a C++ compiler on a CPU, Triton on a GPU); worth it from a few dozen generated tokens
+        on. Prefill and training are unchanged. Returns the student."""
+        for module in self.modules():
+            if isinstance(module, HybridAttention):
+                module.compiled_decode = enabled
+        return self
+
     @property
     def head(self) -> nn.Linear:
         return self.lm.lm_head

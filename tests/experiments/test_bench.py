@@ -24,8 +24,9 @@ def teacher_dir(tmp_path_factory):
 
 
 def bench(teacher_dir, out, **overrides):
+    # eager decoding steps unless a test asks for the compiled one: compiling costs seconds per test
     settings = dict(teacher=str(teacher_dir), hybrid=HYBRID, device="cpu", prompt_lengths=[8, 40],
-                    batch_sizes=[1, 2], out_dir=str(out))
+                    batch_sizes=[1, 2], out_dir=str(out), student_decode_step="eager")
     return Bench(**{**settings, **overrides})
 
 
@@ -71,9 +72,10 @@ def test_decode_layers_times_two_layers_side_by_side(teacher_dir, tmp_path):
 
 
 def test_decode_writes_rows_for_every_cell_with_exact_state_sizes(teacher_dir, tmp_path):
-    payload = bench(teacher_dir, tmp_path).decode(steps=2, warmup=1)
+    payload = bench(teacher_dir, tmp_path, student_decode_step="compiled").decode(steps=2, warmup=1)
     assert payload == json.loads(json.dumps(payload))  # what was returned is what JSON holds
     written = read_outputs(tmp_path, "decode")
+    assert written["settings"]["student_decode_step"] == "compiled"
     rows = written["rows"]
     assert {(r["model"], r["batch"], r["prompt"]) for r in rows} == {
         (m, b, p) for m in ("teacher", "student") for b in (1, 2) for p in (8, 40)}
@@ -187,7 +189,8 @@ def test_kernels_table_has_every_op_at_every_length(teacher_dir, tmp_path):
 
 def test_command_line_and_shipped_configs(teacher_dir, tmp_path, capsys):
     main(["--teacher", str(teacher_dir), "--hybrid.window", "8", "--prompt_lengths", "[8]", "--batch_sizes", "[1]",
-          "--device", "cpu", "--out_dir", str(tmp_path), "decode", "--steps", "1", "--warmup", "0"])
+          "--device", "cpu", "--out_dir", str(tmp_path), "--student_decode_step", "eager", "decode", "--steps", "1",
+          "--warmup", "0"])
     assert "student speed-up" in capsys.readouterr().out
     assert json.loads((tmp_path / "decode.json").read_text())["settings"]["hybrid"]["window"] == 8
     for config in sorted(Path("configs/bench").glob("*.yaml")):
@@ -200,6 +203,8 @@ def test_command_line_and_shipped_configs(teacher_dir, tmp_path, capsys):
 def test_bad_settings_are_refused_with_the_allowed_values(teacher_dir, tmp_path):
     with pytest.raises(ValueError, match="dtype='float8' is not supported; allowed values: float32"):
         bench(teacher_dir, tmp_path, dtype="float8")
+    with pytest.raises(ValueError, match="student_decode_step='fused' is not supported; allowed values: compiled, eager"):
+        bench(teacher_dir, tmp_path, student_decode_step="fused")
     with pytest.raises(ValueError, match="must be non-empty lists of integers >= 1"):
         bench(teacher_dir, tmp_path, prompt_lengths=[0])
     with pytest.raises(ValueError, match="unknown stage.*stage4; allowed values: stages align, kd, kd_cached"):
