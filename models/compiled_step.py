@@ -13,6 +13,10 @@ Two choices keep the call cheap, because this graph is entered once per layer an
   patches them, and checking them costs more than the step's arithmetic. Guards on the layer, its
   parameters, the state and the inputs (shapes, dtypes, devices, grad mode) stay.
 - on a CPU the wrapper that launches the kernels is C++ (inductor's ``cpp_wrapper``), not Python.
+
+Each new batch size, dtype or layer configuration compiles once more (a new batch size after the
+first makes the batch dimension symbolic); past dynamo's recompile limit (8 per process) the step
+runs eagerly, with dynamo's warning.
 """
 
 from __future__ import annotations
