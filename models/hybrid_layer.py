@@ -172,12 +172,15 @@ class HybridAttention(_TeacherProjections):
         product per layer and token instead of three. Cached until a parameter it reads changes."""
         if self.adapter.qk_norm != "none" or not hasattr(self, "mix_gate_weight"):
             return None
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        params = [self.hybrid_gates.weight, self.hybrid_gates.bias, self.mix_gate_weight, self.mix_gate_bias]
-        params += [t for m in projections for t in (m.weight, m.bias) if t is not None]
+        # Read through the modules' parameter dicts: decoding checks this cache once per layer and
+        # token, and nn.Module attribute lookups made that check cost more than the gate itself.
+        params = [self._parameters["mix_gate_weight"], self._parameters["mix_gate_bias"]]
+        for name in ("hybrid_gates", "q_proj", "k_proj", "v_proj"):
+            owned = self._modules[name]._parameters
+            params += [owned["weight"]] if owned.get("bias") is None else [owned["weight"], owned["bias"]]
         if any(type(t).__name__ == "DTensor" for t in params):  # sharded (FSDP2): no whole weight to fold
             return None
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
+        key = tuple([(t.data_ptr(), t._version, t.dtype, t.device) for t in params])
         if self._folded is None or self._folded[0] != key:
             H, Hkv, D = self.shape.num_heads, self.shape.num_kv_heads, self.shape.head_dim
             w_q, w_k, w_v = self.mix_gate_weight.double().split([D, D, D], -1)  # [H, D] each
