@@ -176,7 +176,10 @@ class HybridAttention(_TeacherProjections):
         # token, and nn.Module attribute lookups made that check cost more than the gate itself.
         params = [self._parameters["mix_gate_weight"], self._parameters["mix_gate_bias"]]
         for name in ("hybrid_gates", "q_proj", "k_proj", "v_proj"):
-            owned = self._modules[name]._parameters
+            module = self._modules[name]
+            if not isinstance(module, nn.Linear):  # wrapped (LoRA adapters): its output is not x @ weight.T
+                return None
+            owned = module._parameters
             params += [owned["weight"]] if owned.get("bias") is None else [owned["weight"], owned["bias"]]
         if any(type(t).__name__ == "DTensor" for t in params):  # sharded (FSDP2): no whole weight to fold
             return None

@@ -303,3 +303,23 @@ def test_folded_gate_gives_the_qkv_gates_output_at_inference(family):
         computed = student(ids).logits.detach()  # with gradients on: the gate from q, k, v
         assert (attn.folded_gate_projection() is None) == (family == "qwen3")
         assert rel_err(folded, computed) < 1e-5
+
+
+def test_adapter_wrapped_projections_are_not_folded():
+    """LoRA adapters on q/k/v (before merging) add to x @ weight.T, which the folded gate cannot see:
+    the gate is then computed from q, k, v at inference too, and gives the same logits as with gradients."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig(window=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in student.lm.model.layers:  # a mix gate that reads q, k and v
+            layer.self_attn.mix_gate_weight.add_(0.5 * torch.randn(layer.self_attn.mix_gate_weight.shape, generator=g))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                                       init_lora_weights=False), student.lm)
+    ids = torch.randint(0, 97, (2, 20), generator=g)
+    with torch.no_grad():
+        inference = student(ids).logits
+    computed = student(ids).logits.detach()
+    assert student.lm.model.layers[0].self_attn.folded_gate_projection() is None
+    assert rel_err(inference, computed) < 1e-5
