@@ -31,7 +31,8 @@ class KernelsBenchmark(BenchBase):
         """The hybrid op against the teacher's attention at the teacher's head shapes, one layer.
 
         Rows, forward and forward + backward each: the hybrid op's Triton kernels (CUDA only; the
-        interpreter on a CPU is for tests, not timing), its chunkwise torch form, its quadratic
+        interpreter on a CPU is for tests, not timing), its chunkwise torch form (for the gate mix also
+        with the window's band written out, the form before the masked SDPA call), its quadratic
         reference (up to ``reference_max_length``), the mlstm_kernels chunkwise mLSTM alone (its
         native torch form; on CUDA also its Triton kernel), causal SDPA (the teacher's
         attention); and per-token decoding: the hybrid recurrent step against SDPA over a KV cache
@@ -47,7 +48,9 @@ class KernelsBenchmark(BenchBase):
         import torch.nn.functional as F
         from mlstm_kernels.torch import get_mlstm_kernel
 
-        from kernels import hybrid_attention, hybrid_attention_step, triton_unavailable_reason
+        from kernels import (
+            hybrid_attention, hybrid_attention_chunkwise, hybrid_attention_step, triton_unavailable_reason,
+        )
 
         teacher, _ = self._loaded()
         config, hybrid = teacher.config, self._hybrid_config or self.hybrid
@@ -102,12 +105,16 @@ class KernelsBenchmark(BenchBase):
             mlstm_inputs = [F.pad(x, (0, 0, 0, pad)).detach().requires_grad_(True) for x in (qh, kh, vh)] + [
                 F.pad(i, (0, pad), value=-1e4).requires_grad_(True), F.pad(f, (0, pad), value=1e4).requires_grad_(True)]
             hybrid_backends = [("torch", "hybrid chunkwise torch")]
+            if hybrid.mode == "hybrid" and hybrid.combine == "gate":  # the window's form before 2026-12-07
+                hybrid_backends.append(("band", "hybrid chunkwise torch, window band written out"))
             if triton_reason is None:
                 hybrid_backends.insert(0, ("triton", "hybrid Triton"))
             if T <= reference_max_length:
                 hybrid_backends.append(("reference", "hybrid reference, quadratic"))
             for backend, label in hybrid_backends:
                 def op(*x, backend=backend):
+                    if backend == "band":
+                        return hybrid_attention_chunkwise(*x, window_form="band", **opts)
                     return hybrid_attention(*x, backend=backend, **opts)
                 with torch.no_grad():
                     measure(f"{label} (forward)", "hybrid forward", T, lambda op=op: op(q, k, v, i, f, g))

@@ -5,7 +5,9 @@ Per chunk of ``chunk_size`` queries:
   intra-chunk part; the stabiliser m_t is the exact row maximum, so the result equals the
   parallel form including the max(|n.q|, exp(-m)) floor.
 - Attention: the chunk's queries against the band of keys (t - window, t] (at most
-  chunk_size + window - 1 keys) and the sink keys, never a T x T matrix.
+  chunk_size + window - 1 keys) and the sink keys, never a T x T matrix; for the gate mix and
+  ``swa`` mode all chunks go through one masked SDPA call (``swa_blocked``), ``shared_norm``
+  writes the band's sums out (``swa_chunkwise``).
 - ``shared_norm``: the memory of keys older than the window is an ordinary mLSTM over a
   stream delayed by ``window`` (key j enters at position j + window with input gate
   i_j + F_{j+window} - F_j), so the same chunk loop serves it.
@@ -243,9 +245,14 @@ def segment_tokens_for(B, H, window, sink_tokens, chunk_size, qk_dim, v_dim) -> 
 def hybrid_attention_chunkwise(
     q, k, v, i_gate, f_gate, g_gate, *, window, sink_tokens, mode="hybrid", combine="gate",
     chunk_size=64, scale=None, norm_weight=None, norm_eps=1e-6, eps=1e-6, return_state=False,
-    segment_tokens=None, mq=None, mk=None, memory_norm="rms",
+    segment_tokens=None, mq=None, mk=None, memory_norm="rms", window_form="auto",
 ):
     """Chunkwise hybrid attention; same arguments and result as ``kernels.reference.hybrid_attention``.
+
+    ``window_form``: "auto" runs the window branch as one masked SDPA call (``swa_blocked``) where
+    the combination needs only its output (gate mix, ``swa``) and writes the band's sums out
+    (``swa_chunkwise``) for ``shared_norm``; "band" writes them out in every mode (the same
+    result, slower: kept to measure the difference).
 
     With ``return_state=True`` also returns the ``HybridState`` after the last position, from
     which ``kernels.recurrent.hybrid_attention_step`` continues.
@@ -266,7 +273,10 @@ def hybrid_attention_chunkwise(
     elif segment_tokens < L or segment_tokens % L:
         raise ValueError(f"segment_tokens={segment_tokens} is invalid; allowed values: a multiple of "
                          f"chunk_size={L}, or None")
+    if window_form not in ("auto", "band"):
+        raise ValueError(f"window_form={window_form!r} is not supported; allowed values: 'auto', 'band'")
     shared_norm = mode == "hybrid" and combine == "shared_norm"
+    band_sums = shared_norm or window_form == "band"
     if mode != "swa":
         i_f = i_gate.to(dt)
         log_f = log_forget(f_gate, dt)
@@ -285,10 +295,11 @@ def hybrid_attention_chunkwise(
         s1 = min(T, s0 + segment_tokens)
         qf = q[:, :, s0:s1].to(dt)
         k0, S = max(0, s0 - window + 1), min(sink_tokens, s1)
-        if shared_norm:  # adds the memory's sums to the window's: needs the window's sums
+        if mode != "mlstm" and band_sums:  # shared_norm adds the memory's sums to the window's
             num_a, den_a, a_max = swa_chunkwise(
                 qf, heads(k[:, :, k0:s1]), heads(v[:, :, k0:s1]), heads(k[:, :, :S]), heads(v[:, :, :S]),
                 window=window, sink_tokens=sink_tokens, scale=scale, chunk_size=L, start=s0, key_start=k0)
+            h_attn = num_a / den_a.unsqueeze(-1)
         elif mode != "mlstm":
             h_attn = swa_blocked(qf, k[:, :, k0:s1].to(dt), v[:, :, k0:s1].to(dt), k[:, :, :S].to(dt),
                                  v[:, :, :S].to(dt), window=window, sink_tokens=sink_tokens, scale=scale, block=L,
