@@ -42,7 +42,8 @@ class KernelsBenchmark(BenchBase):
         Args:
             lengths: sequence lengths.
             batch: sequences.
-            repeats: timed calls per cell (median reported), after one untimed call.
+            repeats: timed calls per cell (median reported), after one untimed call; the cells of
+                one length take turns, one call each.
             reference_max_length: longest length for the quadratic reference.
         """
         import torch.nn.functional as F
@@ -68,21 +69,46 @@ class KernelsBenchmark(BenchBase):
         rows = []
 
         def measure(name, kind, length, fn, per_token=False):
-            row = {"op": name, "pass": kind.split()[1], "length": length,
-                   "batch": batch}
-            floor = op_floor(kind, batch, H, Hkv, length, D, D, hybrid, element)
-            row.update(gflop=floor["flops"] / 1e9, floor_mb=floor["bytes"] / 1e6)
-            try:
-                fn()  # warm-up (and Triton compilation)
-                times = [timed(fn, self.device)[1] for _ in range(repeats)]
-                median = statistics.median(times)
-                row.update(ms=1e3 * median, tokens_per_s=(batch if per_token else batch * length) / median,
+            """Queue a cell; ``run_cells`` times the cells of one length together."""
+            cells.append((name, kind, length, fn, per_token, torch.is_grad_enabled()))
+
+        def run_cells():
+            """Time the queued cells round-robin: each repeat calls every op once, so that the
+            machine's drift within a run (10-30 % here) falls on every op of a length alike and
+            their ratios hold, where timing one op's repeats after another's would not."""
+            live, times = [], {}
+            for index, (name, kind, length, fn, per_token, grad) in enumerate(cells):
+                row = {"op": name, "pass": kind.split()[1], "length": length, "batch": batch}
+                floor = op_floor(kind, batch, H, Hkv, length, D, D, hybrid, element)
+                row.update(gflop=floor["flops"] / 1e9, floor_mb=floor["bytes"] / 1e6)
+                try:
+                    with torch.set_grad_enabled(grad):
+                        fn()  # warm-up (and Triton compilation)
+                    live.append(index)
+                    times[index] = []
+                except OUT_OF_MEMORY as err:
+                    row["error"] = out_of_memory(err)
+                rows.append(row)
+                cells[index] = (row, floor, fn, per_token, grad)
+                gc.collect()
+            for _ in range(repeats):
+                for index in list(live):
+                    row, _, fn, _, grad = cells[index]
+                    try:
+                        with torch.set_grad_enabled(grad):
+                            times[index].append(timed(fn, self.device)[1])
+                    except OUT_OF_MEMORY as err:
+                        row["error"] = out_of_memory(err)
+                        live.remove(index)
+            for index in live:
+                row, floor, _, per_token, _ = cells[index]
+                median = statistics.median(times[index])
+                row.update(ms=1e3 * median, tokens_per_s=(batch if per_token else batch * row["length"]) / median,
                            gflop_per_s=floor["flops"] / median / 1e9, gb_per_s=floor["bytes"] / median / 1e9)
-            except OUT_OF_MEMORY as err:
-                row["error"] = out_of_memory(err)
-            rows.append(row)
+            cells.clear()
             gc.collect()
 
+        cells = []
         gen = torch.Generator().manual_seed(self.seed)
         for T in sorted(lengths):
             def rand(*shape, shift=0.0):
@@ -147,6 +173,7 @@ class KernelsBenchmark(BenchBase):
                         lambda: hybrid_attention_step(*one, state, **step_opts), per_token=True)
                 measure("teacher SDPA step over a KV cache of T", "sdpa step", T, lambda: F.scaled_dot_product_attention(
                     one[0], k, v, enable_gqa=True), per_token=True)
+            run_cells()
         payload = self._payload("kernels", rows, {"heads": H, "kv_heads": Hkv, "head_dim": D, "repeats": repeats,
                                                   "triton": triton_reason or "timed"})
         ops = list(dict.fromkeys(r["op"] for r in rows))

@@ -2,11 +2,12 @@
 with the FLOPs each side must compute (``experiments.flops``) and the rate it achieved.
 
 One module per benchmark keeps ``experiments.bench`` an entry point; this one holds the prefill
-cell (median of whole prompt forwards under a time budget) and the table's summary rows.
+cell (median of whole prompt forwards under a time budget, the two models taking turns) and the table's summary rows.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 
 import torch
@@ -15,54 +16,80 @@ from experiments.bench_base import BenchBase
 from experiments.bench_report import markdown_table, mib, pair, ratio
 from experiments.bench_runners import StudentRunner, TeacherRunner
 from experiments.flops import prefill_flops
-from experiments.measure import MiB, PeakMemory, timed
+from experiments.measure import OUT_OF_MEMORY, MiB, PeakMemory, out_of_memory, timed
 from models import HybridConfig
+from models.storage import write_json
 
 
 class PrefillBenchmark(BenchBase):
     """``prefill``."""
 
     @torch.no_grad()
-    def _prefill_cell(self, runner, ids, repeats: int, max_seconds: float) -> dict:
-        times, spent = [], 0.0
-        with PeakMemory(self.device) as peak:
-            while len(times) < repeats and (not times or spent < max_seconds):
-                (logits, state), seconds = timed(lambda: runner.prefill(ids), self.device)
-                logits.argmax(-1)  # the first token
-                times.append(seconds)
-                spent += seconds
-                del logits, state
-        median = statistics.median(times)
-        return {"ttft_s": median, "prefill_tokens_per_s": ids.numel() / median, "repeats": len(times),
-                "peak_bytes": peak.bytes, "peak_kind": peak.kind}
+    def _paired_prefill(self, runners, ids, repeats: int, max_seconds: float) -> dict[str, dict]:
+        """Both models' prompt forwards (and first token), taking turns: each round runs each model
+        once, who goes first alternating, until each has ``repeats`` or one has spent ``max_seconds``
+        (at least one round). This machine drifts by 10-30 % within a run; a model's repeats run back
+        to back would catch another drift than its rival's (1.03x and 1.44x at 256 tokens in two runs
+        of the same commit), taking turns puts the same drift on both. Returns a row per model kind:
+        median TTFT, tokens/s, repeats, the highest peak of its forwards, or the error that stopped it."""
+        cells = {runner.kind: {"times": [], "peak_bytes": 0, "peak_kind": None} for runner in runners}
+        for round_ in range(repeats):
+            live = [runner for runner in runners if "error" not in cells[runner.kind]]
+            if not live or (round_ and max(sum(cells[r.kind]["times"]) for r in live) >= max_seconds):
+                break
+            for runner in live if round_ % 2 == 0 else live[::-1]:
+                cell = cells[runner.kind]
+                try:
+                    with PeakMemory(self.device) as peak:
+                        (logits, state), seconds = timed(lambda: runner.prefill(ids), self.device)
+                        logits.argmax(-1)  # the first token
+                        del logits, state
+                except OUT_OF_MEMORY as err:
+                    cell["error"] = out_of_memory(err)
+                    continue
+                cell["times"].append(seconds)
+                cell["peak_bytes"], cell["peak_kind"] = max(cell["peak_bytes"], peak.bytes or 0), peak.kind
+                gc.collect()
+        rows = {}
+        for kind, cell in cells.items():
+            times = cell.pop("times")
+            if times:
+                median = statistics.median(times)
+                cell.update(ttft_s=median, prefill_tokens_per_s=ids.numel() / median, repeats=len(times))
+            rows[kind] = cell
+        return rows
 
     def prefill(self, repeats: int = 3, max_seconds: float = 60.0, warmup_tokens: int = 128) -> dict:
         """Time to first token (prompt forward plus the first greedy token) and prefill tokens/s.
 
         Args:
-            repeats: prompt forwards per cell (the median is reported).
-            max_seconds: stop repeating a cell once it has spent this long (at least one run).
+            repeats: prompt forwards per model and cell (the median is reported); the two models
+                take turns, one forward each.
+            max_seconds: stop a cell once one model has spent this long (at least one forward each).
             warmup_tokens: length of one untimed prompt per model and batch before the cells.
         """
         if repeats < 1:
             raise ValueError(f"repeats={repeats} must be >= 1")
         teacher, student = self._loaded()
+        runners = [TeacherRunner(teacher), StudentRunner(student)]
         for batch in self.batch_sizes:
             warm = self._prompt(warmup_tokens, teacher.config.vocab_size).expand(batch, -1)
-            for runner in (TeacherRunner(teacher), StudentRunner(student)):
-                self._prefill_cell(runner, warm, 1, 0.0)
+            self._paired_prefill(runners, warm, 1, 0.0)
         hybrid = self._hybrid_config  # None: a student the FLOPs model does not cover
-
-        def measure(runner, batch, prompt, ids):
-            row = self._prefill_cell(runner, ids.expand(batch, -1).contiguous(), repeats, max_seconds)
-            row["flops"] = None
-            if runner.kind == "teacher" or hybrid is not None:
-                flops = prefill_flops(teacher.config, hybrid or self.hybrid, prompt)[f"{runner.kind}_flops"]
-                row.update(flops=batch * flops, achieved_gflops_per_s=batch * flops / row["ttft_s"] / 1e9)
-            return row
-
-        extra = {"repeats": repeats, "max_seconds": max_seconds, "skipped": self._skipped()}
-        rows = self._side_by_side("prefill", measure, extra)
+        extra = {"repeats": repeats, "max_seconds": max_seconds, "skipped": self._skipped(), "paired": True}
+        rows = []
+        for n, (batch, prompt) in enumerate(self._cells()[0]):
+            ids = self._prompt(prompt, teacher.config.vocab_size).expand(batch, -1).contiguous()
+            cells = self._paired_prefill(runners if n % 2 == 0 else runners[::-1], ids, repeats, max_seconds)
+            for runner in runners:
+                row = {"model": runner.kind, "batch": batch, "prompt": prompt, **cells[runner.kind], "flops": None}
+                if runner.kind == "teacher" or hybrid is not None:
+                    flops = batch * prefill_flops(teacher.config, hybrid or self.hybrid, prompt)[f"{runner.kind}_flops"]
+                    row["flops"] = flops
+                    if "ttft_s" in row:
+                        row["achieved_gflops_per_s"] = flops / row["ttft_s"] / 1e9
+                rows.append(row)
+            write_json(self.out_dir / "prefill.json", self._payload("prefill", rows, extra))
         summary = prefill_summary(rows, teacher.config, hybrid)
         payload = self._payload("prefill", rows, {**extra, "summary": summary})
         columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ttft_s", "teacher TTFT s", ".2f"),

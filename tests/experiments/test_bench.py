@@ -166,6 +166,37 @@ def test_train_refuses_an_unknown_plan(teacher_dir, tmp_path):
         bench(teacher_dir, tmp_path).train(plans=["tiny"])
 
 
+def test_prefill_models_take_turns_and_an_allocation_failure_stops_one_model_only(teacher_dir, tmp_path, monkeypatch):
+    """Each round runs both models once, who goes first alternating: the same drift falls on both.
+    A model that runs out of memory gets an error row; the other keeps its repeats."""
+    from experiments.bench_runners import StudentRunner, TeacherRunner
+
+    calls = []
+    teacher_prefill, student_prefill = TeacherRunner.prefill, StudentRunner.prefill
+
+    def record(kind, original):
+        def prefill(self, ids):
+            calls.append((kind, ids.shape[1]))
+            if kind == "student" and ids.shape[1] == 24 and sum(c == ("student", 24) for c in calls) == 2:
+                raise torch.OutOfMemoryError("out of memory (test)")
+            return original(self, ids)
+        return prefill
+
+    monkeypatch.setattr(TeacherRunner, "prefill", record("teacher", teacher_prefill))
+    monkeypatch.setattr(StudentRunner, "prefill", record("student", student_prefill))
+    bench(teacher_dir, tmp_path, prompt_lengths=[24, 40], batch_sizes=[1]).prefill(repeats=3, max_seconds=60.0,
+                                                                                    warmup_tokens=4)
+    timed_calls = [c for c in calls if c[1] != 4]
+    # cell 0 (24 tokens): teacher first in round 0; the student fails in round 1 and stops there
+    assert timed_calls[:4] == [("teacher", 24), ("student", 24), ("student", 24), ("teacher", 24)]
+    assert timed_calls[4] == ("teacher", 24) and timed_calls[5][1] == 40
+    # cell 1 (40 tokens) starts with the student, then alternates
+    assert [c[0] for c in timed_calls[5:]] == ["student", "teacher", "teacher", "student", "student", "teacher"]
+    rows = {(r["model"], r["prompt"]): r for r in read_outputs(tmp_path, "prefill")["rows"]}
+    assert "out of memory" in rows["student", 24]["error"] and rows["student", 24]["repeats"] == 1
+    assert rows["teacher", 24]["repeats"] == 3 and rows["student", 40]["repeats"] == rows["teacher", 40]["repeats"] == 3
+
+
 def test_kernels_table_has_every_op_at_every_length(teacher_dir, tmp_path):
     bench(teacher_dir, tmp_path).kernels(lengths=[16, 48], repeats=1, reference_max_length=16)
     payload = read_outputs(tmp_path, "kernels")
@@ -176,6 +207,8 @@ def test_kernels_table_has_every_op_at_every_length(teacher_dir, tmp_path):
             "teacher causal SDPA (forward)", "teacher causal SDPA (forward + backward)",
             "mlstm_kernels chunkwise--native_autograd (forward + backward)",
             "hybrid recurrent step (one token after T)"} <= ops
+    assert {"hybrid chunkwise torch, window band written out (forward)",
+            "hybrid chunkwise torch, window band written out (forward + backward)"} <= ops  # the gate mix's old form
     reference = [(r["length"], r["pass"]) for r in rows if r["op"].startswith("hybrid reference")]
     assert reference == [(16, "forward"), (16, "backward")]
     assert (payload["heads"], payload["kv_heads"], payload["head_dim"]) == (H, HKV, D)
