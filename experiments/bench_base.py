@@ -14,16 +14,12 @@ method and property of ``Bench`` into a command, so only the benchmarks themselv
 from __future__ import annotations
 
 import functools
-import gc
 from pathlib import Path
 
 import torch
 
 from experiments.bench_report import figure, series_of
-from experiments.bench_runners import StudentRunner, TeacherRunner
-from experiments.measure import (
-    OUT_OF_MEMORY, describe_machine, machine_description, out_of_memory, parameter_bytes,
-)
+from experiments.measure import describe_machine, machine_description, parameter_bytes
 from models import HybridConfig, HybridStudent, convert_to_hybrid, load_student, load_teacher
 from models.storage import atomic_file_write, write_json
 
@@ -138,29 +134,6 @@ class BenchBase:
                 too_big = self.max_batch_tokens is not None and batch * prompt > self.max_batch_tokens
                 (skipped if too_big else cells).append((batch, prompt))
         return cells, skipped
-
-    def _side_by_side(self, what: str, measure, extra: dict) -> list[dict]:
-        """Rows of both models in every (batch, prompt) cell: ``measure(runner, batch, prompt, ids)``
-        returns a row's numbers. Who goes first alternates, so a drifting machine does not favour
-        one side; an allocation failure becomes the row's error; the JSON is rewritten after each
-        cell, so an interrupted run keeps what it measured."""
-        teacher, student = self._loaded()
-        runners = [TeacherRunner(teacher), StudentRunner(student)]
-        rows = []
-        for n, (batch, prompt) in enumerate(self._cells()[0]):
-            ids = self._prompt(prompt, teacher.config.vocab_size)
-            for runner in runners if n % 2 == 0 else runners[::-1]:
-                row = {"model": runner.kind, "batch": batch, "prompt": prompt}
-                try:
-                    row.update(measure(runner, batch, prompt, ids))
-                except OUT_OF_MEMORY as err:
-                    row["error"] = out_of_memory(err)
-                rows.append(row)
-                gc.collect()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-            write_json(self.out_dir / f"{what}.json", self._payload(what, rows, extra))
-        return rows
 
     def _model_series(self, rows, key: str, scale: float = 1.0, names: dict | None = None) -> list:
         """Plot series of teacher (dashed) and student (solid) per batch size, labelled by ``names``."""

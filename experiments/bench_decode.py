@@ -15,35 +15,78 @@ import torch
 
 from experiments.bench_base import BenchBase
 from experiments.bench_report import markdown_table, mib, pair, ratio
-from experiments.bench_runners import StudentRunner, projections_only
-from experiments.measure import MiB, PeakMemory, timed
+from experiments.bench_runners import StudentRunner, TeacherRunner, projections_only
+from experiments.measure import OUT_OF_MEMORY, MiB, PeakMemory, out_of_memory, timed
 from models import HybridConfig, HybridStudent, convert_to_hybrid
 from models.config import PREVIOUS_LAYER
+from models.storage import write_json
+
+# Steps each model takes alone after the timed ones, for its peak memory.
+PEAK_STEPS = 2
 
 
 class DecodeBenchmarks(BenchBase):
     """``decode`` and ``decode_layers``."""
 
     @torch.no_grad()
-    def _decode_cell(self, runner, ids, batch: int, steps: int, warmup: int) -> dict:
-        (logits, state), prefill_seconds = timed(lambda: runner.prefill(ids), self.device)
-        if batch > 1:  # rows of one prefilled prompt: decoding costs the same whatever the rows hold
-            state = runner.repeat(state, batch)
-            logits = logits.expand(batch, -1)
-        token = logits.argmax(-1)
-        for _ in range(warmup):  # before the peak is taken: a compiled step compiles here
-            logits, state = runner.step(token, state)
-            token = logits.argmax(-1)
-        times = []
-        with PeakMemory(self.device) as peak:
-            for _ in range(steps):
-                (logits, state), seconds = timed(lambda: runner.step(token, state), self.device)
-                token = logits.argmax(-1)
-                times.append(seconds)
-        q1, median, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-        return {"ms_per_step": 1e3 * median, "ms_p25": 1e3 * q1, "ms_p75": 1e3 * q3,
-                "tokens_per_s": batch / median, "state_bytes": runner.state_bytes(state),
-                "peak_bytes": peak.bytes, "peak_kind": peak.kind, "prefill_s": prefill_seconds}
+    def _paired_decode(self, runners, ids, batch: int, steps: int, warmup: int) -> dict[str, dict]:
+        """Both models prefill ``ids`` (timed once), repeat their cache or state over the batch and
+        take greedy steps in turns, one step each per round (who goes first alternating), ``warmup``
+        untimed (a compiled step compiles there) then ``steps`` timed: this machine drifts by 10-30 %
+        within a run, and taking turns puts the same drift on both. Then each model's peak memory over
+        a few steps of its own, the teacher first and its cache freed before the student's, so that
+        neither peak holds the other's cache. A model that runs out of memory gets an error and the
+        other goes on alone. Returns a row per model kind."""
+        rows = {runner.kind: {} for runner in runners}
+        states, tokens, times = {}, {}, {runner.kind: [] for runner in runners}
+
+        def attempt(runner, work):
+            try:
+                return work()
+            except OUT_OF_MEMORY as err:
+                rows[runner.kind]["error"] = out_of_memory(err)
+                states.pop(runner.kind, None)
+                gc.collect()
+
+        for runner in runners:
+            def prefill(runner=runner):
+                (logits, state), rows[runner.kind]["prefill_s"] = timed(lambda: runner.prefill(ids), self.device)
+                if batch > 1:  # rows of one prefilled prompt: decoding costs the same whatever the rows hold
+                    state, logits = runner.repeat(state, batch), logits.expand(batch, -1)
+                states[runner.kind], tokens[runner.kind] = state, logits.argmax(-1)
+            attempt(runner, prefill)
+        for i in range(warmup + steps):
+            for runner in runners if i % 2 == 0 else runners[::-1]:
+                kind = runner.kind
+                if kind not in states:
+                    continue
+
+                def step(runner=runner, kind=kind):
+                    (logits, states[kind]), seconds = timed(lambda: runner.step(tokens[kind], states[kind]),
+                                                            self.device)
+                    tokens[kind] = logits.argmax(-1)
+                    if i >= warmup:
+                        times[kind].append(seconds)
+                attempt(runner, step)
+        for runner in sorted(runners, key=lambda r: r.kind != "teacher"):
+            kind = runner.kind
+            if kind not in states:
+                continue
+            values = times[kind]
+            q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+            rows[kind].update(ms_per_step=1e3 * median, ms_p25=1e3 * q1, ms_p75=1e3 * q3, tokens_per_s=batch / median,
+                              state_bytes=runner.state_bytes(states[kind]))
+
+            def peak_steps(runner=runner, kind=kind):
+                with PeakMemory(self.device) as peak:
+                    for _ in range(PEAK_STEPS):
+                        logits, states[kind] = runner.step(tokens[kind], states[kind])
+                        tokens[kind] = logits.argmax(-1)
+                rows[kind].update(peak_bytes=peak.bytes, peak_kind=peak.kind)
+            attempt(runner, peak_steps)
+            states.pop(kind, None)
+            gc.collect()
+        return rows
 
     @torch.no_grad()
     def decode_layers(self, baseline: dict | None = None, steps: int = 32, warmup: int = 4) -> dict:
@@ -126,10 +169,11 @@ class DecodeBenchmarks(BenchBase):
         """Time per decoding step and decode memory, student vs teacher, at every prompt length.
 
         Each cell prefills one random prompt (timed once: ``prefill_s``; the ``prefill`` command
-        takes medians), repeats its cache/state over the batch, runs
-        ``warmup`` untimed greedy steps and reports the median (and quartiles) of ``steps`` timed
-        ones. The floor row is the shared part alone (q/k/v/o, MLPs, norms, head): the student's
-        and the teacher's distance from it is what their attention costs per token.
+        takes medians), repeats its cache/state over the batch, runs ``warmup`` untimed greedy steps
+        and reports the median (and quartiles) of ``steps`` timed ones, teacher and student taking
+        turns step by step; the peak memory comes from two more steps of each model alone. The floor
+        row is the shared part alone (q/k/v/o, MLPs, norms, head): the student's and the teacher's
+        distance from it is what their attention costs per token.
 
         Args:
             steps: timed decoding steps per cell.
@@ -142,10 +186,18 @@ class DecodeBenchmarks(BenchBase):
                   if (floor := self._floor_cell(student, batch, steps, warmup)) is not None]
         extra = {"steps": steps, "warmup": warmup, "skipped": self._skipped(), "floor": floors}
 
-        def measure(runner, batch, prompt, ids):
-            return self._decode_cell(runner, ids, batch, steps, warmup)
-
-        rows = self._side_by_side("decode", measure, extra)
+        teacher, _ = self._loaded()
+        runners = [TeacherRunner(teacher), StudentRunner(student)]
+        rows = []
+        for n, (batch, prompt) in enumerate(self._cells()[0]):
+            ids = self._prompt(prompt, teacher.config.vocab_size)
+            cells = self._paired_decode(runners if n % 2 == 0 else runners[::-1], ids, batch, steps, warmup)
+            rows += [{"model": runner.kind, "batch": batch, "prompt": prompt, **cells[runner.kind]}
+                     for runner in runners]
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            write_json(self.out_dir / "decode.json", self._payload("decode", rows, extra))
         summary = decode_summary(rows, floors)
         payload = self._payload("decode", rows, {**extra, "summary": summary})
         columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ms", "teacher ms/step", ".1f"),

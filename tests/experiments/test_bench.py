@@ -95,6 +95,41 @@ def test_decode_writes_rows_for_every_cell_with_exact_state_sizes(teacher_dir, t
     assert cell["student_over_floor_ms"] == pytest.approx(cell["student_ms"] - cell["floor_ms"])
 
 
+def test_decode_models_take_turns_step_by_step_and_an_allocation_failure_stops_one_model_only(
+        teacher_dir, tmp_path, monkeypatch):
+    """Warm-up and timed steps alternate between the models (who goes first alternating per round and
+    per cell); each model's peak comes from steps of its own, the teacher's first. A teacher that runs
+    out of memory in its prefill gets an error row, and the student is still measured."""
+    from experiments.bench_runners import StudentRunner, TeacherRunner
+
+    calls = []
+    teacher_prefill, teacher_step, student_step = TeacherRunner.prefill, TeacherRunner.step, StudentRunner.step
+
+    def failing_prefill(self, ids):
+        if ids.shape[1] == 40:
+            raise torch.OutOfMemoryError("out of memory (test)")
+        return teacher_prefill(self, ids)
+
+    def record(kind, original):
+        def step(self, token, state):
+            calls.append(kind)
+            return original(self, token, state)
+        return step
+
+    monkeypatch.setattr(TeacherRunner, "prefill", failing_prefill)
+    monkeypatch.setattr(TeacherRunner, "step", record("teacher", teacher_step))
+    monkeypatch.setattr(StudentRunner, "step", record("student", student_step))
+    bench(teacher_dir, tmp_path, prompt_lengths=[8, 40], batch_sizes=[1]).decode(steps=2, warmup=1)
+    t, s = "teacher", "student"
+    # cell 0 (8 tokens): rounds t s | s t | t s, then 2 peak steps each, the teacher's first
+    assert calls[:10] == [t, s, s, t, t, s, t, t, s, s]
+    # cell 1 (40 tokens): the teacher failed its prefill; the student decodes alone
+    assert calls[10:] == [s] * 5
+    rows = {(r["model"], r["prompt"]): r for r in read_outputs(tmp_path, "decode")["rows"]}
+    assert "out of memory" in rows[t, 40]["error"] and "ms_per_step" not in rows[t, 40]
+    assert rows[s, 40]["ms_per_step"] > 0 and rows[s, 40]["peak_bytes"] > 0 and rows[t, 8]["peak_bytes"] > 0
+
+
 def test_prefill_rows_and_flops_from_the_models_own_weights(teacher_dir, tmp_path):
     bench(teacher_dir, tmp_path, max_batch_tokens=40).prefill(repeats=2, max_seconds=60.0, warmup_tokens=4)
     payload = read_outputs(tmp_path, "prefill")
