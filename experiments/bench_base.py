@@ -14,11 +14,13 @@ method and property of ``Bench`` into a command, so only the benchmarks themselv
 from __future__ import annotations
 
 import functools
+import gc
 from pathlib import Path
 
 import torch
 
 from experiments.bench_report import figure, series_of
+from experiments.bench_runners import StudentRunner, TeacherRunner
 from experiments.measure import describe_machine, machine_description, parameter_bytes
 from models import HybridConfig, HybridStudent, convert_to_hybrid, load_student, load_teacher
 from models.storage import atomic_file_write, write_json
@@ -134,6 +136,26 @@ class BenchBase:
                 too_big = self.max_batch_tokens is not None and batch * prompt > self.max_batch_tokens
                 (skipped if too_big else cells).append((batch, prompt))
         return cells, skipped
+
+    def _side_by_side(self, what: str, measure, extra: dict) -> list[dict]:
+        """Rows of both models in every (batch, prompt) cell: ``measure(runners, batch, prompt, ids)``
+        measures both models together (taking turns, in the order given, which alternates from cell
+        to cell so that a drifting machine does not favour one side) and returns a row per model
+        kind, with an ``error`` where one ran out of memory; the JSON is rewritten after each cell,
+        so an interrupted run keeps what it measured."""
+        teacher, student = self._loaded()
+        runners = [TeacherRunner(teacher), StudentRunner(student)]
+        rows = []
+        for n, (batch, prompt) in enumerate(self._cells()[0]):
+            ids = self._prompt(prompt, teacher.config.vocab_size)
+            cells = measure(runners if n % 2 == 0 else runners[::-1], batch, prompt, ids)
+            rows += [{"model": runner.kind, "batch": batch, "prompt": prompt, **cells[runner.kind]}
+                     for runner in runners]
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            write_json(self.out_dir / f"{what}.json", self._payload(what, rows, extra))
+        return rows
 
     def _model_series(self, rows, key: str, scale: float = 1.0, names: dict | None = None) -> list:
         """Plot series of teacher (dashed) and student (solid) per batch size, labelled by ``names``."""

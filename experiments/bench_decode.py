@@ -15,11 +15,10 @@ import torch
 
 from experiments.bench_base import BenchBase
 from experiments.bench_report import markdown_table, mib, pair, ratio
-from experiments.bench_runners import StudentRunner, TeacherRunner, projections_only
+from experiments.bench_runners import StudentRunner, projections_only
 from experiments.measure import OUT_OF_MEMORY, MiB, PeakMemory, out_of_memory, timed
 from models import HybridConfig, HybridStudent, convert_to_hybrid
 from models.config import PREVIOUS_LAYER
-from models.storage import write_json
 
 # Steps each model takes alone after the timed ones, for its peak memory.
 PEAK_STEPS = 2
@@ -186,18 +185,10 @@ class DecodeBenchmarks(BenchBase):
                   if (floor := self._floor_cell(student, batch, steps, warmup)) is not None]
         extra = {"steps": steps, "warmup": warmup, "skipped": self._skipped(), "floor": floors}
 
-        teacher, _ = self._loaded()
-        runners = [TeacherRunner(teacher), StudentRunner(student)]
-        rows = []
-        for n, (batch, prompt) in enumerate(self._cells()[0]):
-            ids = self._prompt(prompt, teacher.config.vocab_size)
-            cells = self._paired_decode(runners if n % 2 == 0 else runners[::-1], ids, batch, steps, warmup)
-            rows += [{"model": runner.kind, "batch": batch, "prompt": prompt, **cells[runner.kind]}
-                     for runner in runners]
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            write_json(self.out_dir / "decode.json", self._payload("decode", rows, extra))
+        def measure(runners, batch, prompt, ids):
+            return self._paired_decode(runners, ids, batch, steps, warmup)
+
+        rows = self._side_by_side("decode", measure, extra)
         summary = decode_summary(rows, floors)
         payload = self._payload("decode", rows, {**extra, "summary": summary})
         columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ms", "teacher ms/step", ".1f"),

@@ -76,33 +76,30 @@ class KernelsBenchmark(BenchBase):
             """Time the queued cells round-robin: each repeat calls every op once, so that the
             machine's drift within a run (10-30 % here) falls on every op of a length alike and
             their ratios hold, where timing one op's repeats after another's would not."""
-            live, times = [], {}
-            for index, (name, kind, length, fn, per_token, grad) in enumerate(cells):
+            live = []  # (row, floor, fn, per_token, grad, times) of the cells that ran their warm-up
+            for name, kind, length, fn, per_token, grad in cells:
                 row = {"op": name, "pass": kind.split()[1], "length": length, "batch": batch}
                 floor = op_floor(kind, batch, H, Hkv, length, D, D, hybrid, element)
                 row.update(gflop=floor["flops"] / 1e9, floor_mb=floor["bytes"] / 1e6)
                 try:
                     with torch.set_grad_enabled(grad):
                         fn()  # warm-up (and Triton compilation)
-                    live.append(index)
-                    times[index] = []
+                    live.append((row, floor, fn, per_token, grad, []))
                 except OUT_OF_MEMORY as err:
                     row["error"] = out_of_memory(err)
                 rows.append(row)
-                cells[index] = (row, floor, fn, per_token, grad)
                 gc.collect()
             for _ in range(repeats):
-                for index in list(live):
-                    row, _, fn, _, grad = cells[index]
+                for cell in list(live):
+                    row, _, fn, _, grad, times = cell
                     try:
                         with torch.set_grad_enabled(grad):
-                            times[index].append(timed(fn, self.device)[1])
+                            times.append(timed(fn, self.device)[1])
                     except OUT_OF_MEMORY as err:
                         row["error"] = out_of_memory(err)
-                        live.remove(index)
-            for index in live:
-                row, floor, _, per_token, _ = cells[index]
-                median = statistics.median(times[index])
+                        live.remove(cell)
+            for row, floor, _, per_token, _, times in live:
+                median = statistics.median(times)
                 row.update(ms=1e3 * median, tokens_per_s=(batch if per_token else batch * row["length"]) / median,
                            gflop_per_s=floor["flops"] / median / 1e9, gb_per_s=floor["bytes"] / median / 1e9)
             cells.clear()

@@ -2,7 +2,8 @@
 with the FLOPs each side must compute (``experiments.flops``) and the rate it achieved.
 
 One module per benchmark keeps ``experiments.bench`` an entry point; this one holds the prefill
-cell (median of whole prompt forwards under a time budget, the two models taking turns) and the table's summary rows.
+cell (median of whole prompt forwards under a time budget, the two models taking turns) and the
+table's summary rows.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from experiments.bench_runners import StudentRunner, TeacherRunner
 from experiments.flops import prefill_flops
 from experiments.measure import OUT_OF_MEMORY, MiB, PeakMemory, out_of_memory, timed
 from models import HybridConfig
-from models.storage import write_json
 
 
 class PrefillBenchmark(BenchBase):
@@ -77,19 +77,18 @@ class PrefillBenchmark(BenchBase):
             self._paired_prefill(runners, warm, 1, 0.0)
         hybrid = self._hybrid_config  # None: a student the FLOPs model does not cover
         extra = {"repeats": repeats, "max_seconds": max_seconds, "skipped": self._skipped(), "paired": True}
-        rows = []
-        for n, (batch, prompt) in enumerate(self._cells()[0]):
-            ids = self._prompt(prompt, teacher.config.vocab_size).expand(batch, -1).contiguous()
-            cells = self._paired_prefill(runners if n % 2 == 0 else runners[::-1], ids, repeats, max_seconds)
-            for runner in runners:
-                row = {"model": runner.kind, "batch": batch, "prompt": prompt, **cells[runner.kind], "flops": None}
-                if runner.kind == "teacher" or hybrid is not None:
-                    flops = batch * prefill_flops(teacher.config, hybrid or self.hybrid, prompt)[f"{runner.kind}_flops"]
-                    row["flops"] = flops
+
+        def measure(runners, batch, prompt, ids):
+            cells = self._paired_prefill(runners, ids.expand(batch, -1).contiguous(), repeats, max_seconds)
+            for kind, row in cells.items():
+                row["flops"] = None
+                if kind == "teacher" or hybrid is not None:
+                    row["flops"] = batch * prefill_flops(teacher.config, hybrid or self.hybrid, prompt)[f"{kind}_flops"]
                     if "ttft_s" in row:
-                        row["achieved_gflops_per_s"] = flops / row["ttft_s"] / 1e9
-                rows.append(row)
-            write_json(self.out_dir / "prefill.json", self._payload("prefill", rows, extra))
+                        row["achieved_gflops_per_s"] = row["flops"] / row["ttft_s"] / 1e9
+            return cells
+
+        rows = self._side_by_side("prefill", measure, extra)
         summary = prefill_summary(rows, teacher.config, hybrid)
         payload = self._payload("prefill", rows, {**extra, "summary": summary})
         columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ttft_s", "teacher TTFT s", ".2f"),

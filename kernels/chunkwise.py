@@ -183,8 +183,9 @@ def swa_blocked(q, k, v, sink_k, sink_v, *, window, sink_tokens, scale, block, s
     Each block of ``block`` queries reads its own keys (the sinks and the block + window - 1 keys
     before its end); the blocks are stacked along the batch and go through one masked
     ``scaled_dot_product_attention`` call, whose fused CPU kernel never writes the band's scores to
-    memory and reads GQA heads in place: 4x faster than the written-out band at every length from 256
-    to 4k on a CPU. The gate mix and ``swa`` mode need only this; ``shared_norm`` needs the sums.
+    memory and reads GQA heads in place: on a CPU the whole op took 0.60-0.80x the written-out band's
+    time forward from 256 to 4k tokens (docs/performance.md, "Kernels"). The gate mix and ``swa`` mode
+    need only this; ``shared_norm`` needs the sums.
     """
     B, H, Tq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
