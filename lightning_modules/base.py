@@ -256,6 +256,14 @@ class DistillationModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Lightning zeroes the gradients after the next step's forward (before its backward), so the
+        # last step's gradients (the size of the trainable weights) would sit through that whole
+        # forward, on top of its activations: released here, the forward's peak is lower by them.
+        # Safe with gradient accumulation: this runs only on the window's last batch.
+        optimizer.zero_grad(set_to_none=True)
+
     def on_before_optimizer_step(self, optimizer) -> None:
         named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad and p.grad is not None]
         if not named:

@@ -25,7 +25,12 @@ import torch.nn.functional as F
 # gradient w.r.t. the logits, {name: detached value of a component's share, for logs})
 ChunkLoss = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
-DEFAULT_CHUNK_TOKENS = 512
+# Each chunk holds about six tensors of [chunk, V] float32 at once while its loss and gradient are
+# computed (logits, their copies in the loss, the gradients of each path): 256 positions of a 49k
+# vocabulary are about 290 MiB, and at 512 that transient set the KD step's peak
+# (docs/performance.md, "Training step per stage"); the head's product over 256 rows runs at the
+# machine's full matrix rate, so the smaller chunk costs no speed.
+DEFAULT_CHUNK_TOKENS = 256
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -53,15 +58,22 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             del logits, grad_logits, loss
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # kept as the context's own (intermediate tensors, not inputs or outputs) so the backward can
+        # hand them over scaled in place: a copy would hold a second head-sized gradient at the
+        # backward's start, where a training step peaks
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("head_loss's backward ran twice: it hands its precomputed gradients over on the "
+                               "first backward; compute the loss again instead of retain_graph=True")
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        ctx.grads = None
         scale = grad_total.to(grad_hidden.dtype)
-        return (grad_hidden * scale, None if grad_weight is None else grad_weight * scale,
-                None if grad_bias is None else grad_bias * scale, None, None, None)
+        return (grad_hidden.mul_(scale), None if grad_weight is None else grad_weight.mul_(scale),
+                None if grad_bias is None else grad_bias.mul_(scale), None, None, None)
 
 
 def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, chunk_loss: ChunkLoss,

@@ -193,6 +193,31 @@ def test_resume_continues_with_the_same_losses(env, tmp_path):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6)
 
 
+class GradientsAtBatchStart(L.Callback):
+    """Whether the student holds any gradient when each batch starts (before its forward)."""
+
+    def __init__(self):
+        self.held = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.held.append(any(p.grad is not None for p in pl_module.trainable_parameters()))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_released_after_each_optimizer_step(env, tmp_path, accumulate):
+    # Lightning zeroes gradients only after the next forward: without the release, the last step's
+    # gradients would sit through every forward. Within an accumulation window they must stay.
+    root, _ = env
+    L.seed_everything(0)
+    seen = GradientsAtBatchStart()
+    module = SparseKDModule(teacher=str(root / "teacher"), lr=1e-2, top_k=8)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=0,
+                        enable_checkpointing=False, accumulate_grad_batches=accumulate, callbacks=[seen])
+    trainer.fit(module, datamodule=tiny_dm(env))
+    assert seen.held == ([False] * 3 if accumulate == 1 else [False, True] * 3)
+
+
 def cached_blocks(env, folder, k, blocks, **kwargs):
     """A KD module, its datamodule, and a top-k cache of the first ``blocks`` training blocks."""
     root, _ = env

@@ -109,3 +109,20 @@ def test_student_refuses_chunk_loss_with_labels_or_padding():
     mask[0, -1] = 0
     with pytest.raises(ValueError, match="chunk_loss needs an unpadded batch"):
         student(ids, attention_mask=mask, chunk_loss=loss)
+
+
+def test_the_backward_scales_the_gradients_by_the_incoming_one_and_refuses_a_second_run():
+    # the precomputed gradients are handed over scaled in place (no second head-sized copy), so a
+    # loss multiplied after head_loss must scale them, and a second backward must say why it cannot
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 97).double()
+    hidden = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
+    targets, ids, logprobs, mask = problem()
+    expected = 2.5 * mixed_loss(head(hidden), targets, ids, logprobs.double(), mask)
+    expected_grads = torch.autograd.grad(expected, [hidden, *head.parameters()])
+    got, _ = head_loss(hidden, head, chunked_mixed_loss(targets, ids, logprobs.double(), mask), 5)
+    got_grads = torch.autograd.grad(2.5 * got, [hidden, *head.parameters()], retain_graph=True)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-8)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        torch.autograd.grad(got, [hidden])
