@@ -220,12 +220,17 @@ class HybridAttention(_TeacherProjections):
         q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
         if decode_state is None:
             if self.recompute_in_backward and torch.is_grad_enabled() and self._torch_backend(q, v):
-                out = checkpoint(self._attend, hidden_states, q, k, v, position_embeddings, use_reentrant=False)
-            else:
-                out = self._attend(hidden_states, q, k, v, position_embeddings)
+                # the output projection inside too: its input (the heads, the hidden size per token) is
+                # then not kept, for one more [T, hidden] x [hidden, hidden] product in the backward
+                return checkpoint(self._attend_and_output, hidden_states, q, k, v, position_embeddings,
+                                  use_reentrant=False), None
+            out = self._attend(hidden_states, q, k, v, position_embeddings)
         else:
             out = self._attend(hidden_states, q, k, v, position_embeddings, decode_state)
         return self._output(out, q.dtype), None
+
+    def _attend_and_output(self, hidden_states, q, k, v, position_embeddings):
+        return self._output(self._attend(hidden_states, q, k, v, position_embeddings), q.dtype)
 
     def decode_step(self, hidden_states, position_embeddings, state, folded=None):
         """One token [B, 1, hidden] from the layer's ``HybridState``: (output [B, 1, hidden], new state).

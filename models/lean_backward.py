@@ -15,7 +15,10 @@ projections under their own names, so state dicts and checkpoints do not change.
 
 The RMS norm likewise: Hugging Face's keeps its input and the normalised input (two tensors of the
 hidden size per norm, two norms per layer); ``LeanRMSNorm`` keeps the input and one number per
-position (1 / rms) and recomputes the normalised input in the backward.
+position (1 / rms) and recomputes the normalised input in the backward. Its output remembers what
+rebuilds it, so a ``LeanGatedMLP`` fed by it (the post-attention norm of every decoder layer) keeps
+neither: its gate and up projections' weight gradients use the output rebuilt in the backward, one
+elementwise pass, instead of a tensor of the hidden size kept per layer.
 """
 
 from __future__ import annotations
@@ -57,6 +60,40 @@ class _SiluGatedDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_weight, grad_bias
 
 
+class _NormedSiluGatedMLP(torch.autograd.Function):
+    """down(silu(gate(y)) * up(y)) for y a lean RMS norm's output, keeping gate and up but not y:
+    the backward rebuilds y from the norm's input and 1 / rms, which the norm keeps anyway."""
+
+    @staticmethod
+    def forward(ctx, y, x, rstd, norm_weight, gate_w, gate_b, up_w, up_b, down_w, down_b):
+        gate, up = F.linear(y, gate_w, gate_b), F.linear(y, up_w, up_b)
+        ctx.save_for_backward(x, rstd, norm_weight, gate, up, gate_w, up_w, down_w)
+        ctx.biases = (gate_b is not None, up_b is not None, down_b is not None)
+        return F.linear(F.silu(gate) * up, down_w, down_b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, rstd, norm_weight, gate, up, gate_w, up_w, down_w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        silu = F.silu(gate)
+        grad_product = grad_out @ down_w
+        grad_down_w = rows(grad_out).t() @ rows(silu * up) if need[8] else None
+        grad_down_b = rows(grad_out).sum(0) if ctx.biases[2] and need[9] else None
+        grad_up = grad_product * silu
+        grad_gate = torch.ops.aten.silu_backward(grad_product.mul_(up), gate)
+        del grad_product, silu
+        grad_gate_w = grad_up_w = None
+        if need[4] or need[6]:
+            y = rows(normed_again(x, rstd, norm_weight))
+            grad_gate_w = rows(grad_gate).t() @ y if need[4] else None
+            grad_up_w = rows(grad_up).t() @ y if need[6] else None
+        grad_gate_b = rows(grad_gate).sum(0) if ctx.biases[0] and need[5] else None
+        grad_up_b = rows(grad_up).sum(0) if ctx.biases[1] and need[7] else None
+        grad_y = torch.addmm(rows(grad_gate) @ gate_w, rows(grad_up), up_w).view(x.shape) if need[0] else None
+        return (grad_y, None, None, None, grad_gate_w, grad_gate_b, grad_up_w, grad_up_b, grad_down_w, grad_down_b)
+
+
 class LeanGatedMLP(nn.Module):
     """A teacher's gated MLP (its ``gate_proj``, ``up_proj``, ``down_proj`` modules, shared) whose
     backward keeps two tensors instead of four. Falls back to the plain computation when a
@@ -68,6 +105,11 @@ class LeanGatedMLP(nn.Module):
         self.act_fn = mlp.act_fn
 
     def forward(self, x):
+        plain = all(type(p) is nn.Linear for p in (self.gate_proj, self.up_proj, self.down_proj))
+        recipe = lean_norm_recipe(x) if torch.is_grad_enabled() and plain else None
+        if recipe is not None:
+            g, u, d = self.gate_proj, self.up_proj, self.down_proj
+            return _NormedSiluGatedMLP.apply(x, *recipe, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if torch.is_grad_enabled() and type(self.down_proj) is nn.Linear:
             return _SiluGatedDown.apply(gate, up, self.down_proj.weight, self.down_proj.bias)
@@ -100,10 +142,11 @@ class _RMSNorm(torch.autograd.Function):
         xf = x.to(torch.float32)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, rstd, weight)
-        return weight * (xf * rstd).to(x.dtype)
+        ctx.mark_non_differentiable(rstd)
+        return weight * (xf * rstd).to(x.dtype), rstd
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_rstd):
         x, rstd, weight = ctx.saved_tensors
         normed = x.to(torch.float32) * rstd
         grad_weight = None
@@ -132,10 +175,28 @@ class LeanRMSNorm(nn.Module):
 
     def forward(self, hidden_states):
         if torch.is_grad_enabled():
-            return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+            out, rstd = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+            # what rebuilds ``out`` exactly (``normed_again``), for a consumer that would rather not
+            # keep it for its own backward (``LeanGatedMLP``); dropped with ``out`` itself
+            out._lean_norm = (hidden_states, rstd, self.weight, out._version)
+            return out
         xf = hidden_states.to(torch.float32)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * xf.to(hidden_states.dtype)
+
+
+def normed_again(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A lean norm's output from its input and 1 / rms, by the same ops as its forward (bit for bit)."""
+    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
+
+
+def lean_norm_recipe(y: torch.Tensor):
+    """(x, 1 / rms, weight) that rebuild ``y`` if it is a ``LeanRMSNorm`` output not modified since,
+    else None."""
+    recipe = getattr(y, "_lean_norm", None)
+    if recipe is None or recipe[3] != y._version:
+        return None
+    return recipe[:3]
 
 
 def lean_rms_norms(model: nn.Module) -> int:

@@ -243,6 +243,27 @@ def test_recomputed_attention_gives_the_same_gradients_and_keeps_far_less(mode):
     assert kept_recomputed < 0.25 * kept_plain, (kept_recomputed, kept_plain)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_recomputed_attention_does_not_keep_the_output_projections_input(recompute):
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig(window=8, sink_tokens=2, chunk_size=16)).train()
+    layer = student.lm.model.layers[0].self_attn
+    layer.recompute_in_backward = recompute
+    heads = []
+    # the input itself is held (not only its address): a freed block reused by a kept tensor would look kept
+    handle = layer.o_proj.register_forward_pre_hook(lambda m, args: heads.append(args[0]))
+    kept = set()
+
+    def pack(t):
+        kept.add(t.untyped_storage().data_ptr())
+        return t
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = student(ids).logits.sum()
+    handle.remove()
+    assert (heads[0].untyped_storage().data_ptr() in kept) is not recompute  # kept for o_proj's weight gradient unless recomputed
+    loss.backward()
+
+
 def test_bfloat16_student_is_close_to_float32():
     teacher = make_teacher("llama")
     ids = torch.randint(0, 97, (2, 50))

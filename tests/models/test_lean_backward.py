@@ -107,3 +107,49 @@ def test_lean_norm_keeps_one_tensor_of_the_hidden_size():
             module(x)
         return len(kept)
     assert saved_full_size(LeanRMSNorm(norm)) == 1 and saved_full_size(norm) == 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lean_norm_then_mlp_gives_the_teachers_outputs_and_gradients_without_keeping_the_norms_output(family):
+    teacher = make_teacher(family, mlp_bias=True) if family == "llama" else make_teacher(family)
+    layer = teacher.model.layers[0].double()
+    norm, mlp = layer.post_attention_layernorm, layer.mlp
+    if type(norm).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"):
+        pytest.skip(f"{type(norm).__name__} is not made lean")
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    lean_norm, lean_mlp = LeanRMSNorm(norm), LeanGatedMLP(mlp)
+    x = torch.randn(2, 9, norm.weight.shape[0], dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 9, mlp.down_proj.out_features, dtype=torch.float64)
+    params = [x, norm.weight, *mlp.parameters()]
+    expected = mlp(norm(x))
+    expected_grads = torch.autograd.grad(expected, params, grad_out)
+
+    normed = {}
+
+    def pack(t):
+        normed.setdefault("kept", False)
+        normed["kept"] |= t.untyped_storage().data_ptr() == normed.get("ptr")
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lean_norm(x)
+        normed["ptr"] = y.untyped_storage().data_ptr()
+        got = lean_mlp(y)
+    got_grads = torch.autograd.grad(got, params, grad_out)
+    assert normed["kept"] is False  # the MLP kept the norm's input and 1 / rms, not its output
+    assert torch.equal(got, expected)
+    for g, e in zip(got_grads[:2], expected_grads[:2]):  # through the norm: float32, as HF's computes it
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got_grads[2:], expected_grads[2:]):  # the MLP's weights: from the rebuilt output
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_a_norm_output_changed_in_place_is_kept_not_rebuilt():
+    layer = make_teacher("llama").model.layers[0].double()
+    lean_norm, lean_mlp = LeanRMSNorm(layer.post_attention_layernorm), LeanGatedMLP(layer.mlp)
+    x = torch.randn(2, 5, layer.mlp.gate_proj.in_features, dtype=torch.float64, requires_grad=True)
+    y = lean_norm(x) * 1.0
+    y_lean = lean_norm(x)
+    y_lean.add_(1.0)  # the rebuilt output would miss this: the MLP must keep the tensor itself
+    expected = torch.autograd.grad(layer.mlp(y + 1.0).sum(), layer.mlp.gate_proj.weight)[0]
+    got = torch.autograd.grad(lean_mlp(y_lean).sum(), layer.mlp.gate_proj.weight)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
