@@ -91,7 +91,13 @@ def stage_module(spec: dict, stage: str, plan: str, ids: torch.Tensor):
 
 # allocator -> (the library preloaded for it, the Debian package that ships it); glibc: nothing preloaded
 ALLOCATORS = {"glibc": (None, None), "tcmalloc": ("libtcmalloc_minimal.so.4", "libgoogle-perftools4"),
-              "jemalloc": ("libjemalloc.so.2", "libjemalloc2")}
+              "jemalloc": ("libjemalloc.so.2", "libjemalloc2"),
+              "tcmalloc_no_release": ("libtcmalloc_minimal.so.4", "libgoogle-perftools4")}
+# environment an allocator row runs with. tcmalloc hands freed memory back to the system a little at
+# a time by default, and a step that frees and reallocates as much as the lean plan's then touches
+# fresh pages again (about 490,000 page faults a KD step against 12,000 for the plain plan, which
+# keeps its activations); a release rate of 0 keeps them in its heap, without raising the peak.
+ALLOCATOR_ENVIRONMENT = {"tcmalloc_no_release": {"TCMALLOC_RELEASE_RATE": "0"}}
 
 
 def allocator_library(name: str) -> str | None:
@@ -133,6 +139,8 @@ def train_row(spec: dict, stage: str, plan: str, allocator: str = "glibc") -> di
     row = {"stage": stage, "plan": plan, "allocator": allocator, "seq_len": spec["seq_len"], "batch": spec["batch"],
            "trainable_parameters": sum(p.numel() for p in module.trainable_parameters()),
            "allocator_loaded": library is None or library.split(".so")[0] in _mapped_libraries()}
+    if allocator in ALLOCATOR_ENVIRONMENT:  # as this process received it
+        row["allocator_environment"] = {name: os.environ.get(name) for name in ALLOCATOR_ENVIRONMENT[allocator]}
     try:
         row.update(_train_steps(module, batch, spec["steps"], spec["warmup"], device))
     except OUT_OF_MEMORY as err:
@@ -145,17 +153,22 @@ def train_row_in_fresh_process(spec: dict, stage: str, plan: str, allocator: str
     import multiprocessing
 
     library = allocator_library(allocator)
-    before = os.environ.get("LD_PRELOAD")
-    if library is not None:  # the spawned interpreter is started with this environment
-        os.environ["LD_PRELOAD"] = library if not before else f"{library}:{before}"
+    settings = dict(ALLOCATOR_ENVIRONMENT.get(allocator, {}))
+    if library is not None:
+        before = os.environ.get("LD_PRELOAD")
+        settings["LD_PRELOAD"] = library if not before else f"{library}:{before}"
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)  # the spawned interpreter is started with this environment
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(train_row, (spec, stage, plan, allocator))
+            row = pool.apply(train_row, (spec, stage, plan, allocator))
     finally:
-        if before is None:
-            os.environ.pop("LD_PRELOAD", None)
-        else:
-            os.environ["LD_PRELOAD"] = before
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return row
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, shapes, repeats: int = 5) -> float:
@@ -211,8 +224,9 @@ class TrainBenchmark(BenchBase):
             top_k: teacher tokens kept per position.
             stages: which of the stages to measure.
             plans: which memory plans to measure (rows of one stage side by side).
-            allocators: memory allocators each row runs under (``glibc``, ``tcmalloc``, ``jemalloc``;
-                the others preloaded with ``LD_PRELOAD``), compared with the first one side by side.
+            allocators: memory allocators each row runs under (``glibc``, ``tcmalloc``, ``jemalloc``,
+                ``tcmalloc_no_release``: tcmalloc with ``TCMALLOC_RELEASE_RATE=0``; the others preloaded
+                with ``LD_PRELOAD``), compared with the first one side by side.
         """
         unknown = sorted(set(stages) - set(TRAIN_STAGES)) + sorted(set(plans) - set(MEMORY_PLANS))
         if unknown:

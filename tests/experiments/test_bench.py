@@ -176,6 +176,22 @@ def test_train_runs_rows_under_a_preloaded_allocator_and_says_whether_it_was_map
     assert "LD_PRELOAD" not in os.environ  # the benchmark's own process is left as it was
 
 
+def test_an_allocator_rows_environment_reaches_its_process_and_only_it(teacher_dir, tmp_path, monkeypatch):
+    import os
+
+    if not _installed("tcmalloc_no_release"):
+        pytest.skip("tcmalloc is not installed here (apt install libgoogle-perftools4)")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("TCMALLOC_RELEASE_RATE", raising=False)
+    payload = bench(teacher_dir, tmp_path).train(seq_len=16, batch=2, steps=1, warmup=0, top_k=4,
+                                                 stages=["kd_cached"], plans=["lean"],
+                                                 allocators=["glibc", "tcmalloc_no_release"])
+    glibc, kept = payload["rows"]
+    assert "allocator_environment" not in glibc
+    assert kept["allocator_loaded"] and kept["allocator_environment"] == {"TCMALLOC_RELEASE_RATE": "0"}
+    assert "TCMALLOC_RELEASE_RATE" not in os.environ and "LD_PRELOAD" not in os.environ
+
+
 def _installed(allocator) -> bool:
     from experiments.bench_train import allocator_library
 
@@ -192,7 +208,7 @@ def test_an_allocator_that_is_not_installed_is_refused_naming_its_package(teache
     with pytest.raises(ValueError, match=r"allocator 'jemalloc' needs libjemalloc-not-here.so.9, which is not "
                                          r"installed here \(Debian/Ubuntu: apt install libjemalloc2\)"):
         bench(teacher_dir, tmp_path).train(stages=["kd_cached"], allocators=["glibc", "jemalloc"])
-    with pytest.raises(ValueError, match="unknown allocator 'mimalloc'; allowed values: glibc, tcmalloc, jemalloc"):
+    with pytest.raises(ValueError, match="unknown allocator 'mimalloc'; allowed values: glibc, tcmalloc, jemalloc, tcmalloc_no_release"):
         bench(teacher_dir, tmp_path).train(stages=["kd_cached"], allocators=["mimalloc"])
 
 
