@@ -19,6 +19,7 @@ from kernels._common import head_rms_norm
 from .adapters import AttentionShape, FamilyAdapter, project_qkv
 from .compiled_step import compiled_decode_step
 from .config import HybridConfig
+from .rebuilt import rebuilt_in_backward
 from .state import KVCacheState
 
 
@@ -217,20 +218,23 @@ class HybridAttention(_TeacherProjections):
             out, decode_state.layers[self.layer_idx] = step(self, hidden_states, position_embeddings, state,
                                                             self.gate_folding())
             return out, None
+        if decode_state is None and self.recompute_in_backward and torch.is_grad_enabled():
+            # The lean plan: the products of the layer input (a lean norm's output) keep its recipe,
+            # not the input itself; the op (and the output projection, whose input is then not kept
+            # either, for one more [T, hidden] x [hidden, hidden] product) is recomputed in the backward.
+            with rebuilt_in_backward(hidden_states):
+                q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
+                if self._torch_backend(q, v):
+                    gates = self.gates(hidden_states, q, k, v, folded=self.gate_folding())
+                    return checkpoint(self._attend_and_output, q, k, v, position_embeddings, gates,
+                                      use_reentrant=False), None
+            return self._output(self._attend(hidden_states, q, k, v, position_embeddings), q.dtype), None
         q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
-        if decode_state is None:
-            if self.recompute_in_backward and torch.is_grad_enabled() and self._torch_backend(q, v):
-                # the output projection inside too: its input (the heads, the hidden size per token) is
-                # then not kept, for one more [T, hidden] x [hidden, hidden] product in the backward
-                return checkpoint(self._attend_and_output, hidden_states, q, k, v, position_embeddings,
-                                  use_reentrant=False), None
-            out = self._attend(hidden_states, q, k, v, position_embeddings)
-        else:
-            out = self._attend(hidden_states, q, k, v, position_embeddings, decode_state)
+        out = self._attend(hidden_states, q, k, v, position_embeddings, decode_state)
         return self._output(out, q.dtype), None
 
-    def _attend_and_output(self, hidden_states, q, k, v, position_embeddings):
-        return self._output(self._attend(hidden_states, q, k, v, position_embeddings), q.dtype)
+    def _attend_and_output(self, q, k, v, position_embeddings, gates):
+        return self._output(self._attend(None, q, k, v, position_embeddings, gates=gates), q.dtype)
 
     def decode_step(self, hidden_states, position_embeddings, state, folded=None):
         """One token [B, 1, hidden] from the layer's ``HybridState``: (output [B, 1, hidden], new state).
@@ -258,11 +262,12 @@ class HybridAttention(_TeacherProjections):
         cfg = self.cfg
         return resolve_backend(cfg.backend, q.device, q.dtype, q.shape[-1], v.shape[-1], cfg.chunk_size) != "triton"
 
-    def _attend(self, hidden_states, q, k, v, position_embeddings, decode_state=None):
+    def _attend(self, hidden_states, q, k, v, position_embeddings, decode_state=None, gates=None):
         """Gates, RoPE, feature maps and the hybrid op over T tokens: q, k, v (before RoPE) -> heads
-        [B, H, T, Dv]; with ``decode_state`` a prefill (empty state) or a continuation token by token."""
+        [B, H, T, Dv]; with ``decode_state`` a prefill (empty state) or a continuation token by token.
+        ``gates``: (i, f, g) already computed from ``hidden_states`` (which may then be None)."""
         cfg = self.cfg
-        i, f, g = self.gates(hidden_states, q, k, v, folded=self.gate_folding())
+        i, f, g = gates if gates is not None else self.gates(hidden_states, q, k, v, folded=self.gate_folding())
         q, k = self.rope(q, k, position_embeddings)
         mq = mk = None
         if hasattr(self, "feature_maps"):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hybrid_layer import HybridAttention
+from .rebuilt import lean_norm_recipe, normed_again
 
 SILU_NAMES = ("silu", "swish")
 
@@ -183,20 +184,6 @@ class LeanRMSNorm(nn.Module):
         xf = hidden_states.to(torch.float32)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * xf.to(hidden_states.dtype)
-
-
-def normed_again(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A lean norm's output from its input and 1 / rms, by the same ops as its forward (bit for bit)."""
-    return weight * (x.to(torch.float32) * rstd).to(x.dtype)
-
-
-def lean_norm_recipe(y: torch.Tensor):
-    """(x, 1 / rms, weight) that rebuild ``y`` if it is a ``LeanRMSNorm`` output not modified since,
-    else None."""
-    recipe = getattr(y, "_lean_norm", None)
-    if recipe is None or recipe[3] != y._version:
-        return None
-    return recipe[:3]
 
 
 def lean_rms_norms(model: nn.Module) -> int:

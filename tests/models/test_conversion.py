@@ -264,6 +264,43 @@ def test_recomputed_attention_does_not_keep_the_output_projections_input(recompu
     loss.backward()
 
 
+@pytest.mark.parametrize("lean", [False, True])
+def test_lean_plan_keeps_the_attention_input_as_the_norms_recipe(lean):
+    """With lean norms the layer input (the input norm's output) is rebuilt in the backward from the
+    norm's input and 1 / rms: no kept tensor shares its memory; the gradients stay the same."""
+    from models.lean_backward import lean_backward
+
+    def run(student):
+        inputs, kept = [], set()
+        attn = student.lm.model.layers[0].self_attn
+        handle = attn.register_forward_pre_hook(lambda m, a, kw: inputs.append(kw["hidden_states"]), with_kwargs=True)
+
+        def pack(t):
+            kept.add(t.untyped_storage().data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = student(ids).logits.square().mean()
+        handle.remove()
+        grads = torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad])
+        return inputs[0].untyped_storage().data_ptr() in kept, grads
+
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    teacher = make_teacher("llama")
+    config = HybridConfig(window=8, sink_tokens=2, chunk_size=16)
+    plain = convert_to_hybrid(teacher, config).train()
+    _, expected = run(plain)
+    student = convert_to_hybrid(teacher, config).train()
+    if lean:
+        lean_backward(student)
+    else:
+        for layer in student.lm.model.layers:
+            layer.self_attn.recompute_in_backward = True
+    input_kept, grads = run(student)
+    assert input_kept is not lean
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
 def test_bfloat16_student_is_close_to_float32():
     teacher = make_teacher("llama")
     ids = torch.randint(0, 97, (2, 50))
