@@ -1,5 +1,6 @@
 """Stage 1: every hybrid layer learns to reproduce its teacher layer's attention output from the
-teacher's own attention input (all layers at once, mean over layers of MSE)."""
+teacher's own attention input (MSE per layer, summed or averaged over layers). Under the lean plan
+the layers run forward and backward one after another (``layer_by_layer_alignment``)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,51 @@ def capture_teacher_attention(teacher, input_ids: torch.Tensor, layers: list[int
         for h in handles:
             h.remove()
     return [captured[i] for i in layers]
+
+
+class _HandOverGradients(torch.autograd.Function):
+    """A loss whose parameters' gradients were computed in the forward: its backward hands them
+    over, scaled by the incoming gradient (a loss scaler's factor, an accumulation's 1/n)."""
+
+    @staticmethod
+    def forward(ctx, total, grads, *params):
+        ctx.grads = grads
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the layer-by-layer alignment loss hands its gradients over once: compute it again "
+                               "instead of retain_graph=True")
+        return (None, None, *[None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads])
+
+
+def layer_by_layer_alignment(attention_modules, captured, reduction: str):
+    """The alignment loss (``alignment_mse`` over the layers) with each layer's forward and backward
+    run in turn here: one layer's activations exist at a time and nothing is recomputed, since every
+    layer's input is the teacher's and no layer's error reaches another. Returns (the loss, whose
+    backward delivers the trainable parameters' gradients, [each layer's MSE, detached])."""
+    if reduction not in LAYER_REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; allowed values: {', '.join(LAYER_REDUCTIONS)}")
+    weight = 1.0 if reduction == "sum" else 1.0 / len(attention_modules)
+    params = list(dict.fromkeys(p for m in attention_modules for p in m.parameters() if p.requires_grad))
+    index = {id(p): i for i, p in enumerate(params)}
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    per_layer = []
+    for attn, (x, pe, target) in zip(attention_modules, captured):
+        with torch.enable_grad():
+            mse = alignment_mse([attn(hidden_states=x, position_embeddings=pe)[0]], [target])
+            mine = [p for p in attn.parameters() if p.requires_grad]
+            layer_grads = torch.autograd.grad(mse * weight, mine, allow_unused=True) if mine else ()
+        for p, g in zip(mine, layer_grads):
+            if g is not None:
+                i = index[id(p)]
+                grads[i] = g if grads[i] is None else grads[i].add_(g)
+        per_layer.append(mse.detach())
+    stacked = torch.stack(per_layer)
+    total = stacked.sum() if reduction == "sum" else stacked.mean()
+    return _HandOverGradients.apply(total, grads, *params), per_layer
 
 
 class AlignmentModule(DistillationModule):
@@ -77,6 +123,9 @@ class AlignmentModule(DistillationModule):
         if not isinstance(self.student, HybridStudent):
             raise ValueError(self._no_layers_message(f"model.student_ckpt={self.hparams.student_ckpt!r} "
                                                      f"(a {self.student.family} student)"))
+        if self.layer_by_layer:  # each layer's backward runs right after its forward: nothing to recompute
+            for i in self.hybrid_layers():
+                self.student.lm.model.layers[i].self_attn.recompute_in_backward = False
 
     @staticmethod
     def _no_layers_message(what: str) -> str:
@@ -93,17 +142,27 @@ class AlignmentModule(DistillationModule):
     def hybrid_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.student.lm.model.layers) if isinstance(layer.self_attn, HybridAttention)]
 
+    @property
+    def layer_by_layer(self) -> bool:
+        """The lean plan's alignment: each layer's forward and backward in turn
+        (``layer_by_layer_alignment``) instead of recomputing the hybrid op. Not under FSDP, whose
+        gradient reduction runs from the one backward of the whole step."""
+        return bool(self.hparams.recompute_activations) and not self.sharded
+
     def training_step(self, batch, batch_idx):
         layers = self.hybrid_layers()
         captured = capture_teacher_attention(self.teacher, batch["input_ids"], layers)
-        student_out = [
-            self.student.lm.model.layers[i].self_attn(hidden_states=x, position_embeddings=pe)[0]
-            for i, (x, pe, _) in zip(layers, captured)
-        ]
-        loss = alignment_mse(student_out, [out for _, _, out in captured], reduction=self.hparams.layer_loss)
+        modules = [self.student.lm.model.layers[i].self_attn for i in layers]
+        if self.layer_by_layer:
+            loss, per_layer = layer_by_layer_alignment(modules, captured, self.hparams.layer_loss)
+        else:
+            student_out = [attn(hidden_states=x, position_embeddings=pe)[0] for attn, (x, pe, _) in zip(modules, captured)]
+            loss = alignment_mse(student_out, [out for _, _, out in captured], reduction=self.hparams.layer_loss)
+            per_layer = [alignment_mse([s], [t]) for s, (_, _, t) in zip(student_out, captured)] \
+                if not torch.isfinite(loss) else []
         if not torch.isfinite(loss):  # name the layers that broke
-            self.check_finite(**{f"alignment_mse_layer_{i}": alignment_mse([s], [t])
-                                 for i, s, (_, _, t) in zip(layers, student_out, captured)}, alignment_mse=loss)
+            self.check_finite(**{f"alignment_mse_layer_{i}": mse for i, mse in zip(layers, per_layer)},
+                              alignment_mse=loss)
         self.log("train/alignment_mse", loss, on_step=True, prog_bar=True)
         self.log("train/loss", loss, on_step=True)
         return loss

@@ -482,3 +482,34 @@ def test_kd_step_in_chunks_with_recomputed_activations_equals_the_plain_step(env
 def test_loss_chunk_tokens_below_one_is_refused(env):
     with pytest.raises(ValueError, match="loss_chunk_tokens=0 is invalid"):
         SparseKDModule(teacher=str(env[0] / "teacher"), loss_chunk_tokens=0)
+
+
+@pytest.mark.parametrize("layer_loss", ["sum", "mean"])
+def test_layer_by_layer_alignment_gives_the_all_at_once_loss_and_gradients(env, layer_loss):
+    """The lean plan's alignment (each layer's forward and backward in turn, gradients handed over in
+    the backward, scaled by the incoming gradient) against the plain all-at-once loss."""
+    root, _ = env
+    dm = tiny_dm(env)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    results = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        module = AlignmentModule(teacher=str(root / "teacher"), layer_loss=layer_loss, recompute_activations=lean)
+        module.configure_model()
+        module.log = module.log_dict = lambda *a, **k: None
+        assert module.layer_by_layer is lean
+        assert not any(module.student.lm.model.layers[i].self_attn.recompute_in_backward for i in module.hybrid_layers())
+        loss = module.training_step(batch, 0)
+        params = [p for p in module.student.parameters() if p.requires_grad]
+        results.append((loss.detach(), torch.autograd.grad(3.0 * loss, params, allow_unused=True)))
+        if lean:
+            with pytest.raises(RuntimeError, match="retain_graph"):
+                torch.autograd.grad(loss, params)
+    (plain_loss, plain_grads), (lean_loss, lean_grads) = results
+    assert lean_loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
+    assert sum(g is not None for g in plain_grads) > 0
+    for g, e in zip(lean_grads, plain_grads):
+        assert (g is None) == (e is None)
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
