@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 
 from models import HybridAttention, HybridStudent
+from models.head_loss import HandOverGradients
 
 from models import DistilXLSTMConfig, HybridConfig
 
 from .base import DistillationModule
-from .losses import LAYER_REDUCTIONS, alignment_mse
+from .losses import LAYER_REDUCTIONS, alignment_mse, check_layer_reduction, combine_layer_losses
 
 
 def capture_teacher_attention(teacher, input_ids: torch.Tensor, layers: list[int]):
@@ -35,31 +36,12 @@ def capture_teacher_attention(teacher, input_ids: torch.Tensor, layers: list[int
     return [captured[i] for i in layers]
 
 
-class _HandOverGradients(torch.autograd.Function):
-    """A loss whose parameters' gradients were computed in the forward: its backward hands them
-    over, scaled by the incoming gradient (a loss scaler's factor, an accumulation's 1/n)."""
-
-    @staticmethod
-    def forward(ctx, total, grads, *params):
-        ctx.grads = grads
-        return total.clone()
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("the layer-by-layer alignment loss hands its gradients over once: compute it again "
-                               "instead of retain_graph=True")
-        return (None, None, *[None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads])
-
-
 def layer_by_layer_alignment(attention_modules, captured, reduction: str):
     """The alignment loss (``alignment_mse`` over the layers) with each layer's forward and backward
     run in turn here: one layer's activations exist at a time and nothing is recomputed, since every
     layer's input is the teacher's and no layer's error reaches another. Returns (the loss, whose
     backward delivers the trainable parameters' gradients, [each layer's MSE, detached])."""
-    if reduction not in LAYER_REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not supported; allowed values: {', '.join(LAYER_REDUCTIONS)}")
+    check_layer_reduction(reduction)
     weight = 1.0 if reduction == "sum" else 1.0 / len(attention_modules)
     params = list(dict.fromkeys(p for m in attention_modules for p in m.parameters() if p.requires_grad))
     index = {id(p): i for i, p in enumerate(params)}
@@ -75,9 +57,7 @@ def layer_by_layer_alignment(attention_modules, captured, reduction: str):
                 i = index[id(p)]
                 grads[i] = g if grads[i] is None else grads[i].add_(g)
         per_layer.append(mse.detach())
-    stacked = torch.stack(per_layer)
-    total = stacked.sum() if reduction == "sum" else stacked.mean()
-    return _HandOverGradients.apply(total, grads, *params), per_layer
+    return HandOverGradients.apply(combine_layer_losses(per_layer, reduction), grads, *params), per_layer
 
 
 class AlignmentModule(DistillationModule):
@@ -157,9 +137,8 @@ class AlignmentModule(DistillationModule):
             loss, per_layer = layer_by_layer_alignment(modules, captured, self.hparams.layer_loss)
         else:
             student_out = [attn(hidden_states=x, position_embeddings=pe)[0] for attn, (x, pe, _) in zip(modules, captured)]
-            loss = alignment_mse(student_out, [out for _, _, out in captured], reduction=self.hparams.layer_loss)
-            per_layer = [alignment_mse([s], [t]) for s, (_, _, t) in zip(student_out, captured)] \
-                if not torch.isfinite(loss) else []
+            per_layer = [alignment_mse([s], [t]) for s, (_, _, t) in zip(student_out, captured)]
+            loss = combine_layer_losses(per_layer, self.hparams.layer_loss)
         if not torch.isfinite(loss):  # name the layers that broke
             self.check_finite(**{f"alignment_mse_layer_{i}": mse for i, mse in zip(layers, per_layer)},
                               alignment_mse=loss)

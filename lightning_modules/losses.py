@@ -116,10 +116,21 @@ def alignment_mse(student_outputs: list[torch.Tensor], teacher_outputs: list[tor
     if len(student_outputs) != len(teacher_outputs) or not student_outputs:
         raise ValueError(f"alignment needs one teacher output per student layer; got {len(student_outputs)} "
                          f"student and {len(teacher_outputs)} teacher outputs")
+    check_layer_reduction(reduction)
+    return combine_layer_losses([F.mse_loss(s.float(), t.float()) for s, t in zip(student_outputs, teacher_outputs)],
+                                reduction)
+
+
+def check_layer_reduction(reduction: str) -> None:
     if reduction not in LAYER_REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not supported; allowed values: {', '.join(LAYER_REDUCTIONS)}")
-    per_layer = torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student_outputs, teacher_outputs)])
-    return per_layer.sum() if reduction == "sum" else per_layer.mean()
+
+
+def combine_layer_losses(per_layer: list[torch.Tensor], reduction: str) -> torch.Tensor:
+    """Per-layer losses summed (the paper's Eq. 12) or averaged over layers."""
+    check_layer_reduction(reduction)
+    stacked = torch.stack(per_layer)
+    return stacked.sum() if reduction == "sum" else stacked.mean()
 
 
 def heldout_metrics(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -33,47 +33,55 @@ ChunkLoss = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.
 DEFAULT_CHUNK_TOKENS = 256
 
 
-class _ChunkedHeadLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, chunk_loss, chunk_tokens, components):
-        n = hidden.shape[0]
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, n, chunk_tokens):
-            rows = slice(start, min(start + chunk_tokens, n))
-            h = hidden[rows]
-            with torch.enable_grad():
-                logits = F.linear(h, weight, bias).detach().requires_grad_(True)
-                loss, parts = chunk_loss(logits, rows)
-                (grad_logits,) = torch.autograd.grad(loss, logits)
-            total += loss.detach().float()
-            for name, value in parts.items():
-                components[name] = components.get(name, 0.0) + value.detach().float()
-            grad_logits = grad_logits.to(h.dtype)
-            torch.matmul(grad_logits, weight, out=grad_hidden[rows])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), h)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-            del logits, grad_logits, loss
-        # kept as the context's own (intermediate tensors, not inputs or outputs) so the backward can
-        # hand them over scaled in place: a copy would hold a second head-sized gradient at the
-        # backward's start, where a training step peaks
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        return total
+class HandOverGradients(torch.autograd.Function):
+    """A loss whose gradients were computed in its forward (``head_loss``, the layer-by-layer
+    alignment): ``apply(loss, grads, *inputs)`` returns the loss, and its backward hands ``grads``
+    (one per input, None where there is none) over to ``inputs``, scaled in place by the incoming
+    gradient (a loss scaler's factor, a weight on the loss). In place, so that no second copy of them
+    exists at the backward's start, where a training step peaks; hence one backward only."""
 
     @staticmethod
-    def backward(ctx, grad_total):
-        if ctx.grads is None:
-            raise RuntimeError("head_loss's backward ran twice: it hands its precomputed gradients over on the "
-                               "first backward; compute the loss again instead of retain_graph=True")
-        grad_hidden, grad_weight, grad_bias = ctx.grads
-        ctx.grads = None
-        scale = grad_total.to(grad_hidden.dtype)
-        return (grad_hidden.mul_(scale), None if grad_weight is None else grad_weight.mul_(scale),
-                None if grad_bias is None else grad_bias.mul_(scale), None, None, None)
+    def forward(ctx, loss, grads, *inputs):
+        ctx.grads = grads  # intermediate tensors, not inputs or outputs: kept as the context's own
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("a loss whose gradients were computed in its forward (head_loss, the layer-by-layer "
+                               "alignment) hands them over on its one backward: compute the loss again instead of "
+                               "retain_graph=True")
+        return (None, None, *[None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads])
+
+
+def _chunked_loss_and_gradients(hidden, weight, bias, want_weight: bool, want_bias: bool, chunk_loss,
+                                chunk_tokens: int, components: dict):
+    """The loss over ``F.linear(hidden, weight, bias)`` chunk by chunk, and its gradients w.r.t.
+    hidden, weight (if ``want_weight``) and bias (if ``want_bias``); the inputs come detached."""
+    n = hidden.shape[0]
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros_like(weight) if want_weight else None
+    grad_bias = torch.zeros_like(bias) if want_bias else None
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_tokens):
+        rows = slice(start, min(start + chunk_tokens, n))
+        h = hidden[rows]
+        with torch.enable_grad():
+            logits = F.linear(h, weight, bias).requires_grad_(True)
+            loss, parts = chunk_loss(logits, rows)
+            (grad_logits,) = torch.autograd.grad(loss, logits)
+        total += loss.detach().float()
+        for name, value in parts.items():
+            components[name] = components.get(name, 0.0) + value.detach().float()
+        grad_logits = grad_logits.to(h.dtype)
+        torch.matmul(grad_logits, weight, out=grad_hidden[rows])
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.t(), h)
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+        del logits, grad_logits, loss
+    return total, (grad_hidden, grad_weight, grad_bias)
 
 
 def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, chunk_loss: ChunkLoss,
@@ -91,5 +99,9 @@ def head_loss(hidden: torch.Tensor, head: torch.nn.Linear, chunk_loss: ChunkLoss
                          "whose logits are computed at once)")
     components: dict[str, torch.Tensor] = {}
     rows = hidden.reshape(-1, hidden.shape[-1])
-    loss = _ChunkedHeadLoss.apply(rows, head.weight, head.bias, chunk_loss, chunk_tokens, components)
-    return loss, components
+    weight, bias = head.weight, head.bias
+    with torch.no_grad():
+        total, grads = _chunked_loss_and_gradients(
+            rows.detach(), weight.detach(), None if bias is None else bias.detach(), weight.requires_grad,
+            bias is not None and bias.requires_grad, chunk_loss, chunk_tokens, components)
+    return HandOverGradients.apply(total, grads, rows, weight, bias), components

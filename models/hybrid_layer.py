@@ -228,8 +228,8 @@ class HybridAttention(_TeacherProjections):
                     gates = self.gates(hidden_states, q, k, v, folded=self.gate_folding())
                     return checkpoint(self._attend_and_output, q, k, v, position_embeddings, gates,
                                       use_reentrant=False), None
-            return self._output(self._attend(hidden_states, q, k, v, position_embeddings), q.dtype), None
-        q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
+        else:
+            q, k, v = project_qkv(self.adapter, self, self.shape, hidden_states)
         out = self._attend(hidden_states, q, k, v, position_embeddings, decode_state)
         return self._output(out, q.dtype), None
 

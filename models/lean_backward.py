@@ -45,20 +45,24 @@ class _SiluGatedDown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, weight = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        grad_product = grad_out @ weight
-        grad_gate = grad_up = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ (silu * up).reshape(-1, up.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        if ctx.needs_input_grad[1]:
-            grad_up = grad_product * silu
-        if ctx.needs_input_grad[0]:
-            # d silu / d gate = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
-            grad_gate = grad_product * up * (sig * (1 + gate * (1 - sig)))
-        return grad_gate, grad_up, grad_weight, grad_bias
+        need = ctx.needs_input_grad
+        return _silu_gated_down_grads(grad_out, gate, up, weight, need[0], need[1], need[2], ctx.has_bias and need[3])
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _silu_gated_down_grads(grad_out, gate, up, down_weight, want_gate, want_up, want_weight, want_bias):
+    """Gradients of down(silu(gate) * up) w.r.t. gate, up, the down weight and its bias (None where
+    not wanted), from gate and up alone (SiLU and the product recomputed)."""
+    silu = F.silu(gate)
+    grad_product = grad_out @ down_weight
+    grad_weight = _rows(grad_out).t() @ _rows(silu * up) if want_weight else None
+    grad_bias = _rows(grad_out).sum(0) if want_bias else None
+    grad_up = grad_product * silu if want_up else None
+    grad_gate = torch.ops.aten.silu_backward(grad_product.mul_(up), gate) if want_gate else None
+    return grad_gate, grad_up, grad_weight, grad_bias
 
 
 class _NormedSiluGatedMLP(torch.autograd.Function):
@@ -76,22 +80,16 @@ class _NormedSiluGatedMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, rstd, norm_weight, gate, up, gate_w, up_w, down_w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
-        silu = F.silu(gate)
-        grad_product = grad_out @ down_w
-        grad_down_w = rows(grad_out).t() @ rows(silu * up) if need[8] else None
-        grad_down_b = rows(grad_out).sum(0) if ctx.biases[2] and need[9] else None
-        grad_up = grad_product * silu
-        grad_gate = torch.ops.aten.silu_backward(grad_product.mul_(up), gate)
-        del grad_product, silu
+        grad_gate, grad_up, grad_down_w, grad_down_b = _silu_gated_down_grads(
+            grad_out, gate, up, down_w, True, True, need[8], ctx.biases[2] and need[9])
         grad_gate_w = grad_up_w = None
         if need[4] or need[6]:
-            y = rows(normed_again(x, rstd, norm_weight))
-            grad_gate_w = rows(grad_gate).t() @ y if need[4] else None
-            grad_up_w = rows(grad_up).t() @ y if need[6] else None
-        grad_gate_b = rows(grad_gate).sum(0) if ctx.biases[0] and need[5] else None
-        grad_up_b = rows(grad_up).sum(0) if ctx.biases[1] and need[7] else None
-        grad_y = torch.addmm(rows(grad_gate) @ gate_w, rows(grad_up), up_w).view(x.shape) if need[0] else None
+            y = _rows(normed_again(x, rstd, norm_weight))
+            grad_gate_w = _rows(grad_gate).t() @ y if need[4] else None
+            grad_up_w = _rows(grad_up).t() @ y if need[6] else None
+        grad_gate_b = _rows(grad_gate).sum(0) if ctx.biases[0] and need[5] else None
+        grad_up_b = _rows(grad_up).sum(0) if ctx.biases[1] and need[7] else None
+        grad_y = torch.addmm(_rows(grad_gate) @ gate_w, _rows(grad_up), up_w).view(x.shape) if need[0] else None
         return (grad_y, None, None, None, grad_gate_w, grad_gate_b, grad_up_w, grad_up_b, grad_down_w, grad_down_b)
 
 
@@ -144,7 +142,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, rstd, weight)
         ctx.mark_non_differentiable(rstd)
-        return weight * (xf * rstd).to(x.dtype), rstd
+        return normed_again(x, rstd, weight), rstd  # the very ops a consumer rebuilds it with
 
     @staticmethod
     def backward(ctx, grad_out, _grad_rstd):
