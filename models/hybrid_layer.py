@@ -17,7 +17,6 @@ from kernels import hybrid_attention, hybrid_attention_step, resolve_backend
 from kernels._common import head_rms_norm
 
 from .adapters import AttentionShape, FamilyAdapter, project_qkv
-from .compiled_step import compiled_decode_step
 from .config import HybridConfig
 from .rebuilt import rebuilt_in_backward
 from .state import KVCacheState
@@ -114,9 +113,6 @@ class HybridAttention(_TeacherProjections):
         # kernels recompute inside their own backward, so they are left alone.
         self.recompute_in_backward = False
         self._folded: tuple | None = None  # (key, weight, bias) of folded_gate_projection's cache
-        # Decoding steps through one torch.compile'd graph per layer call (models.compiled_step) instead
-        # of several dozen eager ops; HybridStudent.compile_decode_step turns it on for every layer.
-        self.compiled_decode = False
         self.reset_gate_parameters()
 
     def new_named_parameters(self):
@@ -211,12 +207,16 @@ class HybridAttention(_TeacherProjections):
         kv = kv + torch.einsum("bgtd,gjd->bgjt", v, w_v.view(Hkv, H // Hkv, -1))
         return (g + kv.reshape(B, H, T)).float() + self.mix_gate_bias.float()[:, None]
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, decode_state=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, decode_state=None,
+                layer_step=None, **kwargs):
+        if layer_step is not None:  # the decoder layer's step (models.compiled_step): state in, state out
+            out, layer_step.state = self.decode_step(hidden_states, position_embeddings, layer_step.state,
+                                                     layer_step.folded)
+            return out, None
         state = None if decode_state is None else decode_state.layers[self.layer_idx]
         if state is not None and hidden_states.shape[1] == 1:  # the decoding step
-            step = compiled_decode_step(hidden_states.device) if self.compiled_decode else type(self).decode_step
-            out, decode_state.layers[self.layer_idx] = step(self, hidden_states, position_embeddings, state,
-                                                            self.gate_folding())
+            out, decode_state.layers[self.layer_idx] = self.decode_step(hidden_states, position_embeddings, state,
+                                                                        self.gate_folding())
             return out, None
         if decode_state is None and self.recompute_in_backward and torch.is_grad_enabled():
             # The lean plan: the products of the layer input (a lean norm's output) keep its recipe,

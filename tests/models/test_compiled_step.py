@@ -74,6 +74,31 @@ def test_one_graph_serves_every_layer():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_each_decoder_layer_steps_as_one_compiled_call(monkeypatch):
+    """The compiled graph is the whole decoder layer (norms, attention step, MLP, residuals), one
+    call per hybrid layer and token; a layer kept as full attention steps eagerly beside them."""
+    import models.student as student_module
+
+    calls = []
+    real = student_module.compiled_layer_step
+
+    def recording(device):
+        step = real(device)
+
+        def call(layer, hidden_states, position_embeddings, layer_step):
+            calls.append(layer)
+            return step(layer, hidden_states, position_embeddings, layer_step)
+        return call
+
+    monkeypatch.setattr(student_module, "compiled_layer_step", recording)
+    student = make_student(window=8, sink_tokens=2, full_attention_layers=[0])
+    layers = list(student.lm.model.layers)
+    check_compiled_matches(student, length=20, start=11)
+    steps = 20 - 1 - 11
+    assert calls == layers[1:] * steps  # the decoder layer itself, not its attention module
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family,cfg", [
     ("qwen2", {}),  # q/k/v biases: the folded gate carries them
