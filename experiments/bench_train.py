@@ -39,8 +39,14 @@ MEMORY_PLANS = {
 }
 
 
-def _train_steps(module, batch: dict, steps: int, warmup: int, device: torch.device) -> dict:
-    """Median time of ``steps`` optimizer steps (after ``warmup``) and the peak memory over them."""
+def _train_steps(module, batch: dict, steps: int, warmup: int, device: torch.device, rate_probe=None) -> dict:
+    """Median time of ``steps`` optimizer steps (after ``warmup``) and the peak memory over them.
+
+    ``rate_probe`` (a no-argument callable returning FLOP/s), when given, runs before the first
+    timed step and after each one: the matrix-product rate the step's FLOP floor assumes, measured
+    in this process between the steps it is compared with, so that this machine's drift (10-30 %
+    within minutes) falls on both. Its best value is the row's ``matmul_gflop_per_s``; its tensors
+    are freed between probes and stay far below a step's peak."""
     module.train()
     module.log = module.log_dict = lambda *args, **kwargs: None  # no Trainer here: nothing to log to
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-6)
@@ -56,11 +62,20 @@ def _train_steps(module, batch: dict, steps: int, warmup: int, device: torch.dev
 
     for _ in range(warmup):
         one_step()
+    rates, times = [], []
     with PeakMemory(device) as peak:
-        times = [timed(one_step, device)[1] for _ in range(steps)]
+        for _ in range(steps):
+            if rate_probe is not None:
+                rates.append(rate_probe())
+            times.append(timed(one_step, device)[1])
+        if rate_probe is not None:
+            rates.append(rate_probe())
     median = statistics.median(times)
-    return {"ms_per_step": 1e3 * median, "tokens_per_s": batch["input_ids"].numel() / median,
-            "peak_bytes": peak.bytes, "peak_kind": peak.kind}
+    out = {"ms_per_step": 1e3 * median, "tokens_per_s": batch["input_ids"].numel() / median,
+           "peak_bytes": peak.bytes, "peak_kind": peak.kind}
+    if rates:
+        out.update(matmul_gflop_per_s=max(rates) / 1e9, probe_gflop_per_s=[r / 1e9 for r in rates])
+    return out
 
 
 def stage_module(spec: dict, stage: str, plan: str, ids: torch.Tensor):
@@ -141,8 +156,11 @@ def train_row(spec: dict, stage: str, plan: str, allocator: str = "glibc") -> di
            "allocator_loaded": library is None or library.split(".so")[0] in _mapped_libraries()}
     if allocator in ALLOCATOR_ENVIRONMENT:  # as this process received it
         row["allocator_environment"] = {name: os.environ.get(name) for name in ALLOCATOR_ENVIRONMENT[allocator]}
+    shapes = spec.get("matmul_shapes")
+    dtype = getattr(torch, spec["dtype"])
+    probe = (lambda: matmul_rate(device, dtype, shapes, repeats=3)) if shapes else None
     try:
-        row.update(_train_steps(module, batch, spec["steps"], spec["warmup"], device))
+        row.update(_train_steps(module, batch, spec["steps"], spec["warmup"], device, probe))
     except OUT_OF_MEMORY as err:
         row["error"] = out_of_memory(err)
     return row
@@ -207,7 +225,8 @@ class TrainBenchmark(BenchBase):
               plans: list[str] = ["lean", "plain"], allocators: list[str] = ["glibc"]) -> dict:
         """Tokens per second and peak memory of one optimizer step (forward, backward, AdamW) of each
         stage, under each memory plan, each row in a fresh process; the KD rows beside their FLOP
-        floor (the step's FLOPs at this machine's best matrix-product rate).
+        floor (the step's FLOPs at this machine's best matrix-product rate, probed between the row's
+        own steps).
 
         Stages: ``align`` (stage 1, new parameters, per-layer MSE against the frozen teacher),
         ``kd`` (stage 2/3: all parameters, the teacher's top-k computed online), ``kd_cached``
@@ -242,7 +261,9 @@ class TrainBenchmark(BenchBase):
                 "seq_len": seq_len, "batch": batch, "steps": steps, "warmup": warmup, "top_k": top_k}
         tokens = batch * seq_len
         d, ff, V = config.hidden_size, config.intermediate_size, config.vocab_size
-        rate = matmul_rate(self.device, self.dtype, [(tokens, d, ff), (min(tokens, 512), d, V)])
+        shapes = [(tokens, d, ff), (min(tokens, 512), d, V)]
+        spec["matmul_shapes"] = shapes  # each row probes the rate again between its own steps
+        rate = matmul_rate(self.device, self.dtype, shapes)
         self._models = None  # the rows run in processes of their own: nothing of this one needs the models
         del teacher, student
         gc.collect()
@@ -256,8 +277,13 @@ class TrainBenchmark(BenchBase):
                     if "peak_bytes" in row:
                         row["peak_mib"] = row["peak_bytes"] / MiB
                     if flops is not None and "ms_per_step" in row:
-                        row.update(step_gflop=flops / 1e9, floor_ms=1e3 * flops / rate)
+                        # the floor at the rate probed between the row's own steps (side by side);
+                        # the run-start rate's floor beside it, as earlier runs reported
+                        row_rate = 1e9 * row.get("matmul_gflop_per_s", rate / 1e9)
+                        row.update(step_gflop=flops / 1e9, floor_ms=1e3 * flops / row_rate,
+                                   run_start_floor_ms=1e3 * flops / rate)
                         row["over_floor"] = row["ms_per_step"] / row["floor_ms"]
+                        row["over_run_start_floor"] = row["ms_per_step"] / row["run_start_floor_ms"]
                     rows.append(row)
                     write_json(self.out_dir / "train.json", self._payload("train", rows, extra))
         side = self._lean_against_plain(rows)
@@ -268,13 +294,16 @@ class TrainBenchmark(BenchBase):
                    ("trainable_parameters", "trainable parameters", ",d"),
                    ("tokens_per_s", "tokens/s", ".0f"), ("ms_per_step", "ms/step", ".0f"),
                    ("peak_mib", "peak MiB", ".0f"), ("step_gflop", "step GFLOP", ".0f"),
-                   ("floor_ms", "FLOP floor ms", ".0f"), ("over_floor", "ms / floor", ".2f")]
+                   ("matmul_gflop_per_s", "row GFLOP/s", ".1f"), ("floor_ms", "FLOP floor ms", ".0f"),
+                   ("over_floor", "ms / floor", ".2f"), ("over_run_start_floor", "ms / run-start floor", ".2f")]
         side_columns = [("stage", "stage", ""), ("allocator", "allocator", ""),
                         ("tokens_per_s_ratio", "lean / plain tokens/s", ".3f"),
                         ("peak_ratio", "lean / plain peak memory", ".3f")]
         table = (markdown_table(rows, columns)
-                 + f"\n\nFLOP floor: the step's FLOPs at {rate / 1e9:.1f} GFLOP/s, the best rate this machine reached on "
-                 "the step's matrix products (measured in this run); `ms / floor` is how far the step is from it.")
+                 + "\n\nFLOP floor: the step's FLOPs at the best rate this machine reached on the step's matrix "
+                 "products, probed in the row's own process before and after each timed step (`row GFLOP/s`); "
+                 "`ms / floor` is how far the step is from it. `ms / run-start floor` uses the rate probed once at "
+                 f"the start of the run instead ({rate / 1e9:.1f} GFLOP/s), as runs before 2026-12-07 did.")
         if side:
             table += "\n\nEach stage's plans side by side (same run):\n\n" + markdown_table(side, side_columns)
         if by_allocator:

@@ -155,6 +155,14 @@ def test_train_measures_each_requested_stage_under_each_plan_in_fresh_processes(
     # the KD rows sit beside their FLOP floor; alignment has none
     assert "floor_ms" not in rows[0] and rows[2]["floor_ms"] > 0 and rows[2]["over_floor"] > 0
     assert payload["matmul_gflop_per_s"] > 0
+    # the floor's rate is probed in each row's process, before the timed step and after it
+    for r in rows:
+        assert len(r["probe_gflop_per_s"]) == 2 and r["matmul_gflop_per_s"] == max(r["probe_gflop_per_s"]) > 0
+    kd = rows[2]
+    assert kd["floor_ms"] == pytest.approx(kd["step_gflop"] / kd["matmul_gflop_per_s"] * 1e3)
+    assert kd["over_floor"] == pytest.approx(kd["ms_per_step"] / kd["floor_ms"])
+    assert kd["run_start_floor_ms"] == pytest.approx(kd["step_gflop"] / payload["matmul_gflop_per_s"] * 1e3)
+    assert kd["over_run_start_floor"] == pytest.approx(kd["ms_per_step"] / kd["run_start_floor_ms"])
     assert [r["stage"] for r in payload["lean_against_plain"]] == ["align", "kd_cached"]
     assert "lean / plain tokens/s" in (tmp_path / "train.md").read_text()
 
