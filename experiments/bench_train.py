@@ -44,9 +44,9 @@ def _train_steps(module, batch: dict, steps: int, warmup: int, device: torch.dev
 
     ``rate_probe`` (a no-argument callable returning FLOP/s), when given, runs before the first
     timed step and after each one: the matrix-product rate the step's FLOP floor assumes, measured
-    in this process between the steps it is compared with, so that this machine's drift (10-30 %
-    within minutes) falls on both. Its best value is the row's ``matmul_gflop_per_s``; its tensors
-    are freed between probes and stay far below a step's peak."""
+    in this process around the steps it is compared with, so that this machine's drift (its rate
+    moved from 121 to 194 GFLOP/s within one row's minutes) falls on both (``step_floor_ratios``).
+    Its tensors are freed between probes and stay far below a step's peak."""
     module.train()
     module.log = module.log_dict = lambda *args, **kwargs: None  # no Trainer here: nothing to log to
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-6)
@@ -72,10 +72,20 @@ def _train_steps(module, batch: dict, steps: int, warmup: int, device: torch.dev
             rates.append(rate_probe())
     median = statistics.median(times)
     out = {"ms_per_step": 1e3 * median, "tokens_per_s": batch["input_ids"].numel() / median,
-           "peak_bytes": peak.bytes, "peak_kind": peak.kind}
+           "step_ms": [1e3 * t for t in times], "peak_bytes": peak.bytes, "peak_kind": peak.kind}
     if rates:
-        out.update(matmul_gflop_per_s=max(rates) / 1e9, probe_gflop_per_s=[r / 1e9 for r in rates])
+        out.update(matmul_gflop_per_s=statistics.median(rates) / 1e9, probe_gflop_per_s=[r / 1e9 for r in rates])
     return out
+
+
+def step_floor_ratios(step_ms: list[float], probe_gflop_per_s: list[float], step_gflop: float) -> list[float]:
+    """Each timed step's time over its FLOP floor at the rate probed around it (the mean of the probe
+    before it and the one after it): ``len(probe_gflop_per_s) == len(step_ms) + 1``."""
+    if len(probe_gflop_per_s) != len(step_ms) + 1:
+        raise ValueError(f"{len(step_ms)} steps need {len(step_ms) + 1} rate probes around them; got "
+                         f"{len(probe_gflop_per_s)}")
+    return [ms / (1e3 * step_gflop / ((before + after) / 2))
+            for ms, before, after in zip(step_ms, probe_gflop_per_s, probe_gflop_per_s[1:])]
 
 
 def stage_module(spec: dict, stage: str, plan: str, ids: torch.Tensor):
@@ -277,13 +287,15 @@ class TrainBenchmark(BenchBase):
                     if "peak_bytes" in row:
                         row["peak_mib"] = row["peak_bytes"] / MiB
                     if flops is not None and "ms_per_step" in row:
-                        # the floor at the rate probed between the row's own steps (side by side);
+                        # each step against the floor at the rate probed around it (side by side);
                         # the run-start rate's floor beside it, as earlier runs reported
-                        row_rate = 1e9 * row.get("matmul_gflop_per_s", rate / 1e9)
-                        row.update(step_gflop=flops / 1e9, floor_ms=1e3 * flops / row_rate,
-                                   run_start_floor_ms=1e3 * flops / rate)
-                        row["over_floor"] = row["ms_per_step"] / row["floor_ms"]
+                        row.update(step_gflop=flops / 1e9, run_start_floor_ms=1e3 * flops / rate)
                         row["over_run_start_floor"] = row["ms_per_step"] / row["run_start_floor_ms"]
+                        if "probe_gflop_per_s" in row:
+                            row["floor_ms"] = flops / row["matmul_gflop_per_s"] / 1e6
+                            row["step_floor_ratios"] = step_floor_ratios(row["step_ms"], row["probe_gflop_per_s"],
+                                                                         flops / 1e9)
+                            row["over_floor"] = statistics.median(row["step_floor_ratios"])
                     rows.append(row)
                     write_json(self.out_dir / "train.json", self._payload("train", rows, extra))
         side = self._lean_against_plain(rows)
@@ -300,10 +312,12 @@ class TrainBenchmark(BenchBase):
                         ("tokens_per_s_ratio", "lean / plain tokens/s", ".3f"),
                         ("peak_ratio", "lean / plain peak memory", ".3f")]
         table = (markdown_table(rows, columns)
-                 + "\n\nFLOP floor: the step's FLOPs at the best rate this machine reached on the step's matrix "
-                 "products, probed in the row's own process before and after each timed step (`row GFLOP/s`); "
-                 "`ms / floor` is how far the step is from it. `ms / run-start floor` uses the rate probed once at "
-                 f"the start of the run instead ({rate / 1e9:.1f} GFLOP/s), as runs before 2026-12-07 did.")
+                 + "\n\nFLOP floor: the step's FLOPs at the rate this machine reaches on the step's matrix products "
+                 "(the best of 3 tries of each shape), probed in the row's own process before the first timed step and "
+                 "after each one; `row GFLOP/s` is the median probe and `FLOP floor ms` the floor at it; `ms / floor` is "
+                 "the median over the timed steps of each step's time over its floor at the mean of the two probes "
+                 "around it. `ms / run-start floor` uses the rate probed once at the start of the run instead "
+                 f"({rate / 1e9:.1f} GFLOP/s), as runs before 2026-12-07 did.")
         if side:
             table += "\n\nEach stage's plans side by side (same run):\n\n" + markdown_table(side, side_columns)
         if by_allocator:

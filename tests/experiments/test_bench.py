@@ -157,14 +157,25 @@ def test_train_measures_each_requested_stage_under_each_plan_in_fresh_processes(
     assert payload["matmul_gflop_per_s"] > 0
     # the floor's rate is probed in each row's process, before the timed step and after it
     for r in rows:
-        assert len(r["probe_gflop_per_s"]) == 2 and r["matmul_gflop_per_s"] == max(r["probe_gflop_per_s"]) > 0
+        assert len(r["probe_gflop_per_s"]) == 2 and min(r["probe_gflop_per_s"]) > 0 and len(r["step_ms"]) == 1
     kd = rows[2]
     assert kd["floor_ms"] == pytest.approx(kd["step_gflop"] / kd["matmul_gflop_per_s"] * 1e3)
-    assert kd["over_floor"] == pytest.approx(kd["ms_per_step"] / kd["floor_ms"])
+    # one step: its time over the floor at the mean rate of the probes before and after it
+    around = sum(kd["probe_gflop_per_s"]) / 2
+    assert kd["over_floor"] == pytest.approx(kd["ms_per_step"] / (kd["step_gflop"] / around * 1e3))
     assert kd["run_start_floor_ms"] == pytest.approx(kd["step_gflop"] / payload["matmul_gflop_per_s"] * 1e3)
     assert kd["over_run_start_floor"] == pytest.approx(kd["ms_per_step"] / kd["run_start_floor_ms"])
     assert [r["stage"] for r in payload["lean_against_plain"]] == ["align", "kd_cached"]
     assert "lean / plain tokens/s" in (tmp_path / "train.md").read_text()
+
+
+def test_each_steps_floor_uses_the_rates_probed_around_it():
+    from experiments.bench_train import step_floor_ratios
+
+    # 100 GFLOP steps: 2 s at 50 GFLOP/s is 1.0x; 3 s between probes of 50 and 200 GFLOP/s (floor 0.8 s) 3.75x
+    assert step_floor_ratios([2000.0, 3000.0], [50.0, 50.0, 200.0], 100.0) == pytest.approx([1.0, 3.75])
+    with pytest.raises(ValueError, match="2 steps need 3 rate probes"):
+        step_floor_ratios([2000.0, 3000.0], [50.0, 50.0], 100.0)
 
 
 def test_train_runs_rows_under_a_preloaded_allocator_and_says_whether_it_was_mapped(teacher_dir, tmp_path,
