@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import HybridConfig, convert_to_hybrid, generate, prefill
-from tests.conftest import make_teacher, rel_err
+from tests.conftest import FAMILIES, make_teacher, rel_err
 
 VARIANTS = [
     dict(mode="hybrid", combine="gate", window=8, sink_tokens=2),
@@ -153,3 +153,23 @@ def test_logits_to_keep_on_a_right_padded_batch_matches_each_row_alone():
     assert rel_err(kept[0], alone0[0, -8:]) < 1e-5
     # the last 8 are positions 13..20: row 1's real positions 13 and 14 come first
     assert rel_err(kept[1, :2], alone1[0, 13:15]) < 1e-5
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_familys_decoder_layer_hands_the_step_to_the_hybrid_layer(family):
+    """A decoding step runs the teacher's own decoder-layer forward with the layer's state in the
+    ``layer_step`` keyword (models.compiled_step.LayerStep), which each family's decoder layer must
+    pass on to its attention module: if one dropped it, the attention would see a lone token with no
+    state and the steps would leave the parallel forward."""
+    student = convert_to_hybrid(make_teacher(family), HybridConfig(chunk_size=16, window=8, sink_tokens=2)).eval()
+    with torch.no_grad():
+        for layer in student.lm.model.layers:
+            layer.self_attn.hybrid_gates.weight.normal_(0, 0.3)
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = student(ids).logits
+        logits, state = prefill(student, ids[:, :11])
+        before = [s.pos.clone() for s in state.layers]
+        steps = [logits] + [student(ids[:, t:t + 1], decode_state=state).logits[:, -1] for t in range(11, 29)]
+    assert rel_err(torch.stack(steps, 1), full[:, 10:29]) < 1e-5
+    assert all(torch.equal(s.pos, p + 18) for s, p in zip(state.layers, before))
