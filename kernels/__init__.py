@@ -13,7 +13,7 @@ from ._common import COMBINES, MEMORY_NORMS, MODES, is_power_of_two
 from .chunkwise import hybrid_attention_chunkwise
 from .recurrent import HybridState, hybrid_attention_step
 
-BACKENDS = ("auto", "torch", "reference", "triton")
+BACKENDS = ("auto", "torch", "compiled", "reference", "triton")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tl.dot needs every matrix dimension >= 16; above 256 a head no longer fits one program's registers.
 TRITON_MIN_DIM, TRITON_MAX_DIM = 16, 256
@@ -70,7 +70,9 @@ def hybrid_attention(
     [B, H, T, Dv] in q's dtype (and the decode state after the last token if ``return_state``).
 
     backend: "auto" (Triton on CUDA when it can serve the inputs, the chunkwise torch path
-    elsewhere), "triton" (an error says why when it cannot run), "torch", "reference". With
+    elsewhere), "triton" (an error says why when it cannot run), "torch", "compiled" (the chunkwise
+    torch path through ``torch.compile``, one graph per input shape: ``kernels.compiled``),
+    "reference". With
     mode="mlstm" the result is the raw mLSTM hidden state h^m, comparable with mlstm_kernels'
     parallel mLSTM on the same inputs.
 
@@ -90,6 +92,11 @@ def hybrid_attention(
 
         return hybrid_attention_triton(q, k, v, i_gate, f_gate, g_gate, chunk_size=chunk_size,
                                        return_state=return_state, **kwargs)
+    if impl == "compiled":
+        from .compiled import hybrid_attention_compiled
+
+        return hybrid_attention_compiled(q, k, v, i_gate, f_gate, g_gate, chunk_size=chunk_size,
+                                         return_state=return_state, **kwargs)
     if impl == "reference" and not return_state:
         return reference.hybrid_attention(q, k, v, i_gate, f_gate, g_gate, **kwargs)
     return hybrid_attention_chunkwise(q, k, v, i_gate, f_gate, g_gate, chunk_size=chunk_size,

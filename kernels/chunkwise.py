@@ -246,9 +246,13 @@ def segment_tokens_for(B, H, window, sink_tokens, chunk_size, qk_dim, v_dim) -> 
 def hybrid_attention_chunkwise(
     q, k, v, i_gate, f_gate, g_gate, *, window, sink_tokens, mode="hybrid", combine="gate",
     chunk_size=64, scale=None, norm_weight=None, norm_eps=1e-6, eps=1e-6, return_state=False,
-    segment_tokens=None, mq=None, mk=None, memory_norm="rms", window_form="auto",
+    segment_tokens=None, mq=None, mk=None, memory_norm="rms", window_form="auto", outputs=None,
 ):
     """Chunkwise hybrid attention; same arguments and result as ``kernels.reference.hybrid_attention``.
+
+    ``outputs``: the function computing (output, final memory state) from these arguments:
+    ``chunkwise_outputs`` (None) or a compiled form of it (``kernels.compiled``); the decode state,
+    when asked for, is built from its result outside it.
 
     ``window_form``: "auto" runs the window branch as one masked SDPA call (``swa_blocked``) where
     the combination needs only its output (gate mix, ``swa``) and writes the band's sums out
@@ -263,6 +267,30 @@ def hybrid_attention_chunkwise(
     ``SEGMENT_ELEMENTS``), the mLSTM state carried from one to the next and each segment's window
     reading the keys before it: memory beyond the inputs and outputs does not grow with T.
     """
+    out, state_mem = (outputs or chunkwise_outputs)(
+        q, k, v, i_gate, f_gate, g_gate, window=window, sink_tokens=sink_tokens, mode=mode, combine=combine,
+        chunk_size=chunk_size, scale=scale, norm_weight=norm_weight, norm_eps=norm_eps, eps=eps,
+        segment_tokens=segment_tokens, mq=mq, mk=mk, memory_norm=memory_norm, window_form=window_form)
+    if not return_state:
+        return out
+    state = HybridState.from_prefill(
+        k, v, i_gate, f_gate, state_mem, num_heads=q.shape[1], window=window, sink_tokens=sink_tokens,
+        mode=mode, combine=combine, compute_dtype=compute_dtype(q), mk=k if mk is None else mk,
+    )
+    return out, state
+
+
+def chunkwise_outputs(q, k, v, i_gate, f_gate, g_gate, *, window, sink_tokens, mode, combine, chunk_size, scale,
+                      norm_weight, norm_eps, eps, segment_tokens, mq, mk, memory_norm, window_form, length=None):
+    """``hybrid_attention_chunkwise``'s output [B, H, T, Dv] and the memory branch's state after the
+    last position ((C, n, m), None in ``swa`` mode): tensors in, tensors out, one function that
+    ``torch.compile`` can trace whole.
+
+    ``length`` (a 0-d tensor, or None for T): the positions from ``length`` on are padding appended
+    by the caller. They write nothing into the memory and do not decay it, so the state returned is
+    the state after position ``length - 1``; the outputs of real positions never read them (causal).
+    Under ``shared_norm`` a padded position would otherwise admit the real key ``window`` positions
+    before it into the memory."""
     B, H, Hkv, T, Dqk, Dv = check_inputs(q, k, v, i_gate, f_gate, g_gate, window, sink_tokens, mode, combine,
                                          mq, mk, memory_norm)
     out_dtype, dt = q.dtype, compute_dtype(q)
@@ -287,6 +315,10 @@ def hybrid_attention_chunkwise(
             k_mem, v_mem, i_mem = delayed_stream(mk, v, i_f, log_f, window, sink_tokens)
         else:
             k_mem, v_mem, i_mem = mk, v, i_f
+        if length is not None:
+            real = torch.arange(T, device=q.device) < length
+            i_mem = torch.where(real, i_mem, LOG_ZERO)
+            log_f = torch.where(real, log_f, 0.0)
 
     def heads(x):  # GQA key/value heads as the query heads that read them, in the compute dtype
         return expand_kv(x, H).to(dt)
@@ -319,11 +351,4 @@ def hybrid_attention_chunkwise(
         else:
             out = gate_combine(mlstm_normalise(num, den, m, eps), h_attn, g_seg, memory_norm, norm_weight, norm_eps)
         outs.append(out.to(out_dtype))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    if not return_state:
-        return out
-    state = HybridState.from_prefill(
-        k, v, i_gate, f_gate, state_mem, num_heads=H, window=window, sink_tokens=sink_tokens,
-        mode=mode, combine=combine, compute_dtype=dt, mk=mk,
-    )
-    return out, state
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)), state_mem

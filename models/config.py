@@ -34,7 +34,9 @@ class HybridConfig:
     chunk_size: int = 64
     """Chunk length of the chunkwise form (a power of two)."""
     backend: str = "auto"
-    """``auto`` | ``torch`` (chunkwise) | ``reference`` (quadratic) | ``triton``."""
+    """``auto`` | ``torch`` (chunkwise) | ``compiled`` (chunkwise through ``torch.compile``: one graph
+    per input shape, compiled on its first call; for training at a fixed sequence length) |
+    ``reference`` (quadratic) | ``triton``."""
     gate_soft_cap: float = 15.0
     """Input/forget gate pre-activations pass through cap * tanh(x / cap), as xLSTM does (0: off)."""
     input_gate_bias_init: float = 6.0

@@ -243,6 +243,32 @@ def test_recomputed_attention_gives_the_same_gradients_and_keeps_far_less(mode):
     assert kept_recomputed < 0.25 * kept_plain, (kept_recomputed, kept_plain)
 
 
+def test_compiled_backend_trains_with_the_torch_backends_loss_and_gradients_and_keeps_as_little(monkeypatch):
+    """backend="compiled" in the lean plan (the op recomputed in the backward through the compiled
+    graph): the training step's loss and every gradient those of the eager chunkwise form, at a
+    length ending in a partial chunk, and autograd keeps no more for the attention modules."""
+    import kernels.compiled
+
+    graph, calls = kernels.compiled.compiled_outputs(), []
+    monkeypatch.setattr(kernels.compiled, "compiled_outputs",
+                        lambda: lambda *args, **kwargs: calls.append(1) or graph(*args, **kwargs))
+    teacher = make_teacher("llama")
+    ids = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("torch", "compiled"):
+        student = convert_to_hybrid(teacher, HybridConfig(window=8, sink_tokens=2, chunk_size=16,
+                                                          backend=backend)).train()
+        for layer in student.lm.model.layers:
+            layer.self_attn.recompute_in_backward = True
+        results[backend] = saved_bytes_and_grads(student, ids)
+    (kept_torch, expected), (kept_compiled, grads) = results["torch"], results["compiled"]
+    for name, grad in grads.items():
+        assert rel_err(grad, expected[name]) < 1e-5, name
+    assert kept_compiled <= kept_torch, (kept_compiled, kept_torch)
+    layers = teacher.config.num_hidden_layers
+    assert len(calls) == 2 * layers  # each layer's forward, and again in its backward
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_recomputed_attention_does_not_keep_the_output_projections_input(recompute):
     student = convert_to_hybrid(make_teacher("llama"), HybridConfig(window=8, sink_tokens=2, chunk_size=16)).train()
