@@ -13,17 +13,22 @@ peak. One module per benchmark keeps ``experiments.bench`` an entry point.
 (``LD_PRELOAD``): glibc keeps freed blocks in its heaps, so the resident peak of a step sits well
 above its live tensors, and tcmalloc or jemalloc return more of them. Each row records whether the
 library was actually mapped into its process.
+
+``backends`` runs the rows again with the hybrid op on other backends (``compiled``: the chunkwise
+form through ``torch.compile``, its graphs compiled during the untimed warm-up steps).
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import statistics
 
 import torch
 
 from experiments.bench_base import BenchBase
+from kernels import BACKENDS
 from experiments.bench_report import markdown_table
 from experiments.flops import training_step_flops
 from experiments.measure import MiB, OUT_OF_MEMORY, PeakMemory, out_of_memory, timed
@@ -152,7 +157,8 @@ def _mapped_libraries() -> str:
 
 
 def train_row(spec: dict, stage: str, plan: str, allocator: str = "glibc") -> dict:
-    """One (stage, plan) row: build, warm up, time, measure. Meant for a fresh process."""
+    """One (stage, plan) row: build, warm up, time, measure. Meant for a fresh process. The hybrid
+    op's backend is ``spec["hybrid"]["backend"]``."""
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -161,7 +167,8 @@ def train_row(spec: dict, stage: str, plan: str, allocator: str = "glibc") -> di
     ids = torch.randint(min(100, spec["vocab"] // 2), spec["vocab"], shape, generator=gen).to(device)
     module, batch = stage_module(spec, stage, plan, ids)
     library = ALLOCATORS[allocator][0]
-    row = {"stage": stage, "plan": plan, "allocator": allocator, "seq_len": spec["seq_len"], "batch": spec["batch"],
+    row = {"stage": stage, "plan": plan, "allocator": allocator, "backend": spec["hybrid"]["backend"],
+           "seq_len": spec["seq_len"], "batch": spec["batch"],
            "trainable_parameters": sum(p.numel() for p in module.trainable_parameters()),
            "allocator_loaded": library is None or library.split(".so")[0] in _mapped_libraries()}
     if allocator in ALLOCATOR_ENVIRONMENT:  # as this process received it
@@ -173,6 +180,9 @@ def train_row(spec: dict, stage: str, plan: str, allocator: str = "glibc") -> di
         row.update(_train_steps(module, batch, spec["steps"], spec["warmup"], device, probe))
     except OUT_OF_MEMORY as err:
         row["error"] = out_of_memory(err)
+    # graphs torch.compile made in this process (the compiled op's, forward and backward count as
+    # one each time a new shape is traced): proof that the ``compiled`` rows ran compiled
+    row["compiled_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     return row
 
 
@@ -218,7 +228,8 @@ def _train_figure(rows):
     measured = [r for r in rows if "tokens_per_s" in r]
 
     def draw(axes):
-        names = [f"{r['stage']}\n{r['plan']}" for r in measured]
+        names = [f"{r['stage']}\n{r['plan']}" + (f"\n{r['backend']}" if r.get("backend", "auto") != "auto" else "")
+                 for r in measured]
         for ax, key, label in zip(axes, ("tokens_per_s", "peak_mib"), ("tokens per second", "peak memory (MiB)")):
             ax.bar(names, [r[key] for r in measured], color=["tab:blue" if r["plan"] == "lean" else "tab:gray"
                                                              for r in measured])
@@ -232,7 +243,8 @@ class TrainBenchmark(BenchBase):
 
     def train(self, seq_len: int = 256, batch: int = 4, steps: int = 3, warmup: int = 1, top_k: int = 64,
               stages: list[str] = ["align", "kd", "kd_cached", "distil_xlstm_kd"],
-              plans: list[str] = ["lean", "plain"], allocators: list[str] = ["glibc"]) -> dict:
+              plans: list[str] = ["lean", "plain"], allocators: list[str] = ["glibc"],
+              backends: list[str] | None = None) -> dict:
         """Tokens per second and peak memory of one optimizer step (forward, backward, AdamW) of each
         stage, under each memory plan, each row in a fresh process; the KD rows beside their FLOP
         floor (the step's FLOPs at this machine's best matrix-product rate, probed between the row's
@@ -256,6 +268,8 @@ class TrainBenchmark(BenchBase):
             allocators: memory allocators each row runs under (``glibc``, ``tcmalloc``, ``jemalloc``,
                 ``tcmalloc_no_release``: tcmalloc with ``TCMALLOC_RELEASE_RATE=0``; the others preloaded
                 with ``LD_PRELOAD``), compared with the first one side by side.
+            backends: the hybrid op's backends each row runs with (``kernels.BACKENDS``; None: the
+                ``hybrid`` setting's own), compared with the first one side by side.
         """
         unknown = sorted(set(stages) - set(TRAIN_STAGES)) + sorted(set(plans) - set(MEMORY_PLANS))
         if unknown:
@@ -263,6 +277,10 @@ class TrainBenchmark(BenchBase):
                              f"{', '.join(TRAIN_STAGES)}; plans {', '.join(MEMORY_PLANS)}")
         for allocator in allocators:
             allocator_library(allocator)  # refused now, not after the first rows
+        backends = list(backends or [self.hybrid.backend])
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise ValueError(f"unknown backend(s) {', '.join(unknown)}; allowed values: {', '.join(BACKENDS)}")
         teacher, student = self._loaded()
         config, hybrid = teacher.config, self._hybrid_config
         spec = {"teacher": self.teacher_name, "student": self.student_path, "hybrid": self.hybrid.to_dict(),
@@ -281,34 +299,37 @@ class TrainBenchmark(BenchBase):
         rows = []
         for stage in stages:
             flops = training_step_flops(config, hybrid, stage, batch, seq_len) if hybrid is not None else None
-            for plan in plans:
-                for allocator in allocators:
-                    row = train_row_in_fresh_process(spec, stage, plan, allocator)
-                    if "peak_bytes" in row:
-                        row["peak_mib"] = row["peak_bytes"] / MiB
-                    if flops is not None and "ms_per_step" in row:
-                        # each step against the floor at the rate probed around it (side by side);
-                        # the run-start rate's floor beside it, as earlier runs reported
-                        row.update(step_gflop=flops / 1e9, run_start_floor_ms=1e3 * flops / rate)
-                        row["over_run_start_floor"] = row["ms_per_step"] / row["run_start_floor_ms"]
-                        if "probe_gflop_per_s" in row:
-                            row["floor_ms"] = flops / row["matmul_gflop_per_s"] / 1e6
-                            row["step_floor_ratios"] = step_floor_ratios(row["step_ms"], row["probe_gflop_per_s"],
-                                                                         flops / 1e9)
-                            row["over_floor"] = statistics.median(row["step_floor_ratios"])
-                    rows.append(row)
-                    write_json(self.out_dir / "train.json", self._payload("train", rows, extra))
+            for plan, allocator, backend in itertools.product(plans, allocators, backends):
+                row_spec = {**spec, "hybrid": {**spec["hybrid"], "backend": backend}}
+                row = train_row_in_fresh_process(row_spec, stage, plan, allocator)
+                if "peak_bytes" in row:
+                    row["peak_mib"] = row["peak_bytes"] / MiB
+                if flops is not None and "ms_per_step" in row:
+                    # each step against the floor at the rate probed around it (side by side);
+                    # the run-start rate's floor beside it, as earlier runs reported
+                    row.update(step_gflop=flops / 1e9, run_start_floor_ms=1e3 * flops / rate)
+                    row["over_run_start_floor"] = row["ms_per_step"] / row["run_start_floor_ms"]
+                    if "probe_gflop_per_s" in row:
+                        row["floor_ms"] = flops / row["matmul_gflop_per_s"] / 1e6
+                        row["step_floor_ratios"] = step_floor_ratios(row["step_ms"], row["probe_gflop_per_s"],
+                                                                     flops / 1e9)
+                        row["over_floor"] = statistics.median(row["step_floor_ratios"])
+                rows.append(row)
+                write_json(self.out_dir / "train.json", self._payload("train", rows, extra))
         side = self._lean_against_plain(rows)
-        by_allocator = self._against_first_allocator(rows, allocators)
+        by_allocator = self._against_first(rows, "allocator", allocators)
+        by_backend = self._against_first(rows, "backend", backends)
         payload = self._payload("train", rows, {**extra, "lean_against_plain": side,
-                                                "against_first_allocator": by_allocator})
+                                                "against_first_allocator": by_allocator,
+                                                "against_first_backend": by_backend})
         columns = [("stage", "stage", ""), ("plan", "plan", ""), ("allocator", "allocator", ""),
+                   ("backend", "op backend", ""),
                    ("trainable_parameters", "trainable parameters", ",d"),
                    ("tokens_per_s", "tokens/s", ".0f"), ("ms_per_step", "ms/step", ".0f"),
                    ("peak_mib", "peak MiB", ".0f"), ("step_gflop", "step GFLOP", ".0f"),
                    ("matmul_gflop_per_s", "row GFLOP/s", ".1f"), ("floor_ms", "FLOP floor ms", ".0f"),
                    ("over_floor", "ms / floor", ".2f"), ("over_run_start_floor", "ms / run-start floor", ".2f")]
-        side_columns = [("stage", "stage", ""), ("allocator", "allocator", ""),
+        side_columns = [("stage", "stage", ""), ("allocator", "allocator", ""), ("backend", "op backend", ""),
                         ("tokens_per_s_ratio", "lean / plain tokens/s", ".3f"),
                         ("peak_ratio", "lean / plain peak memory", ".3f")]
         table = (markdown_table(rows, columns)
@@ -323,34 +344,51 @@ class TrainBenchmark(BenchBase):
         if by_allocator:
             table += (f"\n\nEach allocator against {allocators[0]} (same run, same stage and plan):\n\n"
                       + markdown_table(by_allocator, [("stage", "stage", ""), ("plan", "plan", ""),
-                                                      ("allocator", "allocator", ""),
+                                                      ("allocator", "allocator", ""), ("backend", "op backend", ""),
                                                       ("tokens_per_s_ratio", f"tokens/s / {allocators[0]}", ".3f"),
                                                       ("peak_ratio", f"peak memory / {allocators[0]}", ".3f")]))
+        if by_backend:
+            table += (f"\n\nEach op backend against {backends[0]} (same run, same stage, plan and allocator):\n\n"
+                      + markdown_table(by_backend, [("stage", "stage", ""), ("plan", "plan", ""),
+                                                    ("allocator", "allocator", ""), ("backend", "op backend", ""),
+                                                    ("tokens_per_s_ratio", f"tokens/s / {backends[0]}", ".3f"),
+                                                    ("peak_ratio", f"peak memory / {backends[0]}", ".3f"),
+                                                    ("over_floor_ratio", f"ms / floor / {backends[0]}'s", ".3f")]))
         title = (f"Training step per stage and memory plan: batch {batch} x {seq_len} tokens, {self.settings['dtype']}, "
                  f"top-{top_k}")
         return self._finish("train", payload, table, title, _train_figure(rows))
 
     @staticmethod
-    def _lean_against_plain(rows) -> list[dict]:
-        by = {(r["stage"], r["plan"], r.get("allocator", "glibc")): r for r in rows if "tokens_per_s" in r}
+    def _key(row, *names) -> tuple:
+        defaults = {"allocator": "glibc", "backend": "auto"}
+        return tuple(row.get(name, defaults.get(name)) for name in names)
+
+    @classmethod
+    def _lean_against_plain(cls, rows) -> list[dict]:
+        by = {cls._key(r, "stage", "plan", "allocator", "backend"): r for r in rows if "tokens_per_s" in r}
         side = []
-        for stage in dict.fromkeys(r["stage"] for r in rows):
-            for allocator in dict.fromkeys(r.get("allocator", "glibc") for r in rows):
-                lean, plain = by.get((stage, "lean", allocator)), by.get((stage, "plain", allocator))
-                if lean and plain:
-                    side.append({"stage": stage, "allocator": allocator,
-                                 "tokens_per_s_ratio": lean["tokens_per_s"] / plain["tokens_per_s"],
-                                 "peak_ratio": lean["peak_bytes"] / plain["peak_bytes"]})
+        for stage, _, allocator, backend in dict.fromkeys((s, None, a, b) for s, _, a, b in by):
+            lean, plain = by.get((stage, "lean", allocator, backend)), by.get((stage, "plain", allocator, backend))
+            if lean and plain:
+                side.append({"stage": stage, "allocator": allocator, "backend": backend,
+                             "tokens_per_s_ratio": lean["tokens_per_s"] / plain["tokens_per_s"],
+                             "peak_ratio": lean["peak_bytes"] / plain["peak_bytes"]})
         return side
 
-    @staticmethod
-    def _against_first_allocator(rows, allocators) -> list[dict]:
-        by = {(r["stage"], r["plan"], r["allocator"]): r for r in rows if "tokens_per_s" in r}
+    @classmethod
+    def _against_first(cls, rows, axis: str, values: list[str]) -> list[dict]:
+        """Each row against the row of ``values[0]`` on ``axis`` (allocator or backend) with the same
+        stage, plan and other axis: tokens/s, peak memory and, where both have it, ms / floor."""
+        names = ("stage", "plan", "allocator", "backend")
+        by = {cls._key(r, *names): r for r in rows if "tokens_per_s" in r}
+        at = names.index(axis)
         out = []
-        for (stage, plan, allocator), row in by.items():
-            first = by.get((stage, plan, allocators[0]))
-            if allocator != allocators[0] and first is not None:
-                out.append({"stage": stage, "plan": plan, "allocator": allocator,
-                            "tokens_per_s_ratio": row["tokens_per_s"] / first["tokens_per_s"],
-                            "peak_ratio": row["peak_bytes"] / first["peak_bytes"]})
+        for key, row in by.items():
+            first = by.get(key[:at] + (values[0],) + key[at + 1:])
+            if key[at] != values[0] and first is not None:
+                ratios = {"tokens_per_s_ratio": row["tokens_per_s"] / first["tokens_per_s"],
+                          "peak_ratio": row["peak_bytes"] / first["peak_bytes"]}
+                if "over_floor" in row and "over_floor" in first:
+                    ratios["over_floor_ratio"] = row["over_floor"] / first["over_floor"]
+                out.append({**dict(zip(names, key)), **ratios})
         return out

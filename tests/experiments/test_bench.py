@@ -140,6 +140,22 @@ def test_prefill_rows_and_flops_from_the_models_own_weights(teacher_dir, tmp_pat
         assert r["prefill_tokens_per_s"] == pytest.approx(r["batch"] * r["prompt"] / r["ttft_s"])
 
 
+def test_a_compiled_students_prefill_cells_start_with_an_untimed_forward(teacher_dir, tmp_path, monkeypatch):
+    """With the op compiled, each cell's first student forward compiles a graph for its shape: it
+    runs untimed, so the timed forwards are the compiled op's own."""
+    from experiments.bench_runners import StudentRunner
+
+    prefill, calls = StudentRunner.prefill, []
+    monkeypatch.setattr(StudentRunner, "prefill", lambda self, ids: calls.append(ids.shape) or prefill(self, ids))
+    compiled = HybridConfig(window=8, sink_tokens=2, chunk_size=16, backend="compiled")
+    bench(teacher_dir, tmp_path, hybrid=compiled, prompt_lengths=[40], batch_sizes=[1]).prefill(
+        repeats=2, max_seconds=60.0, warmup_tokens=4)
+    # the warm-up prompt, then the cell's untimed forward and its 2 timed ones
+    assert calls == [(1, 4), (1, 40), (1, 40), (1, 40)]
+    [student] = [r for r in read_outputs(tmp_path, "prefill")["rows"] if r["model"] == "student"]
+    assert student["repeats"] == 2
+
+
 def test_train_measures_each_requested_stage_under_each_plan_in_fresh_processes(teacher_dir, tmp_path):
     bench(teacher_dir, tmp_path).train(seq_len=16, batch=2, steps=1, warmup=1, top_k=4,
                                        stages=["align", "kd_cached"], plans=["lean", "plain"])
@@ -167,6 +183,22 @@ def test_train_measures_each_requested_stage_under_each_plan_in_fresh_processes(
     assert kd["over_run_start_floor"] == pytest.approx(kd["ms_per_step"] / kd["run_start_floor_ms"])
     assert [r["stage"] for r in payload["lean_against_plain"]] == ["align", "kd_cached"]
     assert "lean / plain tokens/s" in (tmp_path / "train.md").read_text()
+
+
+def test_train_runs_each_row_with_each_op_backend_side_by_side(teacher_dir, tmp_path):
+    payload = bench(teacher_dir, tmp_path).train(seq_len=16, batch=2, steps=1, warmup=1, top_k=4,
+                                                 stages=["kd_cached"], plans=["lean"], backends=["torch", "compiled"])
+    rows = payload["rows"]
+    assert [r["backend"] for r in rows] == ["torch", "compiled"]
+    # the compiled row traced the op (and only it) in its own process; the torch row compiled nothing
+    assert rows[0]["compiled_graphs"] == 0 and rows[1]["compiled_graphs"] >= 1
+    [against] = payload["against_first_backend"]
+    assert (against["backend"], against["plan"]) == ("compiled", "lean")
+    assert against["tokens_per_s_ratio"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    assert against["over_floor_ratio"] == pytest.approx(rows[1]["over_floor"] / rows[0]["over_floor"])
+    assert "tokens/s / torch" in (tmp_path / "train.md").read_text()
+    with pytest.raises(ValueError, match="unknown backend.s. fused; allowed values: auto, torch, compiled"):
+        bench(teacher_dir, tmp_path).train(stages=["kd_cached"], backends=["fused"])
 
 
 def test_each_steps_floor_uses_the_rates_probed_around_it():
@@ -279,6 +311,7 @@ def test_kernels_table_has_every_op_at_every_length(teacher_dir, tmp_path):
             "hybrid recurrent step (one token after T)"} <= ops
     assert {"hybrid chunkwise torch, window band written out (forward)",
             "hybrid chunkwise torch, window band written out (forward + backward)"} <= ops  # the gate mix's old form
+    assert {"hybrid chunkwise compiled (forward)", "hybrid chunkwise compiled (forward + backward)"} <= ops
     reference = [(r["length"], r["pass"]) for r in rows if r["op"].startswith("hybrid reference")]
     assert reference == [(16, "forward"), (16, "backward")]
     assert (payload["heads"], payload["kv_heads"], payload["head_dim"]) == (H, HKV, D)
