@@ -24,6 +24,11 @@ TRAINABLE = ("new", "attention", "all")
 LR_SCHEDULES = ("cosine", "constant")
 
 
+# Settings that choose how a student's layers run, not what they compute: a stage applies them to the
+# student it loads (``HybridStudent.use_op_backend``) instead of refusing them.
+EXECUTION_SETTINGS = {"hybrid": ("backend",), "distil_xlstm": ()}
+
+
 def refuse_ignored_student_settings(student_ckpt: str, saved: StudentSettings, family: str = "hybrid",
                                     hybrid=None, distil_xlstm=None) -> None:
     """A stage that starts from ``student_ckpt`` trains the saved student as it is: its family and
@@ -41,7 +46,8 @@ def refuse_ignored_student_settings(student_ckpt: str, saved: StudentSettings, f
     given = (given if isinstance(given, cls) else cls.from_dict(dict(given))).to_dict()
     default, stored = cls().to_dict(), saved.family_config.to_dict()
     clashes = [f"{key}={given[key]!r} (saved: {stored.get(key)!r})" for key in sorted(given)
-               if given[key] != default[key] and given[key] != stored.get(key)]
+               if given[key] != default[key] and given[key] != stored.get(key)
+               and key not in EXECUTION_SETTINGS[name]]
     if clashes:
         raise ValueError(f"model.init_args.{name} sets {', '.join(clashes)}, but the stage trains the student saved "
                          f"in {student_ckpt} with its own settings, so these would be ignored: drop them (the saved "
@@ -145,6 +151,8 @@ class DistillationModule(L.LightningModule):
                                             self.hybrid_config, self.distil_config)
             self.student = load_student(hp.student_ckpt)
             check_student_matches_teacher(self.student, self.teacher, source=hp.student_ckpt)
+            if isinstance(self.student, HybridStudent) and self.hybrid_config.backend != HybridConfig.backend:
+                self.student.use_op_backend(self.hybrid_config.backend)
         elif hp.student_family == "distil_xlstm":
             self.student = distil_xlstm_from_teacher(self.teacher, self.distil_config)
         else:

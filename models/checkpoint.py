@@ -48,7 +48,7 @@ def save_student(student, path, tokenizer=None) -> Path:
             "format_version": FORMAT_VERSION,
             "family": student.family,
             "dtype": str(dtype).replace("torch.", ""),
-            FAMILY_SECTIONS[student.family]: student.family_config.to_dict(),
+            FAMILY_SECTIONS[student.family]: _saved_family_config(student.family_config),
             "teacher_config": student.config.to_dict(),
         }
         if getattr(student, "teacher_fingerprint", None):
@@ -109,6 +109,17 @@ def read_config_json(path) -> dict:
 
 _CHANGED_ADVICE = ("The folder was changed after models.save_student wrote it: copy it again from where it came "
                    "from, or rerun the stage (or merge) that writes it")
+
+
+def _saved_family_config(family_config) -> dict:
+    """The family configuration as a student folder keeps it. ``backend: compiled`` is the training
+    run's choice, not the student's: it compiles a graph per input shape, which pays at a fixed
+    training length and costs a compile per request length in evaluation and serving, so the folder
+    records ``auto`` (a run that wants the compiled op again sets it on its own configuration)."""
+    section = family_config.to_dict()
+    if section.get("backend") == "compiled":
+        section["backend"] = "auto"
+    return section
 
 
 def verify_student_folder(path) -> dict | None:

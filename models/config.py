@@ -35,7 +35,8 @@ class HybridConfig:
     """Chunk length of the chunkwise form (a power of two)."""
     backend: str = "auto"
     """``auto`` | ``torch`` (chunkwise) | ``compiled`` (chunkwise through ``torch.compile``: one graph
-    per input shape, compiled on its first call; for training at a fixed sequence length) |
+    per input shape, compiled on its first call; for training at a fixed sequence length; a saved
+    student records ``auto`` in its place) |
     ``reference`` (quadratic) | ``triton``."""
     gate_soft_cap: float = 15.0
     """Input/forget gate pre-activations pass through cap * tanh(x / cap), as xLSTM does (0: off)."""

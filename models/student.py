@@ -198,6 +198,20 @@ class HybridStudent(StudentLM):
     def describe(self) -> str:
         return self.hybrid_config.describe()
 
+    def use_op_backend(self, backend: str) -> "HybridStudent":
+        """Run every hybrid layer's op on ``backend`` (``kernels.BACKENDS``): an execution choice
+        (the maths is the same), so a stage may set it on a student it loaded, e.g. ``compiled`` for
+        training at a fixed length."""
+        from kernels import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not supported; allowed values: {', '.join(BACKENDS)}")
+        configs = {id(self.hybrid_config): self.hybrid_config}
+        configs.update({id(m.cfg): m.cfg for m in self.modules() if isinstance(m, HybridAttention)})
+        for config in configs.values():
+            config.backend = backend
+        return self
+
     def compile_decode_step(self, enabled: bool = True) -> "HybridStudent":
         """Decode through the compiled decoder-layer step (``models.compiled_step``): the same maths
         as the eager step, several times fewer dispatches per token. The first step compiles (seconds

@@ -513,3 +513,22 @@ def test_layer_by_layer_alignment_gives_the_all_at_once_loss_and_gradients(env, 
         assert (g is None) == (e is None)
         if e is not None:
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_a_stage_runs_a_loaded_students_op_on_the_backend_it_is_given(env, tmp_path):
+    """The op's backend is how the layers run, not what they compute: a stage that loads a saved
+    student applies ``hybrid.backend`` to it (``compiled`` for training at a fixed length) instead
+    of refusing it as an ignored layer setting."""
+    from models import HybridAttention, load_teacher, save_student
+
+    root, _ = env
+    saved = save_student(convert_to_hybrid(load_teacher(str(root / "teacher")), HybridConfig(window=16)),
+                         tmp_path / "saved")
+    module = SparseKDModule(teacher=str(root / "teacher"), student_ckpt=str(saved),
+                            hybrid=HybridConfig(backend="compiled"))
+    module.configure_model()
+    layers = [m for m in module.student.modules() if isinstance(m, HybridAttention)]
+    assert layers and all(m.cfg.backend == "compiled" for m in layers)
+    assert module.student.hybrid_config.backend == "compiled" and module.student.hybrid_config.window == 16
+    with pytest.raises(ValueError, match="backend='fused' is not supported"):
+        module.student.use_op_backend("fused")

@@ -34,6 +34,17 @@ def test_round_trip_gives_identical_logits(tmp_path, family, tie):
         assert torch.equal(loaded(ids).logits, student(ids).logits)
 
 
+def test_a_student_trained_with_the_compiled_op_is_saved_with_the_automatic_backend(tmp_path):
+    """The compiled op is the training run's choice: a loaded student must not compile a graph for
+    every request length of an evaluation."""
+    student = convert_to_hybrid(make_teacher("llama"), HybridConfig(window=8, backend="compiled"))
+    save_student(student, tmp_path / "s")
+    loaded = load_student(tmp_path / "s")
+    assert loaded.hybrid_config.backend == "auto"
+    assert loaded.hybrid_config == HybridConfig(window=8)
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["hybrid_config"]["backend"] == "auto"
+
+
 def test_save_replaces_existing_folder_completely(tmp_path):
     student = convert_to_hybrid(make_teacher("llama"), HybridConfig())
     save_student(student, tmp_path / "s", tokenizer=tiny_tokenizer())
