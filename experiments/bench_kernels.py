@@ -31,13 +31,16 @@ class KernelsBenchmark(BenchBase):
         """The hybrid op against the teacher's attention at the teacher's head shapes, one layer.
 
         Rows, forward and forward + backward each: the hybrid op's Triton kernels (CUDA only; the
-        interpreter on a CPU is for tests, not timing), its chunkwise torch form (for the gate mix also
-        with the window's band written out, the form before the masked SDPA call), its quadratic
+        interpreter on a CPU is for tests, not timing), its chunkwise torch form eager and compiled
+        (``backend="compiled"``; for the gate mix also with the window's band written out, the form
+        before the masked SDPA call), its quadratic
         reference (up to ``reference_max_length``), the mlstm_kernels chunkwise mLSTM alone (its
         native torch form; on CUDA also its Triton kernel), causal SDPA (the teacher's
         attention); and per-token decoding: the hybrid recurrent step against SDPA over a KV cache
         of the same length. Every row carries the FLOPs and bytes its op must at least compute
-        and move (``op_floor``) and the rates achieved.
+        and move (``op_floor``) and the rates achieved. The hybrid op runs as the student's layer
+        calls it (``hybrid``'s memory norm, and its feature-mapped memory queries and keys as inputs;
+        until 2026-12-07 it ran with the RMS memory norm on q and k whatever the layer).
 
         Args:
             lengths: sequence lengths.
@@ -58,8 +61,13 @@ class KernelsBenchmark(BenchBase):
         H = config.num_attention_heads
         Hkv = getattr(config, "num_key_value_heads", None) or H
         D = getattr(config, "head_dim", None) or config.hidden_size // H
+        # the op as the student's layer calls it: its memory norm (and weight) and, with softmax feature
+        # maps, the memory branch on its own feature-mapped queries and keys (positive, summing to one;
+        # the maps' products belong to the layer, not the op, and are not timed)
         opts = dict(window=hybrid.window, sink_tokens=hybrid.sink_tokens, mode=hybrid.mode, combine=hybrid.combine,
-                    chunk_size=hybrid.chunk_size, norm_weight=torch.ones(H, D, device=self.device))
+                    chunk_size=hybrid.chunk_size, memory_norm=hybrid.memory_norm,
+                    norm_weight=torch.ones(H, D, device=self.device) if hybrid.memory_norm == "rms" else None)
+        memory_inputs = hybrid.feature_map == "softmax" and hybrid.mode != "swa"
         mlstm_names = ["chunkwise--native_autograd"]
         if self.device.type == "cuda" and _power_of_two(D):
             mlstm_names.append("chunkwise--triton_limit_chunk")
@@ -114,7 +122,11 @@ class KernelsBenchmark(BenchBase):
             q, k, v = rand(batch, H, T, D), rand(batch, Hkv, T, D), rand(batch, Hkv, T, D)
             i, f, g = (rand(batch, H, T).float(), rand(batch, H, T, shift=3.0).float(),
                        rand(batch, H, T, shift=-2.0).float())
-            leaves = [x.detach().requires_grad_(True) for x in (q, k, v, i, f, g)]
+            inputs = [q, k, v, i, f, g]
+            if memory_inputs:
+                inputs += [torch.softmax(rand(batch, H, T, D).float(), -1).to(self.dtype),
+                           torch.softmax(rand(batch, Hkv, T, D).float(), -1).to(self.dtype)]
+            leaves = [x.detach().requires_grad_(True) for x in inputs]
 
             def forward_backward(op):
                 def run():
@@ -137,11 +149,12 @@ class KernelsBenchmark(BenchBase):
                 hybrid_backends.append(("reference", "hybrid reference, quadratic"))
             for backend, label in hybrid_backends:
                 def op(*x, backend=backend):
+                    memory = dict(zip(("mq", "mk"), x[6:]))
                     if backend == "band":
-                        return hybrid_attention_chunkwise(*x, window_form="band", **opts)
-                    return hybrid_attention(*x, backend=backend, **opts)
+                        return hybrid_attention_chunkwise(*x[:6], window_form="band", **memory, **opts)
+                    return hybrid_attention(*x[:6], backend=backend, **memory, **opts)
                 with torch.no_grad():
-                    measure(f"{label} (forward)", "hybrid forward", T, lambda op=op: op(q, k, v, i, f, g))
+                    measure(f"{label} (forward)", "hybrid forward", T, lambda op=op: op(*inputs))
                 measure(f"{label} (forward + backward)", "hybrid backward", T, forward_backward(op))
             sdpa = lambda q_, k_, v_, *gates: F.scaled_dot_product_attention(  # noqa: E731
                 q_, k_, v_, is_causal=True, enable_gqa=True)
@@ -164,16 +177,20 @@ class KernelsBenchmark(BenchBase):
                     measure(f"mlstm_kernels {name} (forward, memory branch only)", "mlstm forward", T, mlstm)
                 measure(f"mlstm_kernels {name} (forward + backward)", "mlstm backward", T, mlstm_backward)
             with torch.no_grad():
-                _, state = hybrid_attention(q, k, v, i, f, g, return_state=True, **opts)
-                one = [x[:, :, -1:].contiguous() for x in (q, k, v, i, f, g)]
-                step_opts = {key: opts[key] for key in ("norm_weight",)}
+                memory = dict(zip(("mq", "mk"), inputs[6:]))
+                _, state = hybrid_attention(q, k, v, i, f, g, return_state=True, **memory, **opts)
+                one = [x[:, :, -1:].contiguous() for x in inputs]
+                step_opts = {key: opts[key] for key in ("norm_weight", "memory_norm")}
                 measure("hybrid recurrent step (one token after T)", "hybrid step", T,
-                        lambda: hybrid_attention_step(*one, state, **step_opts), per_token=True)
+                        lambda: hybrid_attention_step(*one[:6], state, **dict(zip(("mq", "mk"), one[6:])), **step_opts),
+                        per_token=True)
                 measure("teacher SDPA step over a KV cache of T", "sdpa step", T, lambda: F.scaled_dot_product_attention(
                     one[0], k, v, enable_gqa=True), per_token=True)
             run_cells()
         payload = self._payload("kernels", rows, {"heads": H, "kv_heads": Hkv, "head_dim": D, "repeats": repeats,
-                                                  "triton": triton_reason or "timed"})
+                                                  "triton": triton_reason or "timed",
+                                                  "memory_norm": hybrid.memory_norm,
+                                                  "feature_mapped_memory_inputs": memory_inputs})
         ops = list(dict.fromkeys(r["op"] for r in rows))
         table_rows, floor_rows = [], []
         for op in ops:

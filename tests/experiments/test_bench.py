@@ -312,6 +312,8 @@ def test_kernels_table_has_every_op_at_every_length(teacher_dir, tmp_path):
     assert {"hybrid chunkwise torch, window band written out (forward)",
             "hybrid chunkwise torch, window band written out (forward + backward)"} <= ops  # the gate mix's old form
     assert {"hybrid chunkwise compiled (forward)", "hybrid chunkwise compiled (forward + backward)"} <= ops
+    # the op as the layer calls it: the paper's layer has no memory norm and feature-mapped memory inputs
+    assert (payload["memory_norm"], payload["feature_mapped_memory_inputs"]) == ("none", True)
     reference = [(r["length"], r["pass"]) for r in rows if r["op"].startswith("hybrid reference")]
     assert reference == [(16, "forward"), (16, "backward")]
     assert (payload["heads"], payload["kv_heads"], payload["head_dim"]) == (H, HKV, D)
