@@ -5,8 +5,8 @@ mix) between its matrix products; eagerly each reads and writes its tensor once 
 dispatch, which on a CPU costs as much as the products at the lengths a prompt or a training
 sequence has. Compiled, Inductor fuses those chains into a handful of loops, forward and backward,
 and leaves the products and the window's SDPA call to the same library kernels: on 2 CPU cores one
-SmolLM2 layer's op at batch 4 x 512 took 0.71x the eager time forward and backward
-(docs/performance.md, "Kernels"). The maths is ``chunkwise_outputs``' own.
+SmolLM2 layer's op took 0.73-0.76x the eager time forward and backward from 256 to 2k tokens, but
+1.05x at 4k (docs/performance.md, "The compiled op"). The maths is ``chunkwise_outputs``' own.
 
 A graph is compiled per input shape (the loop over chunks unrolls; 10-40 s on 2 CPU cores) and
 reused by every layer of that shape: it pays where shapes repeat (training at a fixed sequence
