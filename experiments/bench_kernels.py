@@ -68,6 +68,9 @@ class KernelsBenchmark(BenchBase):
                     chunk_size=hybrid.chunk_size, memory_norm=hybrid.memory_norm,
                     norm_weight=torch.ones(H, D, device=self.device) if hybrid.memory_norm == "rms" else None)
         memory_inputs = hybrid.feature_map == "softmax" and hybrid.mode != "swa"
+
+        def split(xs):  # (q, k, v, i, f, g) and the memory's own mq, mk as keywords, where the layer has them
+            return xs[:6], dict(zip(("mq", "mk"), xs[6:]))
         mlstm_names = ["chunkwise--native_autograd"]
         if self.device.type == "cuda" and _power_of_two(D):
             mlstm_names.append("chunkwise--triton_limit_chunk")
@@ -149,10 +152,10 @@ class KernelsBenchmark(BenchBase):
                 hybrid_backends.append(("reference", "hybrid reference, quadratic"))
             for backend, label in hybrid_backends:
                 def op(*x, backend=backend):
-                    memory = dict(zip(("mq", "mk"), x[6:]))
+                    args, memory = split(x)
                     if backend == "band":
-                        return hybrid_attention_chunkwise(*x[:6], window_form="band", **memory, **opts)
-                    return hybrid_attention(*x[:6], backend=backend, **memory, **opts)
+                        return hybrid_attention_chunkwise(*args, window_form="band", **memory, **opts)
+                    return hybrid_attention(*args, backend=backend, **memory, **opts)
                 with torch.no_grad():
                     measure(f"{label} (forward)", "hybrid forward", T, lambda op=op: op(*inputs))
                 measure(f"{label} (forward + backward)", "hybrid backward", T, forward_backward(op))
@@ -177,13 +180,12 @@ class KernelsBenchmark(BenchBase):
                     measure(f"mlstm_kernels {name} (forward, memory branch only)", "mlstm forward", T, mlstm)
                 measure(f"mlstm_kernels {name} (forward + backward)", "mlstm backward", T, mlstm_backward)
             with torch.no_grad():
-                memory = dict(zip(("mq", "mk"), inputs[6:]))
-                _, state = hybrid_attention(q, k, v, i, f, g, return_state=True, **memory, **opts)
-                one = [x[:, :, -1:].contiguous() for x in inputs]
+                args, memory = split(inputs)
+                _, state = hybrid_attention(*args, return_state=True, **memory, **opts)
+                one, one_memory = split([x[:, :, -1:].contiguous() for x in inputs])
                 step_opts = {key: opts[key] for key in ("norm_weight", "memory_norm")}
                 measure("hybrid recurrent step (one token after T)", "hybrid step", T,
-                        lambda: hybrid_attention_step(*one[:6], state, **dict(zip(("mq", "mk"), one[6:])), **step_opts),
-                        per_token=True)
+                        lambda: hybrid_attention_step(*one, state, **one_memory, **step_opts), per_token=True)
                 measure("teacher SDPA step over a KV cache of T", "sdpa step", T, lambda: F.scaled_dot_product_attention(
                     one[0], k, v, enable_gqa=True), per_token=True)
             run_cells()

@@ -28,10 +28,10 @@ import statistics
 import torch
 
 from experiments.bench_base import BenchBase
-from kernels import BACKENDS
 from experiments.bench_report import markdown_table
 from experiments.flops import training_step_flops
 from experiments.measure import MiB, OUT_OF_MEMORY, PeakMemory, out_of_memory, timed
+from kernels import BACKENDS
 from models.head_loss import DEFAULT_CHUNK_TOKENS
 from models.storage import write_json
 
@@ -367,7 +367,7 @@ class TrainBenchmark(BenchBase):
     def _lean_against_plain(cls, rows) -> list[dict]:
         by = {cls._key(r, "stage", "plan", "allocator", "backend"): r for r in rows if "tokens_per_s" in r}
         side = []
-        for stage, _, allocator, backend in dict.fromkeys((s, None, a, b) for s, _, a, b in by):
+        for stage, allocator, backend in dict.fromkeys((s, a, b) for s, _, a, b in by):
             lean, plain = by.get((stage, "lean", allocator, backend)), by.get((stage, "plain", allocator, backend))
             if lean and plain:
                 side.append({"stage": stage, "allocator": allocator, "backend": backend,

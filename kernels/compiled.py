@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .chunkwise import chunkwise_outputs, hybrid_attention_chunkwise
+from .chunkwise import _pad_time, chunkwise_outputs, hybrid_attention_chunkwise
 
 
 @functools.cache
@@ -40,10 +40,8 @@ def _padded_outputs(q, k, v, i_gate, f_gate, g_gate, *, chunk_size, mq, mk, **op
     pad = (-T) % chunk_size
     length = None
     if pad:
-        def padded(x):
-            return None if x is None else torch.cat([x, x.new_zeros((*x.shape[:2], pad, *x.shape[3:]))], 2)
-
-        q, k, v, mq, mk, i_gate, f_gate, g_gate = (padded(x) for x in (q, k, v, mq, mk, i_gate, f_gate, g_gate))
+        q, k, v, mq, mk, i_gate, f_gate, g_gate = (None if x is None else _pad_time(x, pad)
+                                                   for x in (q, k, v, mq, mk, i_gate, f_gate, g_gate))
         length = torch.tensor(T, device=q.device)  # a tensor: prompts of 45 and 46 tokens share the graph of 48
     out, state = compiled_outputs()(q, k, v, i_gate, f_gate, g_gate, chunk_size=chunk_size, mq=mq, mk=mk,
                                     length=length, **options)
