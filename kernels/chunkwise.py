@@ -26,7 +26,7 @@ from ._common import (
 from .recurrent import HybridState
 
 
-def _pad_time(x, pad, value=0.0):
+def pad_time(x, pad, value=0.0):
     """Append ``pad`` positions along the time dim (dim 2 of [B, H, T, ...] and of gates [B, H, T])."""
     if pad == 0:
         return x
@@ -54,8 +54,8 @@ def mlstm_chunkwise(q, k, v, i_gate, log_f, *, scale, chunk_size, initial=None):
     pad = (-T) % L
     # Padded positions come after every real one: they must not decay the state (log f = 0) nor
     # write into it (i = log 0), so the final state is the state after position T - 1.
-    q, k, v = _pad_time(q, pad), _pad_time(k, pad), _pad_time(v, pad)
-    i_gate, log_f = _pad_time(i_gate, pad, LOG_ZERO), _pad_time(log_f, pad, 0.0)
+    q, k, v = pad_time(q, pad), pad_time(k, pad), pad_time(v, pad)
+    i_gate, log_f = pad_time(i_gate, pad, LOG_ZERO), pad_time(log_f, pad, 0.0)
     N = q.shape[2] // L
     q = (q * scale).view(B, H, N, L, D)
     k, v = k.view(B, H, N, L, D), v.view(B, H, N, L, Dv)
@@ -152,7 +152,7 @@ def swa_chunkwise(q, k, v, sink_k, sink_v, *, window, sink_tokens, scale, chunk_
     L = chunk_size
     pad, N, P, first, lo, hi = _band_layout(Tq, L, window, start, key_start, k.shape[2])
     Tp = N * L
-    qc = (_pad_time(q, pad) * scale).view(B, H, N, L, D)
+    qc = (pad_time(q, pad) * scale).view(B, H, N, L, D)
     k_band = _band_source(k, first, lo, hi, key_start, pad).unfold(2, L + P, L).transpose(-1, -2)  # [B,H,N,L+P,D]
     v_band = _band_source(v, first, lo, hi, key_start, pad).unfold(2, L + P, L).transpose(-1, -2)
     S = sink_k.shape[2]
@@ -203,7 +203,7 @@ def swa_blocked(q, k, v, sink_k, sink_v, *, window, sink_tokens, scale, block, s
             band = torch.cat([sinks.unsqueeze(1).expand(B, N, Hkv, S, d), band], 3)
         return band.reshape(B * N, Hkv, S + L + P, d)
 
-    qb = _pad_time(q, pad).view(B, H, N, L, D).transpose(1, 2).reshape(B * N, H, L, D)
+    qb = pad_time(q, pad).view(B, H, N, L, D).transpose(1, 2).reshape(B * N, H, L, D)
     out = F.scaled_dot_product_attention(qb, blocks(k, sink_k), blocks(v, sink_v), attn_mask=mask, scale=scale,
                                          enable_gqa=Hkv != H)
     return out.view(B, N, H, L, Dv).transpose(1, 2).reshape(B, H, N * L, Dv)[:, :, :Tq]

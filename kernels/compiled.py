@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .chunkwise import _pad_time, chunkwise_outputs, hybrid_attention_chunkwise
+from .chunkwise import pad_time, chunkwise_outputs, hybrid_attention_chunkwise
 
 
 @functools.cache
@@ -40,7 +40,7 @@ def _padded_outputs(q, k, v, i_gate, f_gate, g_gate, *, chunk_size, mq, mk, **op
     pad = (-T) % chunk_size
     length = None
     if pad:
-        q, k, v, mq, mk, i_gate, f_gate, g_gate = (None if x is None else _pad_time(x, pad)
+        q, k, v, mq, mk, i_gate, f_gate, g_gate = (None if x is None else pad_time(x, pad)
                                                    for x in (q, k, v, mq, mk, i_gate, f_gate, g_gate))
         length = torch.tensor(T, device=q.device)  # a tensor: prompts of 45 and 46 tokens share the graph of 48
     out, state = compiled_outputs()(q, k, v, i_gate, f_gate, g_gate, chunk_size=chunk_size, mq=mq, mk=mk,
