@@ -36,7 +36,7 @@ from models.head_loss import DEFAULT_CHUNK_TOKENS
 from models.storage import write_json
 
 
-TRAIN_STAGES = ("align", "kd", "kd_cached", "distil_xlstm_kd")
+TRAIN_STAGES = ("align", "kd", "kd_cached", "distil_xlstm_kd", "teacher_lm")
 # The stages' settings of each plan (``lean`` is what they train with by default).
 MEMORY_PLANS = {
     "lean": {"recompute_activations": True, "loss_chunk_tokens": DEFAULT_CHUNK_TOKENS},
@@ -93,11 +93,42 @@ def step_floor_ratios(step_ms: list[float], probe_gflop_per_s: list[float], step
             for ms, before, after in zip(step_ms, probe_gflop_per_s, probe_gflop_per_s[1:])]
 
 
+class TeacherLanguageModelStep:
+    """The teacher's own training step, every parameter, on its Hugging Face next-token loss (whole
+    logits, every intermediate kept): not a stage of xdistill but the reference for the KD rows'
+    ``ms / floor``, the ratio the transformer the student was converted from reaches on this machine
+    with its own code. It offers what ``_train_steps`` calls on a stage's module."""
+
+    def __init__(self, spec: dict):
+        from models import load_teacher
+
+        self.teacher = load_teacher(spec["teacher"], getattr(torch, spec["dtype"]), attn_implementation="sdpa")
+        self.teacher.requires_grad_(True)
+
+    def train(self):
+        self.teacher.train()
+
+    def trainable_parameters(self):
+        return [p for p in self.teacher.parameters() if p.requires_grad]
+
+    def training_step(self, batch, batch_idx):
+        return self.teacher(batch["input_ids"], labels=batch["labels"]).loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure):
+        optimizer.step(closure=optimizer_closure)
+
+
 def stage_module(spec: dict, stage: str, plan: str, ids: torch.Tensor):
-    """The stage's Lightning module under ``plan`` and one batch for it."""
+    """The stage's Lightning module under ``plan`` and one batch for it (``teacher_lm``: the teacher's
+    own step, whatever the plan)."""
     from lightning_modules import AlignmentModule, SparseKDModule
     from lightning_modules.losses import teacher_topk
     from models import HybridConfig
+
+    if stage == "teacher_lm":
+        module = TeacherLanguageModelStep(spec)
+        module.teacher.to(spec["device"])
+        return module, {"input_ids": ids, "labels": ids.clone()}
 
     common = dict(teacher=spec["teacher"], teacher_dtype=spec["dtype"], hybrid=HybridConfig.from_dict(spec["hybrid"]),
                   recompute_activations=MEMORY_PLANS[plan]["recompute_activations"])
@@ -167,7 +198,8 @@ def train_row(spec: dict, stage: str, plan: str, allocator: str = "glibc") -> di
     ids = torch.randint(min(100, spec["vocab"] // 2), spec["vocab"], shape, generator=gen).to(device)
     module, batch = stage_module(spec, stage, plan, ids)
     library = ALLOCATORS[allocator][0]
-    row = {"stage": stage, "plan": plan, "allocator": allocator, "backend": spec["hybrid"]["backend"],
+    row = {"stage": stage, "plan": plan, "allocator": allocator,
+           "backend": None if stage == "teacher_lm" else spec["hybrid"]["backend"],  # no hybrid op in it
            "seq_len": spec["seq_len"], "batch": spec["batch"],
            "trainable_parameters": sum(p.numel() for p in module.trainable_parameters()),
            "allocator_loaded": library is None or library.split(".so")[0] in _mapped_libraries()}
@@ -228,7 +260,7 @@ def _train_figure(rows):
     measured = [r for r in rows if "tokens_per_s" in r]
 
     def draw(axes):
-        names = [f"{r['stage']}\n{r['plan']}" + (f"\n{r['backend']}" if r.get("backend", "auto") != "auto" else "")
+        names = [f"{r['stage']}\n{r['plan']}" + (f"\n{r['backend']}" if r.get("backend", "auto") not in ("auto", None) else "")
                  for r in measured]
         for ax, key, label in zip(axes, ("tokens_per_s", "peak_mib"), ("tokens per second", "peak memory (MiB)")):
             ax.bar(names, [r[key] for r in measured], color=["tab:blue" if r["plan"] == "lean" else "tab:gray"
@@ -242,7 +274,7 @@ class TrainBenchmark(BenchBase):
     """``train``."""
 
     def train(self, seq_len: int = 256, batch: int = 4, steps: int = 3, warmup: int = 1, top_k: int = 64,
-              stages: list[str] = ["align", "kd", "kd_cached", "distil_xlstm_kd"],
+              stages: list[str] = ["align", "kd", "kd_cached", "distil_xlstm_kd", "teacher_lm"],
               plans: list[str] = ["lean", "plain"], allocators: list[str] = ["glibc"],
               backends: list[str] | None = None) -> dict:
         """Tokens per second and peak memory of one optimizer step (forward, backward, AdamW) of each
@@ -253,7 +285,9 @@ class TrainBenchmark(BenchBase):
         Stages: ``align`` (stage 1, new parameters, per-layer MSE against the frozen teacher),
         ``kd`` (stage 2/3: all parameters, the teacher's top-k computed online), ``kd_cached``
         (the same with the teacher's top-k read from a cache, so no teacher forward), and
-        ``distil_xlstm_kd`` (the Distil-xLSTM student's KD step). Plans: ``lean`` (the stages'
+        ``distil_xlstm_kd`` (the Distil-xLSTM student's KD step); ``teacher_lm``, not a stage but the
+        reference for the KD rows' ``ms / floor``: the teacher's own step on its Hugging Face
+        next-token loss, every parameter, one plain row per allocator whatever the plans. Plans: ``lean`` (the stages'
         default: KD loss over the vocabulary in chunks of 256 positions, the hybrid op and the
         gated MLP's SiLU and product recomputed in the backward) and ``plain`` (the whole logits, every intermediate kept).
 
@@ -299,7 +333,9 @@ class TrainBenchmark(BenchBase):
         rows = []
         for stage in stages:
             flops = training_step_flops(config, hybrid, stage, batch, seq_len) if hybrid is not None else None
-            for plan, allocator, backend in itertools.product(plans, allocators, backends):
+            # the teacher's own step has neither memory plan nor op: one plain row per allocator
+            axes = (["plain"], allocators, backends[:1]) if stage == "teacher_lm" else (plans, allocators, backends)
+            for plan, allocator, backend in itertools.product(*axes):
                 row_spec = {**spec, "hybrid": {**spec["hybrid"], "backend": backend}}
                 row = train_row_in_fresh_process(row_spec, stage, plan, allocator)
                 if "peak_bytes" in row:
@@ -319,7 +355,9 @@ class TrainBenchmark(BenchBase):
         side = self._lean_against_plain(rows)
         by_allocator = self._against_first(rows, "allocator", allocators)
         by_backend = self._against_first(rows, "backend", backends)
+        by_teacher = self._against_teachers_own_step(rows)
         payload = self._payload("train", rows, {**extra, "lean_against_plain": side,
+                                                "against_teachers_own_step": by_teacher,
                                                 "against_first_allocator": by_allocator,
                                                 "against_first_backend": by_backend})
         columns = [("stage", "stage", ""), ("plan", "plan", ""), ("allocator", "allocator", ""),
@@ -354,6 +392,14 @@ class TrainBenchmark(BenchBase):
                                                     ("tokens_per_s_ratio", f"tokens/s / {backends[0]}", ".3f"),
                                                     ("peak_ratio", f"peak memory / {backends[0]}", ".3f"),
                                                     ("over_floor_ratio", f"ms / floor / {backends[0]}'s", ".3f")]))
+        if by_teacher:
+            table += ("\n\nEach row's `ms / floor` against the teacher's own training step's (same run, same allocator; "
+                      "1.00: as close to its floor as the Hugging Face transformer it was converted from):\n\n"
+                      + markdown_table(by_teacher, [("stage", "stage", ""), ("plan", "plan", ""),
+                                                    ("allocator", "allocator", ""), ("backend", "op backend", ""),
+                                                    ("over_floor", "ms / floor", ".2f"),
+                                                    ("teacher_over_floor", "teacher's own ms / floor", ".2f"),
+                                                    ("over_teacher_floor_ratio", "ratio", ".3f")]))
         title = (f"Training step per stage and memory plan: batch {batch} x {seq_len} tokens, {self.settings['dtype']}, "
                  f"top-{top_k}")
         return self._finish("train", payload, table, title, _train_figure(rows))
@@ -374,6 +420,20 @@ class TrainBenchmark(BenchBase):
                              "tokens_per_s_ratio": lean["tokens_per_s"] / plain["tokens_per_s"],
                              "peak_ratio": lean["peak_bytes"] / plain["peak_bytes"]})
         return side
+
+    @classmethod
+    def _against_teachers_own_step(cls, rows) -> list[dict]:
+        """Each row with a floor against the ``teacher_lm`` row of its allocator: both ``ms / floor``
+        and their ratio."""
+        teacher = {cls._key(r, "allocator"): r for r in rows if r["stage"] == "teacher_lm" and "over_floor" in r}
+        out = []
+        for row in rows:
+            reference = teacher.get(cls._key(row, "allocator"))
+            if row["stage"] != "teacher_lm" and "over_floor" in row and reference is not None:
+                out.append({**{name: row.get(name) for name in ("stage", "plan", "allocator", "backend")},
+                            "over_floor": row["over_floor"], "teacher_over_floor": reference["over_floor"],
+                            "over_teacher_floor_ratio": row["over_floor"] / reference["over_floor"]})
+        return out
 
     @classmethod
     def _against_first(cls, rows, axis: str, values: list[str]) -> list[dict]:

@@ -89,15 +89,19 @@ def op_floor(kind: str, B: int, H: int, Hkv: int, T: int, D: int, Dv: int, hybri
 
 
 def training_step_flops(config, hybrid: HybridConfig, stage: str, batch: int, seq_len: int) -> float | None:
-    """FLOPs of one KD optimizer step of a hybrid student that trains every parameter: its forward
-    (``prefill_flops``, with the head over every position, not only the last) and a backward of
-    twice that (the gradients w.r.t. each product's input and weight), plus the teacher's forward
-    when its top-k is computed online (``kd``). None for stages this does not model (alignment
-    trains a few parameters of the attention modules alone; Distil-xLSTM is another family)."""
-    if stage not in ("kd", "kd_cached"):
+    """FLOPs of one optimizer step that trains every parameter: a forward (``prefill_flops``, with the
+    head over every position, not only the last) and a backward of twice that (the gradients w.r.t.
+    each product's input and weight). KD (``kd``, ``kd_cached``): the hybrid student's, plus the
+    teacher's forward when its top-k is computed online (``kd``); ``teacher_lm``: the teacher's own
+    language-model step (the reference a KD step's ratio to its floor is read against). None for
+    stages this does not model (alignment trains a few parameters of the attention modules alone;
+    Distil-xLSTM is another family)."""
+    if stage not in ("kd", "kd_cached", "teacher_lm"):
         return None
     counts = prefill_flops(config, hybrid, seq_len)
     head_rest = 2 * config.hidden_size * config.vocab_size * (seq_len - 1)
+    teacher_forward = batch * (counts["teacher_flops"] + head_rest)
+    if stage == "teacher_lm":
+        return 3 * teacher_forward
     student_forward = batch * (counts["student_flops"] + head_rest)
-    teacher_forward = batch * (counts["teacher_flops"] + head_rest) if stage == "kd" else 0
-    return 3 * student_forward + teacher_forward
+    return 3 * student_forward + (teacher_forward if stage == "kd" else 0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from experiments.bench import Bench, main
+from experiments.flops import training_step_flops
 from models import HybridConfig, load_teacher
 from tests.conftest import TINY
 from tests.fixtures import write_teacher
@@ -183,6 +184,51 @@ def test_train_measures_each_requested_stage_under_each_plan_in_fresh_processes(
     assert kd["over_run_start_floor"] == pytest.approx(kd["ms_per_step"] / kd["run_start_floor_ms"])
     assert [r["stage"] for r in payload["lean_against_plain"]] == ["align", "kd_cached"]
     assert "lean / plain tokens/s" in (tmp_path / "train.md").read_text()
+
+
+def test_train_reads_each_kd_rows_floor_ratio_against_the_teachers_own_step(teacher_dir, tmp_path):
+    payload = bench(teacher_dir, tmp_path).train(seq_len=16, batch=2, steps=1, warmup=1, top_k=4,
+                                                 stages=["kd_cached", "teacher_lm"], plans=["lean", "plain"])
+    rows = payload["rows"]
+    # the teacher's own step runs once, plainly, without a hybrid op, whatever the plans asked for
+    assert [(r["stage"], r["plan"], r["backend"]) for r in rows] == [
+        ("kd_cached", "lean", "auto"), ("kd_cached", "plain", "auto"), ("teacher_lm", "plain", None)]
+    teacher_row = rows[2]
+    teacher = load_teacher(str(teacher_dir))
+    assert teacher_row["trainable_parameters"] == sum(p.numel() for p in teacher.parameters())
+    config = teacher.config
+    assert teacher_row["step_gflop"] * 1e9 == pytest.approx(
+        training_step_flops(config, HybridConfig.from_dict(payload["settings"]["hybrid"]), "teacher_lm", 2, 16))
+    assert teacher_row["over_floor"] > 0
+    against = payload["against_teachers_own_step"]
+    assert [(a["stage"], a["plan"]) for a in against] == [("kd_cached", "lean"), ("kd_cached", "plain")]
+    for a, row in zip(against, rows):
+        assert a["over_teacher_floor_ratio"] == pytest.approx(row["over_floor"] / teacher_row["over_floor"])
+    assert "teacher's own ms / floor" in (tmp_path / "train.md").read_text()
+
+
+def test_the_teachers_own_step_trains_on_hugging_faces_loss(teacher_dir):
+    from experiments.bench_train import stage_module
+
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    spec = {"teacher": str(teacher_dir), "dtype": "float32", "device": "cpu"}
+    module, batch = stage_module(spec, "teacher_lm", "lean", ids)
+    reference = load_teacher(str(teacher_dir))
+    expected = reference(ids, labels=ids).loss
+    loss = module.training_step(batch, 0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    optimizer = torch.optim.SGD(module.trainable_parameters(), lr=0.1)
+
+    def closure():
+        optimizer.zero_grad()
+        step_loss = module.training_step(batch, 0)
+        step_loss.backward()
+        return step_loss
+
+    module.optimizer_step(0, 0, optimizer, closure)
+    # every parameter moved: the whole teacher trains, its embedding and head included
+    moved = [not torch.equal(p, q) for p, q in zip(module.trainable_parameters(), reference.parameters())]
+    assert moved and all(moved)
 
 
 def test_train_runs_each_row_with_each_op_backend_side_by_side(teacher_dir, tmp_path):

@@ -62,3 +62,16 @@ def test_training_step_flops_are_three_student_forwards_with_the_head_everywhere
     assert training_step_flops(config, HYBRID, "kd_cached", B, T) == 3 * forward
     assert training_step_flops(config, HYBRID, "kd", B, T) == 3 * forward + B * (counts["teacher_flops"] + (T - 1) * head)
     assert training_step_flops(config, HYBRID, "align", B, T) is None
+
+
+def test_the_teachers_own_step_is_three_of_the_forwards_a_kd_step_adds_for_it(teacher_dir):
+    config = load_teacher(str(teacher_dir)).config
+    T, B = 40, 3
+    online, cached = (training_step_flops(config, HYBRID, stage, B, T) for stage in ("kd", "kd_cached"))
+    assert training_step_flops(config, HYBRID, "teacher_lm", B, T) == 3 * (online - cached)
+    # by hand for one sequence: every linear weight once per token, the causal pairs, the head everywhere
+    d, V, ff, L = config.hidden_size, config.vocab_size, config.intermediate_size, config.num_hidden_layers
+    H, Hkv = config.num_attention_heads, config.num_key_value_heads
+    D = d // H
+    forward = 2 * T * L * (d * H * D * 2 + d * Hkv * D * 2 + 3 * d * ff) + L * H * 4 * D * T * (T + 1) / 2 + 2 * T * d * V
+    assert training_step_flops(config, HYBRID, "teacher_lm", 1, T) == pytest.approx(3 * forward)
