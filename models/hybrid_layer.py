@@ -73,11 +73,18 @@ class FeatureMaps(nn.Module):
 
     def forward(self, q, k):
         """q [B, Hq, T, d], k [B, Hk, T, d] -> (phi_q(q), phi_k(k)), same shapes and dtype."""
-        x = torch.cat([q, k], 1)
-        z = torch.einsum("bhtd,hde->bhte", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)[:, None]
+        weight, bias, n = self.weight.to(q.dtype), self.bias.to(q.dtype), self.num_q
+        return self._map(q, weight[:n], bias[:n]), self._map(k, weight[n:], bias[n:])
+
+    @staticmethod
+    def _map(x, weight, bias):
+        # Each kind on its own, x as it lies: concatenating q and k and letting einsum move the heads
+        # to the front copied every input and output once more. matmul broadcasts the [h, d, d]
+        # weights over the batch; the bias goes into its output in place (the product's backward
+        # does not read its output).
+        z = torch.matmul(x, weight).add_(bias[:, None])
         # softmax in float32 for 16-bit inputs: its sum must be 1 to the precision the memory needs
-        phi = torch.softmax(z, -1) if z.dtype == torch.float32 else torch.softmax(z, -1, dtype=torch.float32).to(z.dtype)
-        return phi[:, :self.num_q], phi[:, self.num_q:]
+        return torch.softmax(z, -1) if z.dtype == torch.float32 else torch.softmax(z, -1, dtype=torch.float32).to(z.dtype)
 
 
 class HybridAttention(_TeacherProjections):

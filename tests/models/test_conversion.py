@@ -107,6 +107,37 @@ def test_mix_gate_from_qkv_reads_each_heads_own_q_k_v():
         assert torch.allclose(got[:, h], x @ attn.mix_gate_weight[h] + attn.mix_gate_bias[h], atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_maps_are_each_heads_softmax_of_its_own_map(dtype):
+    """phi_h(x) = softmax(x W_h + b_h) over the feature dimension, query head h with map h and key
+    head j with map Hq + j: outputs and gradients (inputs, weights, biases) against a float64 loop
+    over heads written from the formula. Strided inputs (q, k as RoPE hands them over) included."""
+    from models.hybrid_layer import FeatureMaps
+
+    Hq, Hk, D = 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+    maps = FeatureMaps(Hq, Hk, D, 1.0)
+    with torch.no_grad():
+        maps.weight.copy_(torch.randn(maps.weight.shape, generator=g))
+        maps.bias.copy_(torch.randn(maps.bias.shape, generator=g))
+    maps.to(dtype)
+    q = torch.randn(2, 5, Hq, D, generator=g).transpose(1, 2).to(dtype).requires_grad_()  # [B, Hq, T, D], strided
+    k = torch.randn(2, Hk, 5, D, generator=g).to(dtype).requires_grad_()
+    phi_q, phi_k = maps(q, k)
+    assert phi_q.shape == q.shape and phi_k.shape == k.shape and phi_q.dtype == dtype
+    ((phi_q * torch.arange(D)).sum() + (phi_k ** 2).sum()).backward()
+
+    w, b = (x.detach().double().requires_grad_() for x in (maps.weight, maps.bias))
+    q64, k64 = (x.detach().double().requires_grad_() for x in (q, k))
+    ref_q = torch.stack([torch.softmax(q64[:, h] @ w[h] + b[h], -1) for h in range(Hq)], 1)
+    ref_k = torch.stack([torch.softmax(k64[:, j] @ w[Hq + j] + b[Hq + j], -1) for j in range(Hk)], 1)
+    ((ref_q * torch.arange(D)).sum() + (ref_k ** 2).sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, ref in ((phi_q, ref_q), (phi_k, ref_k), (q.grad, q64.grad), (k.grad, k64.grad),
+                     (maps.weight.grad, w.grad), (maps.bias.grad, b.grad)):
+        assert torch.allclose(got.double(), ref.detach(), atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("mode,combine", [("hybrid", "gate"), ("hybrid", "shared_norm"), ("mlstm", "gate")])
 def test_extreme_gate_weights_give_finite_outputs_and_gradients(mode, combine):
     student = convert_to_hybrid(make_teacher("llama"), HybridConfig(mode=mode, combine=combine, window=4))
