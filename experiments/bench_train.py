@@ -102,7 +102,8 @@ class TeacherLanguageModelStep:
     def __init__(self, spec: dict):
         from models import load_teacher
 
-        self.teacher = load_teacher(spec["teacher"], getattr(torch, spec["dtype"]), attn_implementation="sdpa")
+        # loaded as the KD rows' modules load their teacher (the attention Hugging Face picks)
+        self.teacher = load_teacher(spec["teacher"], getattr(torch, spec["dtype"]))
         self.teacher.requires_grad_(True)
 
     def train(self):

@@ -56,8 +56,8 @@ class _TeacherProjections(nn.Module):
 class FeatureMaps(nn.Module):
     """The memory branch's learnable feature maps (Hedgehog-style, the paper's Sec. 3.1): per head,
     phi(x) = softmax(W_h x + b_h) over the feature dimension (d -> d), separate maps for the
-    ``num_q`` query heads and the ``num_k`` key heads. Both kinds live in one [num_q + num_k, d, d]
-    weight so that decoding pays one batched product and one softmax per layer and token."""
+    ``num_q`` query heads and the ``num_k`` key heads, both kinds in one [num_q + num_k, d, d]
+    weight (query maps first, as saved students hold them)."""
 
     def __init__(self, num_q: int, num_k: int, dim: int, init_scale: float, device=None, dtype=None):
         super().__init__()
