@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks import StudentExportCallback, TokensPerSecond
+from callbacks.allocator import AllocatorAdvice
 from callbacks.safeguards import AtomicCheckpointIO, OutputCheck, check_checkpoint_file
 from datamodules import TextDataModule
 
@@ -205,6 +206,7 @@ class XDistillCLI(LightningCLI):
         parser.add_lightning_class_args(StudentExportCallback, "student_export")
         parser.add_lightning_class_args(TokensPerSecond, "throughput")
         parser.add_lightning_class_args(OutputCheck, "output_check")
+        parser.add_lightning_class_args(AllocatorAdvice, "allocator_advice")
         parser.add_argument("--checkpoint_manifest", type=bool, default=True,
                             help="write each checkpoint's size and SHA-256 beside it and check them before "
                                  "resuming (about 1 s per GB on one core per save; off: the zip CRCs are still "
