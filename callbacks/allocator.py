@@ -30,17 +30,31 @@ def mapped_libraries() -> str | None:
         return None
 
 
+def allocator_name(mapped: str | None, environ: Mapping[str, str]) -> str | None:
+    """The malloc a process runs under, from its memory map (``mapped_libraries()``) and environment:
+    "jemalloc", "tcmalloc" (with its release rate where the environment sets one, as
+    "tcmalloc (TCMALLOC_RELEASE_RATE=0)") or "glibc"; None where the map is unknown. Benchmarks
+    record it beside their numbers: the same step's peak and speed move with it."""
+    if mapped is None:
+        return None
+    if "libjemalloc" in mapped:
+        return "jemalloc"
+    if "libtcmalloc" in mapped:
+        rate = environ.get("TCMALLOC_RELEASE_RATE")
+        return "tcmalloc" if rate is None else f"tcmalloc (TCMALLOC_RELEASE_RATE={rate.strip()})"
+    return "glibc"
+
+
 def allocator_advice(mapped: str | None, environ: Mapping[str, str]) -> str | None:
     """What a CPU training process should change about its allocator, or None.
 
     ``mapped``: the process's memory map (``mapped_libraries()``; None: unknown, no advice);
     ``environ``: its environment. jemalloc, preloaded, is the user's choice and left alone (it kept
     the peak as low as tcmalloc but ran slower)."""
-    if mapped is None or "libjemalloc" in mapped:
+    name = allocator_name(mapped, environ)
+    if name is None or name == "jemalloc" or name == "tcmalloc (TCMALLOC_RELEASE_RATE=0)":
         return None
-    if "libtcmalloc" in mapped:
-        if environ.get("TCMALLOC_RELEASE_RATE", "").strip() == "0":
-            return None
+    if name.startswith("tcmalloc"):
         return ("tcmalloc is preloaded with its default release rate: it hands the pages a step frees back to the "
                 "system and the next step faults them in again (about 490,000 page faults a lean KD step against "
                 "2,000). Start the run with TCMALLOC_RELEASE_RATE=0 as well; the peak memory does not rise")

@@ -37,11 +37,13 @@ def machine_description(device: torch.device) -> dict:
     """What the numbers were measured on: CPU, threads, GPU, library versions, code version."""
     import transformers
 
+    from callbacks.allocator import allocator_name, mapped_libraries
     from experiments.runner import provenance
 
     info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform(), **provenance()}
+            "platform": platform.platform(), "allocator": allocator_name(mapped_libraries(), os.environ),
+            **provenance()}
     try:
         import triton
 
@@ -56,8 +58,9 @@ def machine_description(device: torch.device) -> dict:
 
 def describe_machine(info: dict) -> str:
     gpu = f", GPU {info['gpu']} ({info['gpu_memory_bytes'] / 2**30:.0f} GiB)" if info.get("gpu") else ""
+    allocator = f"; malloc: {info['allocator']}" if info.get("allocator") else ""
     return (f"{info['cpu']} ({info['logical_cpus']} logical CPUs, torch threads {info['torch_threads']}){gpu}; "
-            f"torch {info['torch']}, transformers {info['transformers']}, triton {info['triton']}")
+            f"torch {info['torch']}, transformers {info['transformers']}, triton {info['triton']}{allocator}")
 
 
 def synchronize(device: torch.device) -> None:

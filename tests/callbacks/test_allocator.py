@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from callbacks.allocator import PRELOAD, allocator_advice, mapped_libraries
+from callbacks.allocator import PRELOAD, allocator_advice, allocator_name, mapped_libraries
 from tests.fixtures import stage_cli_args, write_corpus, write_teacher
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -70,3 +70,24 @@ def test_a_cpu_fit_warns_at_its_start_unless_turned_off(env, tmp_path, monkeypat
     main(stage_cli_args(*env, "align", tmp_path, 1, ["--allocator_advice.enabled", str(enabled).lower()]))
     said = [str(w.message) for w in recwarn if "glibc's malloc" in str(w.message)]
     assert len(said) == (1 if enabled else 0)
+
+
+@pytest.mark.parametrize("mapped,environ,name", [
+    (GLIBC, {}, "glibc"), (TCMALLOC, {}, "tcmalloc"),
+    (TCMALLOC, {"TCMALLOC_RELEASE_RATE": "0"}, "tcmalloc (TCMALLOC_RELEASE_RATE=0)"),
+    (JEMALLOC, {"TCMALLOC_RELEASE_RATE": "0"}, "jemalloc"), (None, {}, None)])
+def test_the_allocator_is_named_from_the_memory_map_and_the_release_rate(mapped, environ, name):
+    assert allocator_name(mapped, environ) == name
+
+
+def test_benchmarks_record_the_malloc_their_numbers_ran_under(monkeypatch):
+    import torch
+
+    import callbacks.allocator as allocator
+    from experiments.measure import describe_machine, machine_description
+
+    monkeypatch.setattr(allocator, "mapped_libraries", lambda: TCMALLOC)
+    monkeypatch.setenv("TCMALLOC_RELEASE_RATE", "0")
+    info = machine_description(torch.device("cpu"))
+    assert info["allocator"] == "tcmalloc (TCMALLOC_RELEASE_RATE=0)"
+    assert describe_machine(info).endswith("; malloc: tcmalloc (TCMALLOC_RELEASE_RATE=0)")
