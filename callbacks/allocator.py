@@ -52,9 +52,11 @@ def allocator_advice(mapped: str | None, environ: Mapping[str, str]) -> str | No
     ``environ``: its environment. jemalloc, preloaded, is the user's choice and left alone (it kept
     the peak as low as tcmalloc but ran slower)."""
     name = allocator_name(mapped, environ)
-    if name is None or name == "jemalloc" or name == "tcmalloc (TCMALLOC_RELEASE_RATE=0)":
+    if name is None or name == "jemalloc":
         return None
     if name.startswith("tcmalloc"):
+        if environ.get("TCMALLOC_RELEASE_RATE", "").strip() == "0":
+            return None
         return ("tcmalloc is preloaded with its default release rate: it hands the pages a step frees back to the "
                 "system and the next step faults them in again (about 490,000 page faults a lean KD step against "
                 "2,000). Start the run with TCMALLOC_RELEASE_RATE=0 as well; the peak memory does not rise")
