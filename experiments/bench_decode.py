@@ -14,7 +14,7 @@ import statistics
 import torch
 
 from experiments.bench_base import BenchBase
-from experiments.bench_report import markdown_table, mib, pair, ratio
+from experiments.bench_report import interval_text, markdown_table, mib, pair, ratio, round_ratio
 from experiments.bench_runners import StudentRunner, projections_only
 from experiments.measure import OUT_OF_MEMORY, MiB, PeakMemory, out_of_memory, timed
 from models import HybridConfig, HybridStudent, convert_to_hybrid
@@ -35,7 +35,8 @@ class DecodeBenchmarks(BenchBase):
         within a run, and taking turns puts the same drift on both. Then each model's peak memory over
         a few steps of its own, the teacher first and its cache freed before the student's, so that
         neither peak holds the other's cache. A model that runs out of memory gets an error and the
-        other goes on alone. Returns a row per model kind."""
+        other goes on alone. Returns a row per model kind, with every timed step (``times_s``, round
+        by round, so that the summary can pair them)."""
         rows = {runner.kind: {} for runner in runners}
         states, tokens, times = {}, {}, {runner.kind: [] for runner in runners}
 
@@ -74,7 +75,7 @@ class DecodeBenchmarks(BenchBase):
             values = times[kind]
             q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
             rows[kind].update(ms_per_step=1e3 * median, ms_p25=1e3 * q1, ms_p75=1e3 * q3, tokens_per_s=batch / median,
-                              state_bytes=runner.state_bytes(states[kind]))
+                              state_bytes=runner.state_bytes(states[kind]), times_s=values)
 
             def peak_steps(runner=runner, kind=kind):
                 with PeakMemory(self.device) as peak:
@@ -193,7 +194,9 @@ class DecodeBenchmarks(BenchBase):
         payload = self._payload("decode", rows, {**extra, "summary": summary})
         columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ms", "teacher ms/step", ".1f"),
                    ("student_ms", "student ms/step", ".1f"), ("floor_ms", "shared floor ms", ".1f"),
-                   ("speedup", "student speed-up", ".2f"), ("student_over_floor_ms", "student − floor ms", ".1f"),
+                   ("speedup", "student speed-up", ".2f"),
+                   ("paired_speedup_text", "speed-up per round: median [interval] coverage", ""),
+                   ("student_over_floor_ms", "student − floor ms", ".1f"),
                    ("teacher_over_floor_ms", "teacher − floor ms", ".1f"),
                    ("teacher_kv_mib", "teacher KV cache MiB", ".1f"), ("student_state_mib", "student state MiB", ".2f"),
                    ("state_ratio", "state / KV", ".3f"), ("teacher_peak_mib", "teacher peak MiB", ".0f"),
@@ -209,15 +212,17 @@ class DecodeBenchmarks(BenchBase):
 
 
 def decode_summary(rows: list[dict], floors: list[dict]) -> list[dict]:
-    """One line per (batch, prompt): both models' step times, the floor, speed-up, state sizes."""
+    """One line per (batch, prompt): both models' step times, the floor, the speed-up (ratio of the
+    medians, and the median of the per-round ratios with its interval: ``paired_ratio``), state sizes."""
     out = []
     for batch, prompt in dict.fromkeys((r["batch"], r["prompt"]) for r in rows):
         teacher, student = pair(rows, batch, prompt)
         floor = next((f["ms_per_step"] for f in floors if f["batch"] == batch), None)
         t_ms, s_ms = teacher.get("ms_per_step"), student.get("ms_per_step")
+        rounds = round_ratio(teacher, student, "times_s")  # teacher / student, step by step
         out.append({
             "batch": batch, "prompt": prompt, "teacher_ms": t_ms, "student_ms": s_ms, "floor_ms": floor,
-            "speedup": ratio(t_ms, s_ms),
+            "speedup": ratio(t_ms, s_ms), "paired_speedup": rounds, "paired_speedup_text": interval_text(rounds),
             "student_over_floor_ms": None if s_ms is None or floor is None else s_ms - floor,
             "teacher_over_floor_ms": None if t_ms is None or floor is None else t_ms - floor,
             "teacher_kv_mib": mib(teacher.get("state_bytes")), "student_state_mib": mib(student.get("state_bytes")),

@@ -14,7 +14,7 @@ import statistics
 import torch
 
 from experiments.bench_base import BenchBase
-from experiments.bench_report import markdown_table, mib, pair, ratio
+from experiments.bench_report import interval_text, markdown_table, mib, pair, ratio, round_ratio
 from experiments.bench_runners import StudentRunner, TeacherRunner
 from experiments.flops import prefill_flops
 from experiments.measure import OUT_OF_MEMORY, MiB, PeakMemory, out_of_memory, timed
@@ -31,7 +31,8 @@ class PrefillBenchmark(BenchBase):
         (at least one round). This machine drifts by 10-30 % within a run; a model's repeats run back
         to back would catch another drift than its rival's (1.03x and 1.44x at 256 tokens in two runs
         of the same commit), taking turns puts the same drift on both. Returns a row per model kind:
-        median TTFT, tokens/s, repeats, the highest peak of its forwards, or the error that stopped it."""
+        median TTFT, tokens/s, repeats, every repeat's time (``times_s``, round by round, so that the
+        summary can pair them), the highest peak of its forwards, or the error that stopped it."""
         cells = {runner.kind: {"times": [], "peak_bytes": 0, "peak_kind": None} for runner in runners}
         for round_ in range(repeats):
             live = [runner for runner in runners if "error" not in cells[runner.kind]]
@@ -53,9 +54,10 @@ class PrefillBenchmark(BenchBase):
         rows = {}
         for kind, cell in cells.items():
             times = cell.pop("times")
-            if times:
+            if times:  # every repeat, in round order: a model that stops drops out of the later rounds only
                 median = statistics.median(times)
-                cell.update(ttft_s=median, prefill_tokens_per_s=ids.numel() / median, repeats=len(times))
+                cell.update(ttft_s=median, prefill_tokens_per_s=ids.numel() / median, repeats=len(times),
+                            times_s=times)
             rows[kind] = cell
         return rows
 
@@ -98,6 +100,7 @@ class PrefillBenchmark(BenchBase):
         payload = self._payload("prefill", rows, {**extra, "summary": summary})
         columns = [("batch", "batch", "d"), ("prompt", "prompt", "d"), ("teacher_ttft_s", "teacher TTFT s", ".2f"),
                    ("student_ttft_s", "student TTFT s", ".2f"), ("ttft_ratio", "student / teacher", ".2f"),
+                   ("paired_ratio_text", "student / teacher per round: median [interval] coverage", ""),
                    ("flops_ratio", "FLOPs student / teacher", ".2f"),
                    ("teacher_attention_share", "teacher attention share of FLOPs", ".2f"),
                    ("teacher_tokens_per_s", "teacher tok/s", ".0f"), ("student_tokens_per_s", "student tok/s", ".0f"),
@@ -110,15 +113,19 @@ class PrefillBenchmark(BenchBase):
 
 
 def prefill_summary(rows: list[dict], config, hybrid: HybridConfig | None) -> list[dict]:
-    """One line per (batch, prompt): both models' TTFT and throughput, and the FLOPs ratio
-    (``hybrid`` None: a student the FLOPs model does not cover)."""
+    """One line per (batch, prompt): both models' TTFT and throughput, the ratio of their medians and
+    the median of their per-round ratios with its interval (``paired_ratio``: the figure a target is
+    read from, since each round's pair shares the machine's drift), and the FLOPs ratio (``hybrid``
+    None: a student the FLOPs model does not cover)."""
     out = []
     for batch, prompt in dict.fromkeys((r["batch"], r["prompt"]) for r in rows):
         teacher, student = pair(rows, batch, prompt)
         flops = prefill_flops(config, hybrid or HybridConfig(), prompt)
+        rounds = round_ratio(student, teacher, "times_s")  # student / teacher, round by round
         out.append({
             "batch": batch, "prompt": prompt, "teacher_ttft_s": teacher.get("ttft_s"),
             "student_ttft_s": student.get("ttft_s"), "ttft_ratio": ratio(student.get("ttft_s"), teacher.get("ttft_s")),
+            "paired_ratio": rounds, "paired_ratio_text": interval_text(rounds),
             "flops_ratio": flops["student_flops"] / flops["teacher_flops"] if hybrid is not None else None,
             "teacher_attention_share": flops["teacher_attention_flops"] / flops["teacher_flops"],
             "teacher_tokens_per_s": teacher.get("prefill_tokens_per_s"),

@@ -8,6 +8,8 @@ here runs a model or reads a clock; it turns rows (dicts) into the ``<what>.md``
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 
 from experiments.measure import MiB
@@ -84,3 +86,51 @@ def ratio(a, b):
 def mib(value):
     """Bytes in MiB; None stays None."""
     return None if value is None else value / MiB
+
+
+def paired_ratio(numerators, denominators, level: float = 0.95) -> dict | None:
+    """The median of per-round ratios ``numerators[i] / denominators[i]`` with a distribution-free
+    interval for that median: {"median", "low", "high", "coverage", "pairs"}; None without a pair.
+
+    Each round of a benchmark times both models back to back, so a round's ratio carries the drift
+    they shared and cancels it; the rounds' ratios are then taken as independent draws. The interval
+    is the pair of order statistics (k-th smallest, k-th largest) for the largest k whose coverage
+    of the median, 1 - 2 P(Binomial(n, 1/2) <= k - 1), is at least ``level`` (Hahn and Meeker,
+    "Statistical Intervals", 5.2): exact for any continuous distribution, and never narrower than
+    the data allow. Below 6 rounds no pair reaches 95 %: the interval is then the whole range, and
+    ``coverage`` says what it actually covers.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level} is invalid; allowed values: 0 < level < 1")
+    if len(numerators) != len(denominators):
+        raise ValueError(f"a paired ratio needs as many numerators as denominators; got {len(numerators)} "
+                         f"and {len(denominators)}")
+    ratios = sorted(a / b for a, b in zip(numerators, denominators))
+    n = len(ratios)
+    if n == 0:
+        return None
+
+    def coverage(k: int) -> float:  # of [ratios[k - 1], ratios[n - k]]
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n
+
+    k = 1
+    while 2 * (k + 1) <= n + 1 and coverage(k + 1) >= level:
+        k += 1
+    return {"median": statistics.median(ratios), "low": ratios[k - 1], "high": ratios[n - k],
+            "coverage": coverage(k), "pairs": n}
+
+
+def round_ratio(numerator_row: dict, denominator_row: dict, key: str) -> dict | None:
+    """``paired_ratio`` of two models' per-round times ``key`` in one cell. Their lists are aligned by
+    round; a model that stopped (out of memory) has fewer, and only the rounds both ran are paired."""
+    numerators, denominators = numerator_row.get(key) or [], denominator_row.get(key) or []
+    n = min(len(numerators), len(denominators))
+    return paired_ratio(numerators[:n], denominators[:n])
+
+
+def interval_text(rounds: dict | None) -> str | None:
+    """``paired_ratio``'s result as "median [low, high] coverage", e.g. "1.03 [0.98, 1.07] 96 %"."""
+    if rounds is None:
+        return None
+    return (f"{rounds['median']:.2f} [{rounds['low']:.2f}, {rounds['high']:.2f}] "
+            f"{100 * rounds['coverage']:.0f} %")

@@ -93,6 +93,11 @@ def test_decode_writes_rows_for_every_cell_with_exact_state_sizes(teacher_dir, t
     cell = summary[(2, 40)]
     assert cell["state_ratio"] == pytest.approx(student_state_bytes(2) / teacher_kv_bytes(2, 43))
     assert cell["speedup"] == pytest.approx(cell["teacher_ms"] / cell["student_ms"])
+    teacher, student = (next(r for r in rows if (r["model"], r["batch"], r["prompt"]) == (m, 2, 40))
+                        for m in ("teacher", "student"))
+    assert len(teacher["times_s"]) == len(student["times_s"]) == 2
+    assert cell["paired_speedup"]["median"] == pytest.approx(
+        sum(t / s for t, s in zip(teacher["times_s"], student["times_s"])) / 2)
     assert cell["student_over_floor_ms"] == pytest.approx(cell["student_ms"] - cell["floor_ms"])
 
 
@@ -139,6 +144,14 @@ def test_prefill_rows_and_flops_from_the_models_own_weights(teacher_dir, tmp_pat
     for r in payload["rows"]:
         assert r["repeats"] == 2 and r["ttft_s"] > 0 and r["peak_bytes"] > 0
         assert r["prefill_tokens_per_s"] == pytest.approx(r["batch"] * r["prompt"] / r["ttft_s"])
+        assert len(r["times_s"]) == 2 and r["ttft_s"] == pytest.approx(sum(r["times_s"]) / 2)
+    for s in payload["summary"]:  # the per-round ratio: each round's student time over that round's teacher time
+        teacher, student = (next(r for r in payload["rows"] if r["model"] == m and (r["batch"], r["prompt"]) ==
+                                 (s["batch"], s["prompt"])) for m in ("teacher", "student"))
+        per_round = sorted(a / b for a, b in zip(student["times_s"], teacher["times_s"]))
+        assert s["paired_ratio"]["median"] == pytest.approx(sum(per_round) / 2)
+        assert (s["paired_ratio"]["low"], s["paired_ratio"]["high"]) == pytest.approx(tuple(per_round))
+        assert s["paired_ratio"]["pairs"] == 2 and s["paired_ratio_text"] in (tmp_path / "prefill.md").read_text()
 
 
 def test_a_compiled_students_prefill_cells_start_with_an_untimed_forward(teacher_dir, tmp_path, monkeypatch):
