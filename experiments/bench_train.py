@@ -16,6 +16,13 @@ library was actually mapped into its process.
 
 ``backends`` runs the rows again with the hybrid op on other backends (``compiled``: the chunkwise
 form through ``torch.compile``, its graphs compiled during the untimed warm-up steps).
+
+``rounds`` runs every row that many times, a stage's rows next to each other and in reverse order
+every other round, and reads each comparison (lean against plain, an allocator or a backend against
+the first, a row against the teacher's own step) round by round: the median of the rounds' ratios
+with a distribution-free interval for it (``experiments.bench_report.paired_ratio``). Rows run in
+processes of their own, one after another, so a comparison from one round carries whatever the
+machine did between them; several rounds say how far that moves it.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import statistics
 import torch
 
 from experiments.bench_base import BenchBase
-from experiments.bench_report import markdown_table
+from experiments.bench_report import interval_text, markdown_table, paired_ratio
 from experiments.flops import training_step_flops
 from experiments.measure import MiB, OUT_OF_MEMORY, PeakMemory, out_of_memory, timed
 from kernels import BACKENDS
@@ -261,8 +268,9 @@ def _train_figure(rows):
     measured = [r for r in rows if "tokens_per_s" in r]
 
     def draw(axes):
+        several = any(r.get("round", 0) for r in measured)  # one bar per row: rounds get their own names
         names = [f"{r['stage']}\n{r['plan']}" + (f"\n{r['backend']}" if r.get("backend", "auto") not in ("auto", None) else "")
-                 for r in measured]
+                 + (f"\nround {r['round']}" if several else "") for r in measured]
         for ax, key, label in zip(axes, ("tokens_per_s", "peak_mib"), ("tokens per second", "peak memory (MiB)")):
             ax.bar(names, [r[key] for r in measured], color=["tab:blue" if r["plan"] == "lean" else "tab:gray"
                                                              for r in measured])
@@ -277,7 +285,7 @@ class TrainBenchmark(BenchBase):
     def train(self, seq_len: int = 256, batch: int = 4, steps: int = 3, warmup: int = 1, top_k: int = 64,
               stages: list[str] = ["align", "kd", "kd_cached", "distil_xlstm_kd", "teacher_lm"],
               plans: list[str] = ["lean", "plain"], allocators: list[str] = ["glibc"],
-              backends: list[str] | None = None) -> dict:
+              backends: list[str] | None = None, rounds: int = 1) -> dict:
         """Tokens per second and peak memory of one optimizer step (forward, backward, AdamW) of each
         stage, under each memory plan, each row in a fresh process; the KD rows beside their FLOP
         floor (the step's FLOPs at this machine's best matrix-product rate, probed between the row's
@@ -305,7 +313,12 @@ class TrainBenchmark(BenchBase):
                 with ``LD_PRELOAD``), compared with the first one side by side.
             backends: the hybrid op's backends each row runs with (``kernels.BACKENDS``; None: the
                 ``hybrid`` setting's own), compared with the first one side by side.
+            rounds: times every row runs (each in a fresh process; a stage's rows in reverse order
+                every other round); with more than one, each comparison is the median of its
+                per-round ratios with an interval.
         """
+        if not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds={rounds} is invalid; allowed values: an integer >= 1")
         unknown = sorted(set(stages) - set(TRAIN_STAGES)) + sorted(set(plans) - set(MEMORY_PLANS))
         if unknown:
             raise ValueError(f"unknown stage(s) or plan(s) {', '.join(unknown)}; allowed values: stages "
@@ -331,14 +344,16 @@ class TrainBenchmark(BenchBase):
         del teacher, student
         gc.collect()
         extra = {"steps": steps, "warmup": warmup, "top_k": top_k, "matmul_gflop_per_s": rate / 1e9}
+        extra["rounds"] = rounds
         rows = []
-        for stage in stages:
+        for round_, stage in itertools.product(range(rounds), stages):
             flops = training_step_flops(config, hybrid, stage, batch, seq_len) if hybrid is not None else None
             # the teacher's own step has neither memory plan nor op: one plain row per allocator
             axes = (["plain"], allocators, backends[:1]) if stage == "teacher_lm" else (plans, allocators, backends)
-            for plan, allocator, backend in itertools.product(*axes):
+            combinations = list(itertools.product(*axes))
+            for plan, allocator, backend in combinations[::-1] if round_ % 2 else combinations:
                 row_spec = {**spec, "hybrid": {**spec["hybrid"], "backend": backend}}
-                row = train_row_in_fresh_process(row_spec, stage, plan, allocator)
+                row = {"round": round_, **train_row_in_fresh_process(row_spec, stage, plan, allocator)}
                 if "peak_bytes" in row:
                     row["peak_mib"] = row["peak_bytes"] / MiB
                 if flops is not None and "ms_per_step" in row:
@@ -361,7 +376,8 @@ class TrainBenchmark(BenchBase):
                                                 "against_teachers_own_step": by_teacher,
                                                 "against_first_allocator": by_allocator,
                                                 "against_first_backend": by_backend})
-        columns = [("stage", "stage", ""), ("plan", "plan", ""), ("allocator", "allocator", ""),
+        columns = [("round", "round", "d")] if rounds > 1 else []
+        columns += [("stage", "stage", ""), ("plan", "plan", ""), ("allocator", "allocator", ""),
                    ("backend", "op backend", ""),
                    ("trainable_parameters", "trainable parameters", ",d"),
                    ("tokens_per_s", "tokens/s", ".0f"), ("ms_per_step", "ms/step", ".0f"),
@@ -371,6 +387,8 @@ class TrainBenchmark(BenchBase):
         side_columns = [("stage", "stage", ""), ("allocator", "allocator", ""), ("backend", "op backend", ""),
                         ("tokens_per_s_ratio", "lean / plain tokens/s", ".3f"),
                         ("peak_ratio", "lean / plain peak memory", ".3f")]
+        if rounds > 1:
+            side_columns.append(("tokens_per_s_ratio_text", "tokens/s per round: median [interval] coverage", ""))
         table = (markdown_table(rows, columns)
                  + "\n\nFLOP floor: the step's FLOPs at the rate this machine reaches on the step's matrix products "
                  "(the best of 3 tries of each shape), probed in the row's own process before the first timed step and "
@@ -385,14 +403,18 @@ class TrainBenchmark(BenchBase):
                       + markdown_table(by_allocator, [("stage", "stage", ""), ("plan", "plan", ""),
                                                       ("allocator", "allocator", ""), ("backend", "op backend", ""),
                                                       ("tokens_per_s_ratio", f"tokens/s / {allocators[0]}", ".3f"),
-                                                      ("peak_ratio", f"peak memory / {allocators[0]}", ".3f")]))
+                                                      ("peak_ratio", f"peak memory / {allocators[0]}", ".3f"),
+                                                      *([("tokens_per_s_ratio_text", "per round", "")]
+                                                        if rounds > 1 else [])]))
         if by_backend:
             table += (f"\n\nEach op backend against {backends[0]} (same run, same stage, plan and allocator):\n\n"
                       + markdown_table(by_backend, [("stage", "stage", ""), ("plan", "plan", ""),
                                                     ("allocator", "allocator", ""), ("backend", "op backend", ""),
                                                     ("tokens_per_s_ratio", f"tokens/s / {backends[0]}", ".3f"),
                                                     ("peak_ratio", f"peak memory / {backends[0]}", ".3f"),
-                                                    ("over_floor_ratio", f"ms / floor / {backends[0]}'s", ".3f")]))
+                                                    ("over_floor_ratio", f"ms / floor / {backends[0]}'s", ".3f"),
+                                                    *([("tokens_per_s_ratio_text", "tokens/s per round", "")]
+                                                      if rounds > 1 else [])]))
         if by_teacher:
             table += ("\n\nEach row's `ms / floor` against the teacher's own training step's (same run, same allocator; "
                       "1.00: as close to its floor as the Hugging Face transformer it was converted from):\n\n"
@@ -400,56 +422,83 @@ class TrainBenchmark(BenchBase):
                                                     ("allocator", "allocator", ""), ("backend", "op backend", ""),
                                                     ("over_floor", "ms / floor", ".2f"),
                                                     ("teacher_over_floor", "teacher's own ms / floor", ".2f"),
-                                                    ("over_teacher_floor_ratio", "ratio", ".3f")]))
+                                                    ("over_teacher_floor_ratio", "ratio", ".3f"),
+                                                    *([("over_teacher_floor_ratio_text", "ratio per round", "")]
+                                                      if rounds > 1 else [])]))
         title = (f"Training step per stage and memory plan: batch {batch} x {seq_len} tokens, {self.settings['dtype']}, "
                  f"top-{top_k}")
         return self._finish("train", payload, table, title, _train_figure(rows))
 
     @staticmethod
     def _key(row, *names) -> tuple:
-        defaults = {"allocator": "glibc", "backend": "auto"}
+        defaults = {"allocator": "glibc", "backend": "auto", "round": 0}
         return tuple(row.get(name, defaults.get(name)) for name in names)
+
+    @staticmethod
+    def _round_ratios(pairs: list[tuple[dict, dict]], ratios: dict) -> dict:
+        """``ratios`` ({name: (key of a row, key of its reference)}) over the (row, reference) pairs
+        of each round: the median of the rounds' ratios as ``name``, and with more than one round
+        ``name_rounds`` (``paired_ratio``) and ``name_text``. One round: the plain ratio."""
+        out = {}
+        for name, (key, reference_key) in ratios.items():
+            usable = [(row[key], reference[reference_key]) for row, reference in pairs
+                      if row.get(key) is not None and reference.get(reference_key)]
+            if not usable:
+                continue
+            rounds = paired_ratio([a for a, _ in usable], [b for _, b in usable])
+            out[name] = rounds["median"]
+            if len(usable) > 1:
+                out[f"{name}_rounds"], out[f"{name}_text"] = rounds, interval_text(rounds)
+        return out
 
     @classmethod
     def _lean_against_plain(cls, rows) -> list[dict]:
-        by = {cls._key(r, "stage", "plan", "allocator", "backend"): r for r in rows if "tokens_per_s" in r}
+        by = {cls._key(r, "stage", "plan", "allocator", "backend", "round"): r for r in rows if "tokens_per_s" in r}
         side = []
-        for stage, allocator, backend in dict.fromkeys((s, a, b) for s, _, a, b in by):
-            lean, plain = by.get((stage, "lean", allocator, backend)), by.get((stage, "plain", allocator, backend))
-            if lean and plain:
-                side.append({"stage": stage, "allocator": allocator, "backend": backend,
-                             "tokens_per_s_ratio": lean["tokens_per_s"] / plain["tokens_per_s"],
-                             "peak_ratio": lean["peak_bytes"] / plain["peak_bytes"]})
+        for stage, allocator, backend in dict.fromkeys((s, a, b) for s, _, a, b, _ in by):
+            pairs = [(lean, plain) for n in sorted({key[-1] for key in by})
+                     if (lean := by.get((stage, "lean", allocator, backend, n)))
+                     and (plain := by.get((stage, "plain", allocator, backend, n)))]
+            if pairs:
+                side.append({"stage": stage, "allocator": allocator, "backend": backend, "rounds": len(pairs),
+                             **cls._round_ratios(pairs, {"tokens_per_s_ratio": ("tokens_per_s", "tokens_per_s"),
+                                                         "peak_ratio": ("peak_bytes", "peak_bytes")})})
         return side
 
     @classmethod
     def _against_teachers_own_step(cls, rows) -> list[dict]:
-        """Each row with a floor against the ``teacher_lm`` row of its allocator: both ``ms / floor``
-        and their ratio."""
-        teacher = {cls._key(r, "allocator"): r for r in rows if r["stage"] == "teacher_lm" and "over_floor" in r}
-        out = []
+        """Each row with a floor against the ``teacher_lm`` row of its allocator (and round): both
+        ``ms / floor`` and their ratio."""
+        names = ("stage", "plan", "allocator", "backend")
+        teacher = {cls._key(r, "allocator", "round"): r for r in rows
+                   if r["stage"] == "teacher_lm" and "over_floor" in r}
+        pairs: dict[tuple, list] = {}
         for row in rows:
-            reference = teacher.get(cls._key(row, "allocator"))
+            reference = teacher.get(cls._key(row, "allocator", "round"))
             if row["stage"] != "teacher_lm" and "over_floor" in row and reference is not None:
-                out.append({**{name: row.get(name) for name in ("stage", "plan", "allocator", "backend")},
-                            "over_floor": row["over_floor"], "teacher_over_floor": reference["over_floor"],
-                            "over_teacher_floor_ratio": row["over_floor"] / reference["over_floor"]})
+                pairs.setdefault(cls._key(row, *names), []).append((row, reference))
+        out = []
+        for key, matched in pairs.items():
+            out.append({**dict(zip(names, key)), "rounds": len(matched),
+                        "over_floor": statistics.median(row["over_floor"] for row, _ in matched),
+                        "teacher_over_floor": statistics.median(ref["over_floor"] for _, ref in matched),
+                        **cls._round_ratios(matched, {"over_teacher_floor_ratio": ("over_floor", "over_floor")})})
         return out
 
     @classmethod
     def _against_first(cls, rows, axis: str, values: list[str]) -> list[dict]:
         """Each row against the row of ``values[0]`` on ``axis`` (allocator or backend) with the same
-        stage, plan and other axis: tokens/s, peak memory and, where both have it, ms / floor."""
+        stage, plan, other axis and round: tokens/s, peak memory and, where both have it, ms / floor."""
         names = ("stage", "plan", "allocator", "backend")
-        by = {cls._key(r, *names): r for r in rows if "tokens_per_s" in r}
+        by = {cls._key(r, *names, "round"): r for r in rows if "tokens_per_s" in r}
         at = names.index(axis)
-        out = []
+        pairs: dict[tuple, list] = {}
         for key, row in by.items():
             first = by.get(key[:at] + (values[0],) + key[at + 1:])
             if key[at] != values[0] and first is not None:
-                ratios = {"tokens_per_s_ratio": row["tokens_per_s"] / first["tokens_per_s"],
-                          "peak_ratio": row["peak_bytes"] / first["peak_bytes"]}
-                if "over_floor" in row and "over_floor" in first:
-                    ratios["over_floor_ratio"] = row["over_floor"] / first["over_floor"]
-                out.append({**dict(zip(names, key)), **ratios})
-        return out
+                pairs.setdefault(key[:-1], []).append((row, first))
+        return [{**dict(zip(names, key)), "rounds": len(matched),
+                 **cls._round_ratios(matched, {"tokens_per_s_ratio": ("tokens_per_s", "tokens_per_s"),
+                                               "peak_ratio": ("peak_bytes", "peak_bytes"),
+                                               "over_floor_ratio": ("over_floor", "over_floor")})}
+                for key, matched in pairs.items()]

@@ -220,6 +220,51 @@ def test_train_reads_each_kd_rows_floor_ratio_against_the_teachers_own_step(teac
     assert "teacher's own ms / floor" in (tmp_path / "train.md").read_text()
 
 
+def test_train_rounds_alternate_the_rows_order_and_read_lean_against_plain_round_by_round(teacher_dir, tmp_path):
+    payload = bench(teacher_dir, tmp_path).train(seq_len=16, batch=2, steps=1, warmup=0, top_k=4, stages=["align"],
+                                                 plans=["lean", "plain"], rounds=2)
+    rows = payload["rows"]
+    # a stage's rows next to each other, in reverse order every other round
+    assert [(r["round"], r["plan"]) for r in rows] == [(0, "lean"), (0, "plain"), (1, "plain"), (1, "lean")]
+    [side] = payload["lean_against_plain"]
+    by = {(r["round"], r["plan"]): r for r in rows}
+    per_round = sorted(by[n, "lean"]["tokens_per_s"] / by[n, "plain"]["tokens_per_s"] for n in (0, 1))
+    assert side["rounds"] == 2 and side["tokens_per_s_ratio"] == pytest.approx(sum(per_round) / 2)
+    assert (side["tokens_per_s_ratio_rounds"]["low"], side["tokens_per_s_ratio_rounds"]["high"]) == pytest.approx(
+        tuple(per_round))
+    table = (tmp_path / "train.md").read_text()
+    assert side["tokens_per_s_ratio_text"] in table and "| round |" in table
+
+
+def test_train_comparisons_pair_rows_of_the_same_round():
+    """Hand-made rows of two rounds: each comparison divides a row by its reference of the same round
+    (allocator against the first, a KD row against the teacher's own step) and takes the median."""
+    from experiments.bench import Bench
+
+    def row(round_, stage, allocator, tokens_per_s, over_floor, plan="lean"):
+        return {"round": round_, "stage": stage, "plan": plan, "allocator": allocator, "backend": "auto",
+                "tokens_per_s": tokens_per_s, "peak_bytes": 100.0 * tokens_per_s, "over_floor": over_floor}
+
+    rows = [row(0, "kd", "glibc", 10.0, 2.0), row(0, "kd", "tcmalloc", 15.0, 1.6),
+            row(0, "teacher_lm", "glibc", 20.0, 1.25, "plain"), row(0, "teacher_lm", "tcmalloc", 22.0, 1.2, "plain"),
+            row(1, "kd", "tcmalloc", 12.0, 1.8), row(1, "kd", "glibc", 6.0, 3.0),
+            row(1, "teacher_lm", "tcmalloc", 21.0, 1.5, "plain"), row(1, "teacher_lm", "glibc", 20.0, 1.5, "plain")]
+    against = {(a["stage"], a["allocator"]): a for a in Bench._against_first(rows, "allocator", ["glibc", "tcmalloc"])}
+    kd = against["kd", "tcmalloc"]
+    assert kd["rounds"] == 2 and kd["tokens_per_s_ratio"] == pytest.approx((15 / 10 + 12 / 6) / 2)
+    assert kd["over_floor_ratio"] == pytest.approx((1.6 / 2.0 + 1.8 / 3.0) / 2)
+    assert kd["tokens_per_s_ratio_text"] == "1.75 [1.50, 2.00] 50 %"  # two rounds: the range, covering 1/2
+    teacher = {(a["stage"], a["allocator"]): a for a in Bench._against_teachers_own_step(rows)}
+    assert set(teacher) == {("kd", "glibc"), ("kd", "tcmalloc")}
+    assert teacher["kd", "glibc"]["over_teacher_floor_ratio"] == pytest.approx((2.0 / 1.25 + 3.0 / 1.5) / 2)
+    assert teacher["kd", "tcmalloc"]["over_floor"] == pytest.approx((1.6 + 1.8) / 2)
+
+
+def test_train_refuses_rounds_below_one(teacher_dir, tmp_path):
+    with pytest.raises(ValueError, match="rounds=0 is invalid"):
+        bench(teacher_dir, tmp_path).train(rounds=0)
+
+
 def test_the_teachers_own_step_trains_on_hugging_faces_loss(teacher_dir):
     from experiments.bench_train import stage_module
 
