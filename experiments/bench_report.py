@@ -95,10 +95,10 @@ def paired_ratio(numerators, denominators, level: float = 0.95) -> dict | None:
     Each round of a benchmark times both models back to back, so a round's ratio carries the drift
     they shared and cancels it; the rounds' ratios are then taken as independent draws. The interval
     is the pair of order statistics (k-th smallest, k-th largest) for the largest k whose coverage
-    of the median, 1 - 2 P(Binomial(n, 1/2) <= k - 1), is at least ``level`` (Hahn and Meeker,
-    "Statistical Intervals", 5.2): exact for any continuous distribution, and never narrower than
-    the data allow. Below 6 rounds no pair reaches 95 %: the interval is then the whole range, and
-    ``coverage`` says what it actually covers.
+    of the median, 1 - 2 P(Binomial(n, 1/2) <= k - 1), is at least ``level`` (the textbook
+    distribution-free interval for a median): exact for any continuous distribution of the ratios.
+    Below 6 rounds no pair reaches 95 %: the interval is then the whole range, and ``coverage``
+    says what it actually covers.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level={level} is invalid; allowed values: 0 < level < 1")
