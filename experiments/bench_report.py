@@ -3,7 +3,8 @@ of their summaries (a teacher/student pair of rows, ratios, MiB).
 
 Separate from the measuring (``experiments.measure``) and from the benchmarks themselves: nothing
 here runs a model or reads a clock; it turns rows (dicts) into the ``<what>.md`` table and the
-``<what>.png`` figure that every benchmark writes next to its JSON.
+``<what>.png`` figure that every benchmark writes next to its JSON, and rows into comparisons: the
+per-round ratio with its interval (``paired_ratio``) and the train benchmark's side-by-side tables.
 """
 
 from __future__ import annotations
@@ -134,3 +135,83 @@ def interval_text(rounds: dict | None) -> str | None:
         return None
     return (f"{rounds['median']:.2f} [{rounds['low']:.2f}, {rounds['high']:.2f}] "
             f"{100 * rounds['coverage']:.0f} %")
+
+
+# -- the train benchmark's comparisons, round by round (experiments.bench_train) -------------------
+
+
+def train_row_key(row, *names) -> tuple:
+    """A train row's values of ``names``, with the defaults of rows written before a setting existed."""
+    defaults = {"allocator": "glibc", "backend": "auto", "round": 0}
+    return tuple(row.get(name, defaults.get(name)) for name in names)
+
+
+def round_ratios(pairs: list[tuple[dict, dict]], ratios: dict) -> dict:
+    """``ratios`` ({name: (key of a row, key of its reference)}) over the (row, reference) pairs
+    of each round: the median of the rounds' ratios as ``name``, and with more than one round
+    ``name_rounds`` (``paired_ratio``) and ``name_text``. One round: the plain ratio."""
+    out = {}
+    for name, (key, reference_key) in ratios.items():
+        usable = [(row[key], reference[reference_key]) for row, reference in pairs
+                  if row.get(key) is not None and reference.get(reference_key)]
+        if not usable:
+            continue
+        rounds = paired_ratio([a for a, _ in usable], [b for _, b in usable])
+        out[name] = rounds["median"]
+        if len(usable) > 1:
+            out[f"{name}_rounds"], out[f"{name}_text"] = rounds, interval_text(rounds)
+    return out
+
+
+def lean_against_plain(rows) -> list[dict]:
+    """Each stage's lean rows against its plain rows of the same allocator, backend and round:
+    tokens/s and peak memory."""
+    by = {train_row_key(r, "stage", "plan", "allocator", "backend", "round"): r for r in rows if "tokens_per_s" in r}
+    side = []
+    for stage, allocator, backend in dict.fromkeys((s, a, b) for s, _, a, b, _ in by):
+        pairs = [(lean, plain) for n in sorted({key[-1] for key in by})
+                 if (lean := by.get((stage, "lean", allocator, backend, n)))
+                 and (plain := by.get((stage, "plain", allocator, backend, n)))]
+        if pairs:
+            side.append({"stage": stage, "allocator": allocator, "backend": backend, "rounds": len(pairs),
+                         **round_ratios(pairs, {"tokens_per_s_ratio": ("tokens_per_s", "tokens_per_s"),
+                                                "peak_ratio": ("peak_bytes", "peak_bytes")})})
+    return side
+
+
+def against_teachers_own_step(rows) -> list[dict]:
+    """Each row with a floor against the ``teacher_lm`` row of its allocator (and round): both
+    ``ms / floor`` and their ratio."""
+    names = ("stage", "plan", "allocator", "backend")
+    teacher = {train_row_key(r, "allocator", "round"): r for r in rows
+               if r["stage"] == "teacher_lm" and "over_floor" in r}
+    pairs: dict[tuple, list] = {}
+    for row in rows:
+        reference = teacher.get(train_row_key(row, "allocator", "round"))
+        if row["stage"] != "teacher_lm" and "over_floor" in row and reference is not None:
+            pairs.setdefault(train_row_key(row, *names), []).append((row, reference))
+    out = []
+    for key, matched in pairs.items():
+        out.append({**dict(zip(names, key)), "rounds": len(matched),
+                    "over_floor": statistics.median(row["over_floor"] for row, _ in matched),
+                    "teacher_over_floor": statistics.median(ref["over_floor"] for _, ref in matched),
+                    **round_ratios(matched, {"over_teacher_floor_ratio": ("over_floor", "over_floor")})})
+    return out
+
+
+def against_first(rows, axis: str, values: list[str]) -> list[dict]:
+    """Each row against the row of ``values[0]`` on ``axis`` (allocator or backend) with the same
+    stage, plan, other axis and round: tokens/s, peak memory and, where both have it, ms / floor."""
+    names = ("stage", "plan", "allocator", "backend")
+    by = {train_row_key(r, *names, "round"): r for r in rows if "tokens_per_s" in r}
+    at = names.index(axis)
+    pairs: dict[tuple, list] = {}
+    for key, row in by.items():
+        first = by.get(key[:at] + (values[0],) + key[at + 1:])
+        if key[at] != values[0] and first is not None:
+            pairs.setdefault(key[:-1], []).append((row, first))
+    return [{**dict(zip(names, key)), "rounds": len(matched),
+             **round_ratios(matched, {"tokens_per_s_ratio": ("tokens_per_s", "tokens_per_s"),
+                                      "peak_ratio": ("peak_bytes", "peak_bytes"),
+                                      "over_floor_ratio": ("over_floor", "over_floor")})}
+            for key, matched in pairs.items()]

@@ -35,7 +35,7 @@ import statistics
 import torch
 
 from experiments.bench_base import BenchBase
-from experiments.bench_report import interval_text, markdown_table, paired_ratio
+from experiments.bench_report import against_first, against_teachers_own_step, lean_against_plain, markdown_table
 from experiments.flops import training_step_flops
 from experiments.measure import MiB, OUT_OF_MEMORY, PeakMemory, out_of_memory, timed
 from kernels import BACKENDS
@@ -368,10 +368,10 @@ class TrainBenchmark(BenchBase):
                         row["over_floor"] = statistics.median(row["step_floor_ratios"])
                 rows.append(row)
                 write_json(self.out_dir / "train.json", self._payload("train", rows, extra))
-        side = self._lean_against_plain(rows)
-        by_allocator = self._against_first(rows, "allocator", allocators)
-        by_backend = self._against_first(rows, "backend", backends)
-        by_teacher = self._against_teachers_own_step(rows)
+        side = lean_against_plain(rows)
+        by_allocator = against_first(rows, "allocator", allocators)
+        by_backend = against_first(rows, "backend", backends)
+        by_teacher = against_teachers_own_step(rows)
         payload = self._payload("train", rows, {**extra, "lean_against_plain": side,
                                                 "against_teachers_own_step": by_teacher,
                                                 "against_first_allocator": by_allocator,
@@ -428,77 +428,3 @@ class TrainBenchmark(BenchBase):
         title = (f"Training step per stage and memory plan: batch {batch} x {seq_len} tokens, {self.settings['dtype']}, "
                  f"top-{top_k}")
         return self._finish("train", payload, table, title, _train_figure(rows))
-
-    @staticmethod
-    def _key(row, *names) -> tuple:
-        defaults = {"allocator": "glibc", "backend": "auto", "round": 0}
-        return tuple(row.get(name, defaults.get(name)) for name in names)
-
-    @staticmethod
-    def _round_ratios(pairs: list[tuple[dict, dict]], ratios: dict) -> dict:
-        """``ratios`` ({name: (key of a row, key of its reference)}) over the (row, reference) pairs
-        of each round: the median of the rounds' ratios as ``name``, and with more than one round
-        ``name_rounds`` (``paired_ratio``) and ``name_text``. One round: the plain ratio."""
-        out = {}
-        for name, (key, reference_key) in ratios.items():
-            usable = [(row[key], reference[reference_key]) for row, reference in pairs
-                      if row.get(key) is not None and reference.get(reference_key)]
-            if not usable:
-                continue
-            rounds = paired_ratio([a for a, _ in usable], [b for _, b in usable])
-            out[name] = rounds["median"]
-            if len(usable) > 1:
-                out[f"{name}_rounds"], out[f"{name}_text"] = rounds, interval_text(rounds)
-        return out
-
-    @classmethod
-    def _lean_against_plain(cls, rows) -> list[dict]:
-        by = {cls._key(r, "stage", "plan", "allocator", "backend", "round"): r for r in rows if "tokens_per_s" in r}
-        side = []
-        for stage, allocator, backend in dict.fromkeys((s, a, b) for s, _, a, b, _ in by):
-            pairs = [(lean, plain) for n in sorted({key[-1] for key in by})
-                     if (lean := by.get((stage, "lean", allocator, backend, n)))
-                     and (plain := by.get((stage, "plain", allocator, backend, n)))]
-            if pairs:
-                side.append({"stage": stage, "allocator": allocator, "backend": backend, "rounds": len(pairs),
-                             **cls._round_ratios(pairs, {"tokens_per_s_ratio": ("tokens_per_s", "tokens_per_s"),
-                                                         "peak_ratio": ("peak_bytes", "peak_bytes")})})
-        return side
-
-    @classmethod
-    def _against_teachers_own_step(cls, rows) -> list[dict]:
-        """Each row with a floor against the ``teacher_lm`` row of its allocator (and round): both
-        ``ms / floor`` and their ratio."""
-        names = ("stage", "plan", "allocator", "backend")
-        teacher = {cls._key(r, "allocator", "round"): r for r in rows
-                   if r["stage"] == "teacher_lm" and "over_floor" in r}
-        pairs: dict[tuple, list] = {}
-        for row in rows:
-            reference = teacher.get(cls._key(row, "allocator", "round"))
-            if row["stage"] != "teacher_lm" and "over_floor" in row and reference is not None:
-                pairs.setdefault(cls._key(row, *names), []).append((row, reference))
-        out = []
-        for key, matched in pairs.items():
-            out.append({**dict(zip(names, key)), "rounds": len(matched),
-                        "over_floor": statistics.median(row["over_floor"] for row, _ in matched),
-                        "teacher_over_floor": statistics.median(ref["over_floor"] for _, ref in matched),
-                        **cls._round_ratios(matched, {"over_teacher_floor_ratio": ("over_floor", "over_floor")})})
-        return out
-
-    @classmethod
-    def _against_first(cls, rows, axis: str, values: list[str]) -> list[dict]:
-        """Each row against the row of ``values[0]`` on ``axis`` (allocator or backend) with the same
-        stage, plan, other axis and round: tokens/s, peak memory and, where both have it, ms / floor."""
-        names = ("stage", "plan", "allocator", "backend")
-        by = {cls._key(r, *names, "round"): r for r in rows if "tokens_per_s" in r}
-        at = names.index(axis)
-        pairs: dict[tuple, list] = {}
-        for key, row in by.items():
-            first = by.get(key[:at] + (values[0],) + key[at + 1:])
-            if key[at] != values[0] and first is not None:
-                pairs.setdefault(key[:-1], []).append((row, first))
-        return [{**dict(zip(names, key)), "rounds": len(matched),
-                 **cls._round_ratios(matched, {"tokens_per_s_ratio": ("tokens_per_s", "tokens_per_s"),
-                                               "peak_ratio": ("peak_bytes", "peak_bytes"),
-                                               "over_floor_ratio": ("over_floor", "over_floor")})}
-                for key, matched in pairs.items()]

@@ -239,7 +239,7 @@ def test_train_rounds_alternate_the_rows_order_and_read_lean_against_plain_round
 def test_train_comparisons_pair_rows_of_the_same_round():
     """Hand-made rows of two rounds: each comparison divides a row by its reference of the same round
     (allocator against the first, a KD row against the teacher's own step) and takes the median."""
-    from experiments.bench import Bench
+    from experiments.bench_report import against_first, against_teachers_own_step
 
     def row(round_, stage, allocator, tokens_per_s, over_floor, plan="lean"):
         return {"round": round_, "stage": stage, "plan": plan, "allocator": allocator, "backend": "auto",
@@ -249,12 +249,12 @@ def test_train_comparisons_pair_rows_of_the_same_round():
             row(0, "teacher_lm", "glibc", 20.0, 1.25, "plain"), row(0, "teacher_lm", "tcmalloc", 22.0, 1.2, "plain"),
             row(1, "kd", "tcmalloc", 12.0, 1.8), row(1, "kd", "glibc", 6.0, 3.0),
             row(1, "teacher_lm", "tcmalloc", 21.0, 1.5, "plain"), row(1, "teacher_lm", "glibc", 20.0, 1.5, "plain")]
-    against = {(a["stage"], a["allocator"]): a for a in Bench._against_first(rows, "allocator", ["glibc", "tcmalloc"])}
+    against = {(a["stage"], a["allocator"]): a for a in against_first(rows, "allocator", ["glibc", "tcmalloc"])}
     kd = against["kd", "tcmalloc"]
     assert kd["rounds"] == 2 and kd["tokens_per_s_ratio"] == pytest.approx((15 / 10 + 12 / 6) / 2)
     assert kd["over_floor_ratio"] == pytest.approx((1.6 / 2.0 + 1.8 / 3.0) / 2)
     assert kd["tokens_per_s_ratio_text"] == "1.75 [1.50, 2.00] 50 %"  # two rounds: the range, covering 1/2
-    teacher = {(a["stage"], a["allocator"]): a for a in Bench._against_teachers_own_step(rows)}
+    teacher = {(a["stage"], a["allocator"]): a for a in against_teachers_own_step(rows)}
     assert set(teacher) == {("kd", "glibc"), ("kd", "tcmalloc")}
     assert teacher["kd", "glibc"]["over_teacher_floor_ratio"] == pytest.approx((2.0 / 1.25 + 3.0 / 1.5) / 2)
     assert teacher["kd", "tcmalloc"]["over_floor"] == pytest.approx((1.6 + 1.8) / 2)
