@@ -14,7 +14,7 @@ import statistics
 import torch
 
 from experiments.bench_base import BenchBase
-from experiments.bench_report import interval_text, markdown_table, mib, pair, ratio, round_ratio
+from experiments.bench_report import interval_series, interval_text, markdown_table, mib, pair, ratio, round_ratio
 from experiments.bench_runners import StudentRunner, projections_only
 from experiments.measure import OUT_OF_MEMORY, MiB, PeakMemory, out_of_memory, timed
 from models import HybridConfig, HybridStudent, convert_to_hybrid
@@ -207,6 +207,8 @@ class DecodeBenchmarks(BenchBase):
         memory_series = self._model_series(rows, "state_bytes", 1 / MiB,
                                            {"teacher": "teacher KV cache", "student": "student state"})
         panels = [("ms per decoding step (median)", time_series, True),
+                  ("student speed-up per round (median, interval)", interval_series(summary, "paired_speedup"),
+                   False, 1.0),
                   ("decode state (MiB)", memory_series, True)]
         return self._finish("decode", payload, markdown_table(summary, columns), self._title("Decode"), panels)
 

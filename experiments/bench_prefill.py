@@ -14,7 +14,7 @@ import statistics
 import torch
 
 from experiments.bench_base import BenchBase
-from experiments.bench_report import interval_text, markdown_table, mib, pair, ratio, round_ratio
+from experiments.bench_report import interval_series, interval_text, markdown_table, mib, pair, ratio, round_ratio
 from experiments.bench_runners import StudentRunner, TeacherRunner
 from experiments.flops import prefill_flops
 from experiments.measure import OUT_OF_MEMORY, MiB, PeakMemory, out_of_memory, timed
@@ -106,6 +106,8 @@ class PrefillBenchmark(BenchBase):
                    ("teacher_tokens_per_s", "teacher tok/s", ".0f"), ("student_tokens_per_s", "student tok/s", ".0f"),
                    ("teacher_peak_mib", "teacher peak MiB", ".0f"), ("student_peak_mib", "student peak MiB", ".0f")]
         panels = [("time to first token (s, median)", self._model_series(rows, "ttft_s"), True),
+                  ("student / teacher time per round (median, interval)", interval_series(summary, "paired_ratio"),
+                   False, 1.0),
                   ("peak process memory during prefill (MiB)",
                    self._model_series(rows, "peak_bytes", 1 / MiB,
                                       {"teacher": "teacher peak", "student": "student peak"}), True)]

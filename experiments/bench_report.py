@@ -36,7 +36,9 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
 
 def figure(path: Path, title: str, panels):
     """panels: [(y label, [(label, xs, ys, style)], log-y)] against context length (log2 x), or a
-    callable that draws two axes itself."""
+    callable that draws two axes itself. A series may carry a fifth element, (lows, highs): drawn as
+    error bars around ys (an interval, not a spread). A panel may carry a fourth element, a y value
+    drawn as a dotted reference line (1.0 for a ratio)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,11 +51,21 @@ def figure(path: Path, title: str, panels):
     else:
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2))
         axes = [axes] if len(panels) == 1 else list(axes)
-    for ax, (ylabel, series, log_y) in zip(axes, panels):
-        for label, xs, ys, style in series:
-            points = [(x, y) for x, y in zip(xs, ys) if y is not None]
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, markersize=4)
+    for ax, (ylabel, series, log_y, *reference) in zip(axes, panels):
+        for label, xs, ys, style, *interval in series:
+            bounds = interval[0] if interval else ([None] * len(xs), [None] * len(xs))
+            points = [(x, y, lo, hi) for x, y, lo, hi in zip(xs, ys, *bounds) if y is not None]
+            if not points:
+                continue
+            px, py = [p[0] for p in points], [p[1] for p in points]
+            if interval:
+                below = [y - (y if lo is None else lo) for _, y, lo, _ in points]
+                above = [(y if hi is None else hi) - y for _, y, _, hi in points]
+                ax.errorbar(px, py, yerr=[below, above], fmt=style, label=label, markersize=4, capsize=3)
+            else:
+                ax.plot(px, py, style, label=label, markersize=4)
+        if reference:
+            ax.axhline(reference[0], color="black", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
         if log_y:
             ax.set_yscale("log")
@@ -65,6 +77,18 @@ def figure(path: Path, title: str, panels):
     fig.tight_layout()
     atomic_file_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
+
+
+def interval_series(summary: list[dict], key: str) -> list:
+    """``figure`` series of a per-round ratio (``summary[i][key]``: ``paired_ratio``'s result or None),
+    one per batch size: the median against the prompt length, its interval as error bars."""
+    out = []
+    for batch in dict.fromkeys(s["batch"] for s in summary):
+        cells = sorted((s for s in summary if s["batch"] == batch and s.get(key)), key=lambda s: s["prompt"])
+        if cells:
+            out.append((f"batch {batch}", [s["prompt"] for s in cells], [s[key]["median"] for s in cells], "s-",
+                        ([s[key]["low"] for s in cells], [s[key]["high"] for s in cells])))
+    return out
 
 
 def series_of(rows, model, batch, key, scale=1.0):

@@ -63,3 +63,27 @@ def test_bad_input_is_refused():
         paired_ratio([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="level"):
         paired_ratio([1.0], [1.0], level=1.0)
+
+
+def test_the_figure_draws_each_cells_interval_as_error_bars_around_its_median(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from experiments.bench_report import figure, interval_series
+
+    summary = [{"batch": 1, "prompt": 1024, "paired_ratio": {"median": 0.95, "low": 0.9, "high": 1.0}},
+               {"batch": 1, "prompt": 256, "paired_ratio": {"median": 1.2, "low": 1.1, "high": 1.4}},
+               {"batch": 8, "prompt": 256, "paired_ratio": None}]  # a cell without a pair: no point
+    series = interval_series(summary, "paired_ratio")
+    assert series == [("batch 1", [256, 1024], [1.2, 0.95], "s-", ([1.1, 0.9], [1.4, 1.0]))]
+    drawn, original = [], matplotlib.axes.Axes.errorbar
+
+    def recording(self, x, y, yerr=None, **kwargs):
+        drawn.append((list(x), list(y), [list(side) for side in yerr]))
+        return original(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", recording)
+    figure(tmp_path / "f.png", "title", [("ratio", series, False, 1.0)])
+    [(x, y, (below, above))] = drawn
+    assert x == [256, 1024] and y == [1.2, 0.95]
+    assert below == pytest.approx([0.1, 0.05]) and above == pytest.approx([0.2, 0.05])
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
