@@ -5,6 +5,7 @@
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml train     # tokens/s, peak memory per stage
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml kernels   # the hybrid op's forms
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml kd_memory # top-k vs dense KD loss
+    python -m experiments.bench --config configs/bench/smollm2-cpu.yaml head_loss # its gradient: closed form vs autograd
     python -m experiments.bench --config configs/bench/smollm2-cpu.yaml integrity # what manifests cost
     python -m experiments.bench --config configs/bench/gpu.yaml decode            # on a GPU: bf16, to 64k
 
@@ -22,9 +23,9 @@ on a GPU, the resident-set high-water mark on a CPU (reset before each cell thro
 says so).
 
 This module is the entry point: ``Bench`` joins the benchmarks, each in a module of its own
-(``bench_decode``, ``bench_prefill``, ``bench_train``, ``bench_kd_memory``, ``bench_kernels``, on
-the shared ``bench_base``); how they measure is in ``experiments.measure``, the FLOP models in
-``experiments.flops``, the tables and figures in ``experiments.bench_report``.
+(``bench_decode``, ``bench_prefill``, ``bench_train``, ``bench_kd_memory``, ``bench_head_loss``,
+``bench_kernels``, on the shared ``bench_base``); how they measure is in ``experiments.measure``, the
+FLOP models in ``experiments.flops``, the tables and figures in ``experiments.bench_report``.
 """
 
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 from jsonargparse import CLI
 
 from experiments.bench_decode import DecodeBenchmarks
+from experiments.bench_head_loss import HeadLossBenchmark
 from experiments.bench_integrity import IntegrityBenchmark
 from experiments.bench_kd_memory import KdMemoryBenchmark, kd_loss_peak, kd_loss_peak_in_fresh_process
 from experiments.bench_kernels import KernelsBenchmark
@@ -42,8 +44,8 @@ from experiments.bench_train import TRAIN_STAGES, TrainBenchmark
 __all__ = ["Bench", "TRAIN_STAGES", "kd_loss_peak", "kd_loss_peak_in_fresh_process", "main"]
 
 
-class Bench(DecodeBenchmarks, PrefillBenchmark, TrainBenchmark, KdMemoryBenchmark, KernelsBenchmark,
-            IntegrityBenchmark):
+class Bench(DecodeBenchmarks, PrefillBenchmark, TrainBenchmark, KdMemoryBenchmark, HeadLossBenchmark,
+            KernelsBenchmark, IntegrityBenchmark):
     """Student against teacher: decode, prefill, training steps and the hybrid op's kernels; what the
     artifacts' manifests cost."""
 

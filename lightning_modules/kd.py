@@ -13,7 +13,8 @@ from models.head_loss import DEFAULT_CHUNK_TOKENS
 
 from .base import DistillationModule
 from .losses import (
-    IGNORE, KD_TAILS, cross_entropy, dense_kd_loss, frobenius_alignment_loss, next_token_targets, sparse_kd_loss, teacher_topk,
+    IGNORE, KD_TAILS, cross_entropy, dense_kd_loss, frobenius_alignment_loss, next_token_targets, sparse_kd_and_ce_with_gradient,
+    sparse_kd_loss, teacher_topk,
 )
 from .schedules import Schedule
 
@@ -234,11 +235,20 @@ class SparseKDModule(DistillationModule):
 
     def chunked_kd_and_ce(self, targets, topk, dense, T: float, alpha: float, ce_weight: float):
         """The same loss as ``kd_and_ce`` as a ``models.head_loss`` chunk function: each chunk's
-        masked means weighted by its share of the positions with a target."""
+        masked means weighted by its share of the positions with a target (sparse KD: with its
+        gradient in closed form, ``losses.sparse_kd_and_ce_with_gradient``; dense KD: autograd's)."""
         flat_targets = targets.flatten()
         flat_topk = None if topk is None else [t.flatten(0, 1) for t in topk]
         flat_dense = None if dense is None else dense.flatten(0, 1)
         total = (flat_targets != IGNORE).sum().clamp_min(1)
+
+        if flat_topk is not None:  # sparse KD: the loss writes its own gradient (no graph over [n, V])
+            def chunk_with_gradient(logits, rows):
+                loss, kd, ce, grad = sparse_kd_and_ce_with_gradient(
+                    logits, flat_targets[rows], *(x[rows] for x in flat_topk), T, alpha, ce_weight, total,
+                    tail=self.hparams.kd_tail)
+                return loss, {"kd": kd, "ce": ce}, grad
+            return chunk_with_gradient
 
         def chunk(logits, rows):
             t = flat_targets[rows]

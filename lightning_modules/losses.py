@@ -36,11 +36,11 @@ def _tempered(log_classes: torch.Tensor, temperature: float) -> torch.Tensor:
     return scaled - torch.logsumexp(scaled, -1, keepdim=True)
 
 
-def _teacher_classes(topk_logprobs: torch.Tensor) -> torch.Tensor:
+def _teacher_classes(topk_logprobs: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """log of the teacher's (k + 1)-class distribution [top-k tokens, every other token]."""
     rest = (1.0 - topk_logprobs.double().exp().sum(-1, keepdim=True)).clamp_min(0.0)
     rest = torch.where(rest < REST_MASS_NOISE, torch.zeros_like(rest), rest)
-    return torch.cat([topk_logprobs.float(), rest.log().float()], -1)
+    return torch.cat([topk_logprobs.to(dtype), rest.log().to(dtype)], -1)
 
 
 def _student_classes(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -87,6 +87,62 @@ def sparse_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_lo
     if mask is None:
         mask = torch.ones_like(kl, dtype=torch.bool)
     return temperature**2 * masked_mean(kl, mask)
+
+
+def sparse_kd_and_ce_with_gradient(logits: torch.Tensor, targets: torch.Tensor, topk_ids: torch.Tensor,
+                                   topk_logprobs: torch.Tensor, temperature: float, kd_weight: float,
+                                   ce_weight: float, positions: int | torch.Tensor, tail: str = "bucket"):
+    """``kd_weight * sparse_kd_loss + ce_weight * cross_entropy`` over rows of logits, each term a
+    sum over the rows with a target divided by ``positions`` (the whole batch's count, so that chunks
+    add up to the batch's means), with its gradient w.r.t. the logits written in closed form: what
+    autograd through ``sparse_kd_loss`` and ``cross_entropy`` gives, from one log-softmax and no
+    graph. Autograd keeps the logits' log-softmax twice (once per term), the k + 1 classes' gather
+    and scatter and a gradient per path, each [n, V]; this holds the log-softmax and, inside the
+    tail's logsumexp, one temporary. On a 49k vocabulary the chunk's loss and gradient took 0.4x
+    autograd's time (docs/performance.md, "The KD loss's gradient in closed form").
+
+    logits [n, V] (any float dtype; computed in float32, or float64 for float64 logits; left as they
+    are). targets [n] (IGNORE: no loss), topk_ids / topk_logprobs [n, k].
+    Returns (loss, KD term, cross-entropy term, gradient [n, V]); the terms unweighted.
+
+    The gradient (s: the student's log-classes, a_c = d loss / d s_c = kd_weight T (q_s - q_t)_c
+    per position weight, since d(T^2 KL)/ds = T (q_s - q_t)): on the top-k, a_i plus the
+    cross-entropy's p_i w; off it, with the ``bucket`` tail, s_rest = log sum_{j not in K} p_j gives
+    a_rest p_i / (1 - P_K) = a_rest exp(z_i - logsumexp_{j not in K} z_j), and the cross-entropy
+    p_i w; with ``renormalised`` only the cross-entropy's. Then -w at the target token."""
+    if tail not in KD_TAILS:
+        raise ValueError(f"tail={tail!r} is not supported; allowed values: {', '.join(KD_TAILS)}")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    ids = topk_ids.long()
+    weight = (targets != IGNORE).to(dtype) / positions  # per position: its share of the batch's mean
+    tokens = targets.clamp_min(0)[:, None]
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits.detach().to(dtype), -1)
+        log_p_topk = log_p.gather(-1, ids)
+        ce = -(log_p.gather(-1, tokens)[:, 0] * weight).sum()
+        if tail == "bucket":
+            log_p.scatter_(-1, ids, float("-inf"))  # what is left: the tokens outside the top-k
+            log_rest = torch.logsumexp(log_p, -1, keepdim=True)  # log(1 - P_K), exact; -inf when k = V
+            log_q_student = _tempered(torch.cat([log_p_topk, log_rest], -1), temperature)
+            log_q_teacher = _tempered(_teacher_classes(topk_logprobs, dtype), temperature)
+        else:
+            log_q_student = _tempered(log_p_topk, temperature)
+            log_q_teacher = _tempered(topk_logprobs.to(dtype), temperature)
+        q_teacher, q_student = log_q_teacher.exp(), log_q_student.exp()
+        kl = torch.where(q_teacher > 0, q_teacher * (log_q_teacher - log_q_student), torch.zeros_like(q_teacher))
+        kd = temperature**2 * (kl.sum(-1) * weight).sum()
+        d_classes = (kd_weight * temperature) * (q_student - q_teacher) * weight[:, None]
+        ce_w = (ce_weight * weight)[:, None]
+        if tail == "bucket":
+            d_rest = d_classes[:, -1:] * torch.exp(-log_rest)
+            off_topk = ce_w + torch.where(torch.isinf(log_rest), torch.zeros_like(d_rest), d_rest)
+            grad = log_p.exp_().mul_(off_topk)  # the top-k's entries are exp(-inf) = 0 here
+            grad.scatter_(-1, ids, d_classes[:, :-1] + ce_w * log_p_topk.exp())
+        else:
+            grad = log_p.exp_().mul_(ce_w)
+            grad.scatter_add_(-1, ids, d_classes)
+        grad.scatter_add_(-1, tokens, -ce_w)
+    return kd_weight * kd + ce_weight * ce, kd, ce, grad
 
 
 def dense_kd_loss(student_logits, teacher_logits, temperature: float, mask=None) -> torch.Tensor:

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 # chunk_loss(logits [n, V] of rows, rows) -> (that chunk's share of the loss: a scalar with a
-# gradient w.r.t. the logits, {name: detached value of a component's share, for logs})
-ChunkLoss = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# gradient w.r.t. the logits, {name: detached value of a component's share, for logs}); or, for a
+# loss that writes its gradient itself (lightning_modules.losses.sparse_kd_and_ce_with_gradient),
+# (loss, components, d loss / d logits [n, V]): then no graph is built over the logits.
+ChunkLoss = Callable[[torch.Tensor, slice], tuple]
 
 # Each chunk holds several tensors of [chunk, V] float32 at once while its loss and gradient are
 # computed (logits, their copies in the loss, the gradients of each path): at 512 positions of a
@@ -69,8 +71,8 @@ def _chunked_loss_and_gradients(hidden, weight, bias, want_weight: bool, want_bi
         h = hidden[rows]
         with torch.enable_grad():
             logits = F.linear(h, weight, bias).requires_grad_(True)
-            loss, parts = chunk_loss(logits, rows)
-            (grad_logits,) = torch.autograd.grad(loss, logits)
+            loss, parts, *written = chunk_loss(logits, rows)
+            (grad_logits,) = written or torch.autograd.grad(loss, logits)
         total += loss.detach().float()
         for name, value in parts.items():
             components[name] = components.get(name, 0.0) + value.detach().float()

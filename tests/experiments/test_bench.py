@@ -464,6 +464,32 @@ def test_kd_memory_writes_both_variants(teacher_dir, tmp_path):
     assert written["logits_tensor_mib"] == pytest.approx(2 * 32 * TINY["vocab_size"] * 4 / 2**20)
 
 
+def test_head_loss_times_both_gradients_in_paired_rounds_at_each_chunk_size(teacher_dir, tmp_path):
+    """Rows per (chunk, gradient), each with one time per round; the closed form's per-round ratio
+    read from those times; its loss and gradients those of autograd; each peak measured."""
+    from experiments.bench_head_loss import kd_chunk_loss
+    from experiments.bench_report import paired_ratio
+
+    payload = bench(teacher_dir, tmp_path).head_loss(seq_len=16, batch=2, top_k=4, chunk_tokens=[5, 32], rounds=3,
+                                                     warmup=0)
+    written = read_outputs(tmp_path, "head_loss")
+    assert written == json.loads(json.dumps(payload))
+    rows = written["rows"]
+    assert [(r["chunk_tokens"], r["gradient"]) for r in rows] == [
+        (5, "closed_form"), (5, "autograd"), (32, "closed_form"), (32, "autograd")]
+    for closed, autograd in (rows[0:2], rows[2:4]):
+        assert len(closed["times_s"]) == len(autograd["times_s"]) == 3
+        assert closed["against_autograd"] == pytest.approx(paired_ratio(closed["times_s"], autograd["times_s"]))
+        assert closed["loss_difference"] < 1e-5 and closed["max_gradient_difference"] < 1e-5
+        assert closed["loss"] == pytest.approx(autograd["loss"], rel=1e-5)
+        assert "against_autograd" not in autograd
+    assert all(r["peak_added_mib"] >= 0 for r in rows)
+    with pytest.raises(ValueError, match="gradient='dense' is not supported; allowed values: closed_form, autograd"):
+        kd_chunk_loss("dense", *[torch.zeros(1)] * 3, 1.0, 0.1, 0.9)
+    with pytest.raises(ValueError, match="rounds=0, warmup=0 are invalid"):
+        bench(teacher_dir, tmp_path).head_loss(rounds=0, warmup=0)
+
+
 def test_integrity_writes_and_reads_both_artifacts_both_ways_and_restores_the_writers(teacher_dir, tmp_path):
     import models.checkpoint as checkpoint
     import models.storage as storage
@@ -502,7 +528,7 @@ def test_the_commands_are_the_benchmarks_and_nothing_else():
 
     public = {name for name, value in inspect.getmembers(Bench)
               if (callable(value) or isinstance(value, property)) and not name.startswith("_")}
-    assert public == {"decode", "decode_layers", "prefill", "train", "kd_memory", "kernels", "integrity"}
+    assert public == {"decode", "decode_layers", "prefill", "train", "kd_memory", "head_loss", "kernels", "integrity"}
 
 
 def test_the_parts_import_public_names_only_and_never_the_entry_point():
@@ -512,7 +538,7 @@ def test_the_parts_import_public_names_only_and_never_the_entry_point():
 
     root = Path(__file__).resolve().parents[2] / "experiments"
     parts = [root / "measure.py", root / "flops.py", *sorted(root.glob("bench_*.py"))]
-    assert len(parts) >= 9
+    assert len(parts) >= 10
     for path in parts:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("experiments"):

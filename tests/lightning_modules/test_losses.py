@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lightning_modules.losses import (
     IGNORE, alignment_mse, cross_entropy, dense_kd_loss, frobenius_alignment_loss, heldout_metrics,
-    next_token_targets, sparse_kd_loss, teacher_topk,
+    next_token_targets, sparse_kd_and_ce_with_gradient, sparse_kd_loss, teacher_topk,
 )
 
 
@@ -36,7 +36,8 @@ def test_sparse_kd_hand_computed_bucket():
     expected = 0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.5)
     assert sparse_kd_loss(s, ids, lp, 1.0).item() == pytest.approx(expected, rel=1e-5)
     # at T = 2 both two-class distributions are p^(1/2) renormalised
-    pt = torch.tensor([0.7, 0.3]).sqrt(); pt = pt / pt.sum()
+    pt = torch.tensor([0.7, 0.3]).sqrt()
+    pt = pt / pt.sum()
     ps = torch.tensor([0.5, 0.5])
     expected2 = 4 * float((pt * (pt / ps).log()).sum())
     assert sparse_kd_loss(s, ids, lp, 2.0).item() == pytest.approx(expected2, rel=1e-5)
@@ -148,3 +149,85 @@ def test_bucket_tail_at_t_above_one_is_not_dense_kd_below_the_full_vocabulary():
     a, b = coarsened(log_p), coarsened(log_q)
     tempered_then_coarsened = 4.0 * (a.exp() * (a - b)).sum(-1).mean()
     assert sparse_kd_loss(s, ids, logprobs, 2.0).item() != pytest.approx(tempered_then_coarsened.item(), rel=1e-3)
+
+
+def autograd_kd_and_ce(logits, targets, ids, logprobs, T, kd_weight, ce_weight, positions, tail):
+    """Autograd through the library's ``sparse_kd_loss`` and ``cross_entropy`` (float32 inside), each a
+    masked mean over the rows times the rows' share of ``positions``: what the plain plan trains on."""
+    logits = logits.detach().requires_grad_(True)
+    share = (targets != IGNORE).sum() / positions
+    kd = sparse_kd_loss(logits[None], ids[None], logprobs[None], T, (targets != IGNORE)[None], tail=tail) * share
+    ce = cross_entropy(logits[None], targets[None]) * share
+    loss = kd_weight * kd + ce_weight * ce
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss, kd, ce, grad
+
+
+def float64_kd_and_ce(logits, targets, ids, logprobs, T, kd_weight, ce_weight, positions, tail):
+    """The same loss written out from the definitions in float64 (the library's losses round to
+    float32), with autograd's gradient: log-softmax, the k (+ 1) classes, tempered, KL, T^2."""
+    logits = logits.detach().requires_grad_(True)
+    weight = (targets != IGNORE).double() / positions
+    log_p = torch.log_softmax(logits, -1)
+    student, teacher = log_p.gather(-1, ids), logprobs.double()
+    if tail == "bucket":
+        others = log_p.scatter(-1, ids, float("-inf"))
+        student = torch.cat([student, torch.logsumexp(others, -1, keepdim=True)], -1)
+        rest = (1 - teacher.exp().sum(-1, keepdim=True)).clamp_min(0)
+        teacher = torch.cat([teacher, torch.where(rest < 1e-6, 0.0, rest).log()], -1)
+    log_qs, log_qt = torch.log_softmax(student / T, -1), torch.log_softmax(teacher / T, -1)
+    kl = torch.where(log_qt.exp() > 0, log_qt.exp() * (log_qt - log_qs), 0.0).sum(-1)
+    kd = T**2 * (kl * weight).sum()
+    ce = -(log_p.gather(-1, targets.clamp_min(0)[:, None])[:, 0] * weight).sum()
+    loss = kd_weight * kd + ce_weight * ce
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss, kd, ce, grad
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalised"])
+@pytest.mark.parametrize("T", [1.0, 2.5, 0.6])
+@pytest.mark.parametrize("case", ["plain", "target_in_top_k", "k_is_the_vocabulary", "teacher_rest_empty",
+                                  "all_ignored"])
+def test_closed_form_kd_and_ce_gradient_equals_autograd_in_float64(tail, T, case):
+    """The loss, both terms and the gradient w.r.t. the logits, against autograd through the
+    definitions in float64: ignored rows, a target inside and outside the top-k, k = V (no tail:
+    its logsumexp is -inf), a teacher whose top-k holds all its mass (an empty bucket)."""
+    g = torch.Generator().manual_seed(sum(map(ord, f"{tail}{T}{case}")))
+    n, V, k = 9, 31, (31 if case == "k_is_the_vocabulary" else 6)
+    logits = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
+    if case == "teacher_rest_empty":
+        teacher[:, k:] = -1e4  # every token outside the teacher's first k: no mass left for the bucket
+    ids, logprobs = teacher_topk(teacher[None], k)
+    ids, logprobs = ids[0], logprobs[0]
+    targets = torch.randint(0, V, (n,), generator=g)
+    targets[[1, 4]] = IGNORE
+    if case == "target_in_top_k":
+        targets[[0, 2, 3]] = ids[[0, 2, 3], 0]
+    if case == "all_ignored":
+        targets[:] = IGNORE
+    positions = 20  # the batch's rows with a target, of which this chunk holds some
+    expected = float64_kd_and_ce(logits, targets, ids, logprobs, T, 0.3, 0.7, positions, tail)
+    got = sparse_kd_and_ce_with_gradient(logits.clone(), targets, ids, logprobs, T, 0.3, 0.7, positions, tail=tail)
+    for name, a, b in zip(("loss", "kd", "ce", "gradient"), got, expected):
+        assert a.dtype == torch.float64, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    assert bool(got[3].abs().sum() > 0) == (case != "all_ignored")
+
+
+def test_closed_form_kd_and_ce_gradient_in_float32_and_its_refusal():
+    """float32 logits (a training step's) give float32 results within float32's rounding of the
+    float64 reference; an unknown tail is refused, naming the allowed ones."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 50, generator=g, dtype=torch.float64) * 4
+    ids, logprobs = teacher_topk(torch.randn(1, 6, 50, generator=g, dtype=torch.float64) * 4, 8)
+    targets = torch.randint(0, 50, (6,), generator=g)
+    expected = float64_kd_and_ce(logits, targets, ids[0], logprobs[0], 2.0, 0.1, 0.9, 6, "bucket")
+    library = autograd_kd_and_ce(logits.float(), targets, ids[0], logprobs[0].float(), 2.0, 0.1, 0.9, 6, "bucket")
+    got = sparse_kd_and_ce_with_gradient(logits.float(), targets, ids[0], logprobs[0].float(), 2.0, 0.1, 0.9, 6)
+    for a, b, c in zip(got, expected, library):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-7)  # autograd through the losses themselves
+    with pytest.raises(ValueError, match="tail='dense' is not supported; allowed values: bucket, renormalised"):
+        sparse_kd_and_ce_with_gradient(logits, targets, ids[0], logprobs[0], 1.0, 0.1, 0.9, 6, tail="dense")
