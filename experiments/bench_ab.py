@@ -1,7 +1,7 @@
 """One training benchmark in two checkouts (two commits of xdistill, or a commit and a change), in
 alternating rounds, and each row of the second against the same row of the first, round by round.
 
-    python -m experiments.bench_ab --checkouts /tmp/wt_before /tmp/wt_after --rounds 6 --out runs/ab \\
+    python -m experiments.bench_ab --checkouts '[/tmp/wt_before, /tmp/wt_after]' --rounds 6 --out runs/ab \\
         --bench "--config configs/bench/smollm2-cpu.yaml train --seq_len 512 --batch 4 --steps 2 --stages [kd] --plans [lean]"
 
 A round runs the command once in each checkout (``python -m experiments.bench`` there, with
@@ -85,7 +85,7 @@ def read_rounds(folder: Path) -> dict[int, list[dict]]:
     return rounds
 
 
-def main(checkouts: list[Path], out: Path, bench: str = "", rounds: int = 6, compare_only: bool = False) -> dict:
+def main(checkouts: list[str], out: str, bench: str = "", rounds: int = 6, compare_only: bool = False) -> dict:
     """Run ``bench`` (the arguments of ``python -m experiments.bench``, one string) in both
     ``checkouts`` for ``rounds`` alternating rounds, then compare their train rows.
 
@@ -100,6 +100,7 @@ def main(checkouts: list[Path], out: Path, bench: str = "", rounds: int = 6, com
         raise ValueError(f"--checkouts takes two checkouts (before, after); got {len(checkouts)}")
     if rounds < 1:
         raise ValueError(f"rounds={rounds} is invalid; allowed values: an integer >= 1")
+    out = Path(out)
     labels = [checkout_label(Path(c)) for c in checkouts]
     if labels[0] == labels[1]:
         labels = [f"{labels[0]}-before", f"{labels[1]}-after"]  # the same commit on both sides
