@@ -28,7 +28,8 @@ import torch.nn.functional as F
 ChunkLoss = Callable[[torch.Tensor, slice], tuple]
 
 # Each chunk holds several tensors of [chunk, V] float32 at once while its loss and gradient are
-# computed (logits, their copies in the loss, the gradients of each path): at 512 positions of a
+# computed (through autograd: logits, their copies in the loss, the gradients of each path; a loss
+# with its gradient in closed form holds fewer, docs/performance.md): at 512 positions of a
 # 49k vocabulary they rose about 480 MiB above the activations and set the KD step's peak, at 256
 # about 150 (docs/performance.md, "Training step per stage"). The head's products over 256 rows
 # still run at the machine's matrix rate (the chunked loss took 1.04x the time at 256 as at 512).
