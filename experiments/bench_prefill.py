@@ -102,6 +102,7 @@ class PrefillBenchmark(BenchBase):
                    ("student_ttft_s", "student TTFT s", ".2f"), ("ttft_ratio", "student / teacher", ".2f"),
                    ("paired_ratio_text", "student / teacher per round: median [interval] coverage", ""),
                    ("flops_ratio", "FLOPs student / teacher", ".2f"),
+                   ("least_flops_ratio", "least FLOPs of any implementation / teacher's", ".3f"),
                    ("teacher_attention_share", "teacher attention share of FLOPs", ".2f"),
                    ("teacher_tokens_per_s", "teacher tok/s", ".0f"), ("student_tokens_per_s", "student tok/s", ".0f"),
                    ("teacher_peak_mib", "teacher peak MiB", ".0f"), ("student_peak_mib", "student peak MiB", ".0f")]
@@ -117,8 +118,9 @@ class PrefillBenchmark(BenchBase):
 def prefill_summary(rows: list[dict], config, hybrid: HybridConfig | None) -> list[dict]:
     """One line per (batch, prompt): both models' TTFT and throughput, the ratio of their medians and
     the median of their per-round ratios with its interval (``paired_ratio``: the figure a target is
-    read from, since each round's pair shares the machine's drift), and the FLOPs ratio (``hybrid``
-    None: a student the FLOPs model does not cover)."""
+    read from, since each round's pair shares the machine's drift), the FLOPs ratio and the least
+    FLOPs any implementation of the layer computes against the teacher's (``hybrid`` None: a
+    student the FLOPs model does not cover)."""
     out = []
     for batch, prompt in dict.fromkeys((r["batch"], r["prompt"]) for r in rows):
         teacher, student = pair(rows, batch, prompt)
@@ -129,6 +131,7 @@ def prefill_summary(rows: list[dict], config, hybrid: HybridConfig | None) -> li
             "student_ttft_s": student.get("ttft_s"), "ttft_ratio": ratio(student.get("ttft_s"), teacher.get("ttft_s")),
             "paired_ratio": rounds, "paired_ratio_text": interval_text(rounds),
             "flops_ratio": flops["student_flops"] / flops["teacher_flops"] if hybrid is not None else None,
+            "least_flops_ratio": flops["student_least_flops"] / flops["teacher_flops"] if hybrid is not None else None,
             "teacher_attention_share": flops["teacher_attention_flops"] / flops["teacher_flops"],
             "teacher_tokens_per_s": teacher.get("prefill_tokens_per_s"),
             "student_tokens_per_s": student.get("prefill_tokens_per_s"),

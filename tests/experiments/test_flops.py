@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from experiments.flops import op_floor, prefill_flops, training_step_flops
+from experiments.flops import op_floor, prefill_flops, training_step_flops, window_pairs
 from models import HybridConfig, load_teacher
 from tests.conftest import TINY
 from tests.fixtures import write_teacher
@@ -33,9 +33,21 @@ def test_prefill_flops_count_every_linear_weight_and_every_attended_pair(teacher
     gates = 2 * T * TINY["hidden_size"] * 2 * H + 2 * T * H * 3 * D
     feature_maps = 2 * T * (H + TINY["num_key_value_heads"]) * D * D
     assert flops["student_attention_flops"] == LAYERS * (window + memory + gates + feature_maps)
+    # the least any implementation computes: each query against exactly the keys the layer defines
+    # (key j <= t inside the window or a sink), the memory's state and normaliser once per token
+    pairs = sum(1 for t in range(T) for j in range(t + 1) if t - j < 8 or j < 2)
+    least = 4 * H * D * pairs + 4 * H * (D * D + D) * T
+    assert flops["student_least_flops"] == flops["shared_flops"] + LAYERS * (least + gates + feature_maps)
     legacy = HybridConfig(window=8, sink_tokens=2, chunk_size=16, feature_map="none", gate_input="hidden")
     assert prefill_flops(teacher.config, legacy, T)["student_attention_flops"] == LAYERS * (
         window + memory + 2 * T * TINY["hidden_size"] * 3 * H)
+
+
+@pytest.mark.parametrize("window,sinks", [(1, 0), (3, 1), (8, 2), (64, 4), (5, 9)])
+def test_window_pairs_count_the_keys_each_query_reads(window, sinks):
+    for prompt in (1, 2, window, window + 1, window + sinks, 3 * window + 7):
+        expected = sum(1 for t in range(prompt) for j in range(t + 1) if t - j < window or j < sinks)
+        assert window_pairs(prompt, window, sinks) == expected, prompt
 
 
 def test_op_floor_matches_hand_counts():
