@@ -23,10 +23,12 @@ def prefill_flops(config, hybrid: HybridConfig, prompt: int) -> dict:
     L + W - 1 keys plus the sinks (window branch), and the mLSTM's intra-chunk L x L products plus
     one state read and one state update per token (memory branch); the gates and, with
     ``feature_map: softmax``, one d x d product per query and key head and token.
-    ``student_least_flops``: the least any implementation of the layer computes (each query against
-    its own window and sink keys only, ``window_pairs``; the memory as its recurrence, a [D, D] state
-    and its normaliser read and updated once per token; the same gates and feature maps): below the
-    teacher's FLOPs only where a student can be faster than its teacher at the teacher's efficiency.
+    ``student_least_flops``: the least any form of the layer (parallel, chunkwise, recurrent or a mix)
+    computes: each query against its own window and sink keys only (``window_pairs``); per token,
+    the memory's recurrence (its [D, D] state and normaliser read and updated) or, where cheaper
+    (the first D tokens), the keys before it read directly; the same gates and feature maps. Below
+    the teacher's FLOPs only where a student can be faster than its teacher at the teacher's
+    efficiency.
     """
     d, L_layers = config.hidden_size, config.num_hidden_layers
     H = config.num_attention_heads
@@ -50,24 +52,30 @@ def prefill_flops(config, hybrid: HybridConfig, prompt: int) -> dict:
     full_layers = (L_layers - hybrid_layers) * H * 4 * D * prompt * (prompt + 1) / 2
     student_attention = hybrid_layers * (student_window + student_memory + gates + feature_maps) + full_layers
     # What any implementation of the layer must compute: each query against exactly its own keys
-    # (no band of a chunk's neighbours), the memory as its recurrence (one state read and one
-    # update per token, C and n), the same gates and feature maps.
+    # (no band of a chunk's neighbours); the memory, per token, the cheaper of its recurrence (the
+    # state C and normaliser n read and updated: 4 (D^2 + D)) and reading the t + 1 keys before it
+    # directly as the parallel form does (4 D (t + 1): cheaper for the first D tokens); the same
+    # gates and feature maps.
     least_window = 4 * H * D * window_pairs(prompt, hybrid.window, hybrid.sink_tokens) if hybrid.mode != "mlstm" else 0
-    least_memory = 4 * H * (D * D + D) * prompt if hybrid.mode != "swa" else 0
+    least_memory = 4 * H * D * capped_prefix_sum(prompt, D + 1) if hybrid.mode != "swa" else 0
     least_attention = hybrid_layers * (least_window + least_memory + gates + feature_maps) + full_layers
     return {"shared_flops": shared, "teacher_attention_flops": teacher_attention,
             "student_attention_flops": student_attention, "teacher_flops": shared + teacher_attention,
             "student_flops": shared + student_attention, "student_least_flops": shared + least_attention}
 
 
+def capped_prefix_sum(n: int, cap: int) -> int:
+    """sum of min(u, cap) for u = 1 .. n."""
+    return n * (n + 1) // 2 if n <= cap else cap * (cap + 1) // 2 + (n - cap) * cap
+
+
 def window_pairs(prompt: int, window: int, sink_tokens: int) -> int:
     """(query, key) pairs the window branch reads over a prompt: query t reads keys t - window + 1
     .. t and the sinks 0 .. sink_tokens - 1 (each key once), min(t + 1, window) + min(sink_tokens,
     max(0, t + 1 - window)) of them."""
-    inside = prompt * (prompt + 1) // 2 if prompt <= window else window * (window + 1) // 2 + (prompt - window) * window
-    past = max(0, prompt - window)  # queries whose window no longer starts at 0: u = 1 .. past sinks out of it
-    sinks = past * (past + 1) // 2 if past <= sink_tokens else sink_tokens * (sink_tokens + 1) // 2 + (past - sink_tokens) * sink_tokens
-    return inside + sinks
+    # the queries whose window no longer starts at 0 (u = t + 1 - window = 1 .. prompt - window)
+    # read up to sink_tokens sinks outside it
+    return capped_prefix_sum(prompt, window) + capped_prefix_sum(max(0, prompt - window), sink_tokens)
 
 
 def op_floor(kind: str, B: int, H: int, Hkv: int, T: int, D: int, Dv: int, hybrid: HybridConfig,

@@ -33,10 +33,12 @@ def test_prefill_flops_count_every_linear_weight_and_every_attended_pair(teacher
     gates = 2 * T * TINY["hidden_size"] * 2 * H + 2 * T * H * 3 * D
     feature_maps = 2 * T * (H + TINY["num_key_value_heads"]) * D * D
     assert flops["student_attention_flops"] == LAYERS * (window + memory + gates + feature_maps)
-    # the least any implementation computes: each query against exactly the keys the layer defines
-    # (key j <= t inside the window or a sink), the memory's state and normaliser once per token
+    # the least any form computes: each query against exactly the keys the layer defines (key j <= t
+    # inside the window or a sink); per token the cheaper of the memory's state and normaliser read
+    # and updated (4 (D^2 + D)) and the t + 1 keys before it read directly (4 D (t + 1))
     pairs = sum(1 for t in range(T) for j in range(t + 1) if t - j < 8 or j < 2)
-    least = 4 * H * D * pairs + 4 * H * (D * D + D) * T
+    least = 4 * H * D * pairs + H * sum(min(4 * (D * D + D), 4 * D * (t + 1)) for t in range(T))
+    assert T > D + 1  # both kinds of token occur
     assert flops["student_least_flops"] == flops["shared_flops"] + LAYERS * (least + gates + feature_maps)
     legacy = HybridConfig(window=8, sink_tokens=2, chunk_size=16, feature_map="none", gate_input="hidden")
     assert prefill_flops(teacher.config, legacy, T)["student_attention_flops"] == LAYERS * (
