@@ -10,14 +10,13 @@ and the peak memory each adds, each measured in a fresh process.
 from __future__ import annotations
 
 import itertools
-import os
 import statistics
 
 import torch
 
 from experiments.bench_base import BenchBase
 from experiments.bench_report import interval_text, markdown_table, paired_ratio
-from experiments.measure import MiB, PeakMemory, proc_status_bytes, timed
+from experiments.measure import MiB, PeakMemory, peak_in_fresh_process, proc_status_bytes, timed
 
 GRADIENTS = ("closed_form", "autograd")
 
@@ -93,16 +92,10 @@ def head_loss_peak(gradient: str, rows: int, hidden_size: int, vocab: int, top_k
 
 def head_loss_peak_in_fresh_process(gradient: str, rows: int, hidden_size: int, vocab: int, top_k: int,
                                     chunk_tokens: int) -> int:
-    """``head_loss_peak`` in a new interpreter whose resident set follows its live tensors."""
-    import subprocess
-    import sys
-
-    call = f"head_loss_peak({gradient!r}, {rows}, {hidden_size}, {vocab}, {top_k}, {chunk_tokens})"
-    code = f"from experiments.bench_head_loss import head_loss_peak; print({call})"
-    # blocks of 64 KiB or more get their own mapping, returned when freed (as kd_memory does)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return int(done.stdout.strip().splitlines()[-1])
+    """``head_loss_peak`` in a new interpreter whose resident set follows its live tensors
+    (``measure.peak_in_fresh_process``)."""
+    return peak_in_fresh_process("experiments.bench_head_loss", "head_loss_peak", gradient, rows, hidden_size, vocab,
+                                 top_k, chunk_tokens)
 
 
 class HeadLossBenchmark(BenchBase):

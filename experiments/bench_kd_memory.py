@@ -8,14 +8,13 @@ this module imports only what that measurement needs, not the other benchmarks.
 
 from __future__ import annotations
 
-import os
 import platform
 
 import torch
 
 from experiments.bench_base import BenchBase
 from experiments.bench_report import markdown_table
-from experiments.measure import MiB, PeakMemory, proc_status_bytes
+from experiments.measure import MiB, PeakMemory, peak_in_fresh_process, proc_status_bytes
 
 
 def kd_loss_peak(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> int:
@@ -46,18 +45,8 @@ def kd_loss_peak(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> 
 
 
 def kd_loss_peak_in_fresh_process(variant: str, batch: int, seq_len: int, vocab: int, k: int) -> int:
-    """``kd_loss_peak`` in a new interpreter: a long-lived process reuses freed pages without
-    growing its resident set, which would hide what the loss allocates."""
-    import subprocess
-    import sys
-
-    call = f"kd_loss_peak({variant!r}, {batch}, {seq_len}, {vocab}, {k})"
-    code = f"from experiments.bench_kd_memory import kd_loss_peak; print({call})"
-    # Every block of 64 KiB or more gets its own mapping, returned to the system when freed: the
-    # resident set then follows the live tensors, instead of whichever freed pages glibc reuses.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return int(done.stdout.strip().splitlines()[-1])
+    """``kd_loss_peak`` in a new interpreter (``measure.peak_in_fresh_process``)."""
+    return peak_in_fresh_process("experiments.bench_kd_memory", "kd_loss_peak", variant, batch, seq_len, vocab, k)
 
 
 class KdMemoryBenchmark(BenchBase):

@@ -166,5 +166,20 @@ def _vm_hwm_bytes() -> int:
     return peak if platform.system() == "Darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
+def peak_in_fresh_process(module: str, function: str, *args) -> int:
+    """``module.function(*args)`` (a peak in bytes, an int) run in a new interpreter: a long-lived
+    process reuses freed pages without growing its resident set, which would hide what the measured
+    code allocates. Every block of 64 KiB or more gets its own mapping there, returned to the system
+    when freed (glibc's mmap threshold), so the resident set follows the live tensors instead of
+    whichever freed pages glibc reuses."""
+    import subprocess
+    import sys
+
+    code = f"from {module} import {function}; print({function}(*{args!r}))"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
 def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
