@@ -56,6 +56,26 @@ def _student_classes(student_logits: torch.Tensor, topk_ids: torch.Tensor) -> to
 KD_TAILS = ("bucket", "renormalised")
 
 
+def _check_tail(tail: str) -> None:
+    if tail not in KD_TAILS:
+        raise ValueError(f"tail={tail!r} is not supported; allowed values: {', '.join(KD_TAILS)}")
+
+
+def _teacher_log_q(topk_logprobs: torch.Tensor, temperature: float, tail: str,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The teacher's tempered log-distribution over the tail's classes (the top-k, and the bucket)."""
+    classes = _teacher_classes(topk_logprobs, dtype) if tail == "bucket" else topk_logprobs.to(dtype)
+    return _tempered(classes, temperature)
+
+
+def _kl_per_position(log_q_teacher: torch.Tensor, log_q_student: torch.Tensor):
+    """(KL(teacher || student) over the classes, per position; the teacher's probabilities)."""
+    q_teacher = log_q_teacher.exp()
+    # 0 * log 0 = 0: an empty "rest" bucket contributes nothing, never nan
+    terms = torch.where(q_teacher > 0, q_teacher * (log_q_teacher - log_q_student), torch.zeros_like(q_teacher))
+    return terms.sum(-1), q_teacher
+
+
 def sparse_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                    temperature: float, mask: torch.Tensor | None = None, tail: str = "bucket") -> torch.Tensor:
     """T^2 * KL between the teacher's and the student's tempered distributions reduced to the
@@ -71,19 +91,13 @@ def sparse_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_lo
       bucket is tempered as one class, which is not the tempered tail's mass (the sum of p_i^(1/T)
       over the tail), so it is dense KD at T != 1 only when k is the whole vocabulary.
     """
-    if tail not in KD_TAILS:
-        raise ValueError(f"tail={tail!r} is not supported; allowed values: {', '.join(KD_TAILS)}")
+    _check_tail(tail)
     if tail == "renormalised":
         # the log-normaliser of either side cancels in the renormalisation: logits on the support suffice
-        log_q_teacher = _tempered(topk_logprobs.float(), temperature)
         log_q_student = _tempered(student_logits.float().gather(-1, topk_ids.long()), temperature)
     else:
-        log_q_teacher = _tempered(_teacher_classes(topk_logprobs), temperature)
         log_q_student = _tempered(_student_classes(student_logits, topk_ids), temperature)
-    q_teacher = log_q_teacher.exp()
-    # 0 * log 0 = 0: an empty "rest" bucket contributes nothing, never nan
-    terms = torch.where(q_teacher > 0, q_teacher * (log_q_teacher - log_q_student), torch.zeros_like(q_teacher))
-    kl = terms.sum(-1)
+    kl, _ = _kl_per_position(_teacher_log_q(topk_logprobs, temperature, tail), log_q_student)
     if mask is None:
         mask = torch.ones_like(kl, dtype=torch.bool)
     return temperature**2 * masked_mean(kl, mask)
@@ -111,8 +125,7 @@ def sparse_kd_and_ce_with_gradient(logits: torch.Tensor, targets: torch.Tensor, 
     cross-entropy's p_i w; off it, with the ``bucket`` tail, s_rest = log sum_{j not in K} p_j gives
     a_rest p_i / (1 - P_K) = a_rest exp(z_i - logsumexp_{j not in K} z_j), and the cross-entropy
     p_i w; with ``renormalised`` only the cross-entropy's. Then -w at the target token."""
-    if tail not in KD_TAILS:
-        raise ValueError(f"tail={tail!r} is not supported; allowed values: {', '.join(KD_TAILS)}")
+    _check_tail(tail)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     ids = topk_ids.long()
     weight = (targets != IGNORE).to(dtype) / positions  # per position: its share of the batch's mean
@@ -125,13 +138,11 @@ def sparse_kd_and_ce_with_gradient(logits: torch.Tensor, targets: torch.Tensor, 
             log_p.scatter_(-1, ids, float("-inf"))  # what is left: the tokens outside the top-k
             log_rest = torch.logsumexp(log_p, -1, keepdim=True)  # log(1 - P_K), exact; -inf when k = V
             log_q_student = _tempered(torch.cat([log_p_topk, log_rest], -1), temperature)
-            log_q_teacher = _tempered(_teacher_classes(topk_logprobs, dtype), temperature)
         else:
             log_q_student = _tempered(log_p_topk, temperature)
-            log_q_teacher = _tempered(topk_logprobs.to(dtype), temperature)
-        q_teacher, q_student = log_q_teacher.exp(), log_q_student.exp()
-        kl = torch.where(q_teacher > 0, q_teacher * (log_q_teacher - log_q_student), torch.zeros_like(q_teacher))
-        kd = temperature**2 * (kl.sum(-1) * weight).sum()
+        kl, q_teacher = _kl_per_position(_teacher_log_q(topk_logprobs, temperature, tail, dtype), log_q_student)
+        q_student = log_q_student.exp()
+        kd = temperature**2 * (kl * weight).sum()
         d_classes = (kd_weight * temperature) * (q_student - q_teacher) * weight[:, None]
         ce_w = (ce_weight * weight)[:, None]
         if tail == "bucket":
