@@ -23,12 +23,11 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
-from experiments.bench_report import markdown_table, round_ratios, train_row_key
+from experiments.bench_report import TRAIN_ROW_NAMES, markdown_table, round_ratios, train_row_key
 from models.storage import atomic_file_write, write_json
 
 # the benchmark commands of experiments.bench: --out_dir goes right before the first of them
 BENCH_COMMANDS = ("decode", "decode_layers", "prefill", "train", "kd_memory", "head_loss", "kernels", "integrity")
-ROW_NAMES = ("stage", "plan", "allocator", "backend")
 RATIOS = {"ms_per_step_ratio": ("ms_per_step", "ms_per_step"), "over_floor_ratio": ("over_floor", "over_floor"),
           "peak_ratio": ("peak_bytes", "peak_bytes")}
 
@@ -64,12 +63,12 @@ def paired_rows(before: dict[int, list[dict]], after: dict[int, list[dict]]) -> 
     paired by round ({round: rows}); rounds one side lacks are left out."""
     pairs: dict[tuple, list] = {}
     for round_ in sorted(set(before) & set(after)):
-        reference = {train_row_key(r, *ROW_NAMES): r for r in before[round_] if "ms_per_step" in r}
+        reference = {train_row_key(r, *TRAIN_ROW_NAMES): r for r in before[round_] if "ms_per_step" in r}
         for row in after[round_]:
-            match = reference.get(train_row_key(row, *ROW_NAMES))
+            match = reference.get(train_row_key(row, *TRAIN_ROW_NAMES))
             if "ms_per_step" in row and match is not None:
-                pairs.setdefault(train_row_key(row, *ROW_NAMES), []).append((row, match))
-    return [{**dict(zip(ROW_NAMES, key)), "rounds": len(matched), **round_ratios(matched, RATIOS),
+                pairs.setdefault(train_row_key(row, *TRAIN_ROW_NAMES), []).append((row, match))
+    return [{**dict(zip(TRAIN_ROW_NAMES, key)), "rounds": len(matched), **round_ratios(matched, RATIOS),
              "after_ms_per_step": [r["ms_per_step"] for r, _ in matched],
              "before_ms_per_step": [b["ms_per_step"] for _, b in matched],
              "after_peak_mib": [r.get("peak_mib") for r, _ in matched],
@@ -117,7 +116,7 @@ def main(checkouts: list[str], out: str, bench: str = "", rounds: int = 6, compa
     rows = paired_rows(before, after)
     payload = {"before": labels[0], "after": labels[1], "bench": bench, "rounds": rounds, "rows": rows}
     write_json(out / "ab.json", payload)
-    columns = [*((n, n, "") for n in ROW_NAMES), ("rounds", "rounds", ""),
+    columns = [*((n, n, "") for n in TRAIN_ROW_NAMES), ("rounds", "rounds", ""),
                ("ms_per_step_ratio_text", "ms per step, after / before", ""),
                ("over_floor_ratio_text", "ms / floor, after / before", ""),
                ("peak_ratio_text", "peak memory, after / before", "")]

@@ -164,6 +164,10 @@ def interval_text(rounds: dict | None) -> str | None:
 # -- the train benchmark's comparisons, round by round (experiments.bench_train) -------------------
 
 
+# what identifies a train row within a round
+TRAIN_ROW_NAMES = ("stage", "plan", "allocator", "backend")
+
+
 def train_row_key(row, *names) -> tuple:
     """A train row's values of ``names``, with the defaults of rows written before a setting existed."""
     defaults = {"allocator": "glibc", "backend": "auto", "round": 0}
@@ -206,7 +210,7 @@ def lean_against_plain(rows) -> list[dict]:
 def against_teachers_own_step(rows) -> list[dict]:
     """Each row with a floor against the ``teacher_lm`` row of its allocator (and round): both
     ``ms / floor`` and their ratio."""
-    names = ("stage", "plan", "allocator", "backend")
+    names = TRAIN_ROW_NAMES
     teacher = {train_row_key(r, "allocator", "round"): r for r in rows
                if r["stage"] == "teacher_lm" and "over_floor" in r}
     pairs: dict[tuple, list] = {}
@@ -226,7 +230,7 @@ def against_teachers_own_step(rows) -> list[dict]:
 def against_first(rows, axis: str, values: list[str]) -> list[dict]:
     """Each row against the row of ``values[0]`` on ``axis`` (allocator or backend) with the same
     stage, plan, other axis and round: tokens/s, peak memory and, where both have it, ms / floor."""
-    names = ("stage", "plan", "allocator", "backend")
+    names = TRAIN_ROW_NAMES
     by = {train_row_key(r, *names, "round"): r for r in rows if "tokens_per_s" in r}
     at = names.index(axis)
     pairs: dict[tuple, list] = {}
