@@ -59,9 +59,11 @@ def _train_steps(module, batch: dict, steps: int, warmup: int, device: torch.dev
     in this process around the steps it is compared with, so that this machine's drift (its rate
     moved from 121 to 194 GFLOP/s within one row's minutes) falls on both (``step_floor_ratios``).
     Its tensors are freed between probes and stay far below a step's peak."""
+    from lightning_modules.base import adamw
+
     module.train()
     module.log = module.log_dict = lambda *args, **kwargs: None  # no Trainer here: nothing to log to
-    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-6)
+    optimizer = adamw(module.trainable_parameters(), lr=1e-6)  # as the stages build theirs
 
     def closure():
         loss = module.training_step(batch, 0)

@@ -73,6 +73,20 @@ def warmup_constant(step: int, warmup_steps: int) -> float:
     return (step + 1) / warmup_steps if step < warmup_steps else 1.0
 
 
+# Device types with a fused AdamW kernel in torch: one kernel per parameter group instead of a handful
+# of elementwise ops per parameter (on 2 CPU cores: 68 against 189 ms a step for SmolLM2's 272
+# parameters, the same update within 1.5e-8 after three steps).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def adamw(params, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW over ``params``, fused where every parameter is a floating tensor on a device type
+    with the fused kernel (``FUSED_ADAMW_DEVICES``), torch's default implementation otherwise."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def capped_warmup(warmup_steps: int, total_steps: int, max_fraction: float) -> int:
     """The warm-up a run of ``total_steps`` gets: at most ``max_fraction`` of its steps, so that a short
     stage still reaches its peak learning rate (10 warm-up steps in a 6-step stage never would)."""
@@ -254,7 +268,7 @@ class DistillationModule(L.LightningModule):
         params = self.trainable_parameters()
         if not params:
             raise ValueError("no trainable parameters: check model.trainable")
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = adamw(params, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = capped_warmup(hp.warmup_steps, total, hp.max_warmup_fraction)
         if hp.lr_schedule == "constant":
