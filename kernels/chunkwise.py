@@ -23,6 +23,7 @@ from ._common import (
     LOG_ZERO, check_inputs, compute_dtype, default_scale, expand_kv, gate_combine, log_forget, memory_inputs,
     mlstm_normalise, shared_norm_combine,
 )
+from .chunkwise_memory import MemorySums, memory_stabilisers, memory_sums
 from .recurrent import HybridState
 
 
@@ -46,7 +47,9 @@ def mlstm_chunkwise(q, k, v, i_gate, log_f, *, scale, chunk_size, initial=None):
     Every chunk's own products (its L x L block, its contribution to the state) are computed for
     all chunks at once; only the state entering each chunk is carried by a loop, a scaled sum of
     two [D, Dv] matrices per chunk. On a CPU each op costs microseconds of dispatch whatever its
-    size, so this count of ops, not the FLOPs, is what a per-chunk loop of products pays.
+    size, so this count of ops, not the FLOPs, is what a per-chunk loop of products pays. With a
+    gradient the sums go through ``chunkwise_memory.MemorySums``, whose backward is written out
+    (the stabilisers stay ordinary differentiable ops).
     """
     B, H, T, D = q.shape
     Dv = v.shape[-1]
@@ -60,44 +63,18 @@ def mlstm_chunkwise(q, k, v, i_gate, log_f, *, scale, chunk_size, initial=None):
     q = (q * scale).view(B, H, N, L, D)
     k, v = k.view(B, H, N, L, D), v.view(B, H, N, L, Dv)
     i_gate, b = i_gate.view(B, H, N, L), log_f.view(B, H, N, L).cumsum(-1)
-
-    tril = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    log_intra = (b.unsqueeze(-1) - b.unsqueeze(-2) + i_gate.unsqueeze(-2)).masked_fill(~tril, float("-inf"))
-    intra_max = log_intra.amax(-1)  # finite: key s = t is always present
-
-    # Each chunk's contribution to the state at its end, in units of exp(its own max weight).
-    log_to_end = b[..., -1:] - b + i_gate
-    chunk_max = log_to_end.amax(-1)  # [B,H,N]
-    k_w = k * torch.exp(log_to_end - chunk_max.unsqueeze(-1)).unsqueeze(-1)
-    chunk_C = k_w.transpose(-1, -2) @ v  # [B,H,N,D,Dv]
-    chunk_n = k_w.sum(-2)  # [B,H,N,D]
-
-    # Stabiliser of the state entering each chunk: m_c = max(m_{c-1} + F_{c-1}, chunk_max_{c-1}).
-    chunk_decay = b[..., -1]  # [B,H,N]: log forget over each whole chunk
     C0, n0, m0 = initial if initial is not None else (q.new_zeros(B, H, D, Dv), q.new_zeros(B, H, D),
                                                       q.new_full((B, H), LOG_ZERO))
-    m_in = [m0]
-    for c in range(N):
-        m_in.append(torch.maximum(m_in[-1] + chunk_decay[:, :, c], chunk_max[:, :, c]))
-    m_in = torch.stack(m_in, 2)  # [B,H,N+1]: entering chunk c, and after the last
-    carry = torch.exp(m_in[..., :-1] + chunk_decay - m_in[..., 1:])  # old state's weight per chunk
-    fresh = torch.exp(chunk_max - m_in[..., 1:])  # the chunk's own contribution's weight
-    C_in, n_in = [C0], [n0]
-    for c in range(N):
-        C_in.append(torch.addcmul(fresh[:, :, c, None, None] * chunk_C[:, :, c], C_in[-1], carry[:, :, c, None, None]))
-        n_in.append(torch.addcmul(fresh[:, :, c, None] * chunk_n[:, :, c], n_in[-1], carry[:, :, c, None]))
-    C_all, n_all = torch.stack(C_in[:-1], 2), torch.stack(n_in[:-1], 2)  # entering each chunk
-
-    m_inter = m_in[..., :-1].unsqueeze(-1) + b  # [B,H,N,L]
-    m_t = torch.maximum(m_inter, intra_max)
-    w_inter = torch.exp(m_inter - m_t)
-    w_intra = torch.exp(log_intra - m_t.unsqueeze(-1)) * (q @ k.transpose(-1, -2))
-    num = w_inter.unsqueeze(-1) * (q @ C_all) + w_intra @ v
-    den = w_inter * (q @ n_all.unsqueeze(-1)).squeeze(-1) + w_intra.sum(-1)
+    m_t, m_in = memory_stabilisers(i_gate, b, m0)
+    args = (q, k, v, i_gate, b, m_t, m_in, C0, n0)
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args):
+        num, den, C_end, n_end = MemorySums.apply(*args)
+    else:
+        num, den, _, _, C_end, n_end, _, _ = memory_sums(*args)
     num = num.reshape(B, H, N * L, Dv)[:, :, :T]
     den = den.reshape(B, H, N * L)[:, :, :T]
     m = m_t.reshape(B, H, N * L)[:, :, :T]
-    return num, den, m, (C_in[-1], n_in[-1], m_in[..., -1])
+    return num, den, m, (C_end, n_end, m_in[..., -1])
 
 
 def _band_layout(Tq, L, window, start, key_start, Tk):

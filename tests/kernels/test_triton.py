@@ -144,7 +144,12 @@ def test_head_dims_that_are_not_powers_of_two(D, Dv, nan_filled_empty):
 @pytest.mark.parametrize("mode,combine", VARIANTS[:3])
 def test_extreme_gates_as_accurate_as_the_torch_path(i_bias, f_bias, mode, combine):
     """Strong writes and long memory make large, cancelling sums: float32 itself loses digits there,
-    so the kernels are held to the torch chunkwise path's float32 error on the same inputs."""
+    so the kernels are held to the torch chunkwise path's float32 error on the same inputs, with a
+    floor of four times float32's tolerance. Since the torch path weighs each key into the state by
+    one exp(log weight - m) (kernels/chunkwise_memory.py) instead of two factors, its errors at
+    i 8, f 4 (shared_norm) fell about fourfold (output 2.0e-5 -> 5.0e-6, dq 3.9e-5 -> 8.7e-6),
+    while the kernels' stayed where they were (output 2.1e-5, gradients 1.8e-5 to 6.1e-5): the
+    floor holds them to what the torch path reached before."""
     ref_in, _ = make_leaves(1, 2, 1, 80, 16, 16, torch.float32, seed=7)
     with torch.no_grad():
         ref_in["i_gate"] += i_bias
@@ -162,7 +167,7 @@ def test_extreme_gates_as_accurate_as_the_torch_path(i_bias, f_bias, mode, combi
         errors[backend] = [rel_err(out.detach().cpu(), ref_out)] + [
             rel_err(leaves[n].grad.cpu(), ref_in[n].grad) for n in NAMES[:5]]
     for name, triton_err, torch_err in zip(("out",) + NAMES[:5], errors["triton"], errors["torch"]):
-        assert triton_err <= max(3 * torch_err, RATIO[torch.float32]), (name, triton_err, torch_err)
+        assert triton_err <= max(3 * torch_err, 4 * RATIO[torch.float32]), (name, triton_err, torch_err)
 
 
 @pytest.mark.parametrize("mode,combine", VARIANTS)

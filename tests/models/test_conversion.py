@@ -48,7 +48,7 @@ def test_teacher_is_untouched_and_weights_are_copied():
     teacher = make_teacher("qwen3")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = convert_to_hybrid(teacher, HybridConfig())
-    assert all(type(l.self_attn).__name__ == "Qwen3Attention" for l in teacher.model.layers)
+    assert all(type(layer.self_attn).__name__ == "Qwen3Attention" for layer in teacher.model.layers)
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k])
     s_attn, t_attn = student.lm.model.layers[0].self_attn, teacher.model.layers[0].self_attn
@@ -271,7 +271,9 @@ def test_recomputed_attention_gives_the_same_gradients_and_keeps_far_less(mode):
     kept_recomputed, recomputed = saved_bytes_and_grads(student, ids)
     for n, g in recomputed.items():
         assert torch.equal(g, plain[n]), n  # the same ops on the same inputs: bit for bit
-    assert kept_recomputed < 0.25 * kept_plain, (kept_recomputed, kept_plain)
+    # the plain form keeps less since the memory's backward is written out (kernels/chunkwise_memory.py;
+    # mlstm: 2.03 -> 1.47 MB here), the recomputed one what it kept before (0.38 MB)
+    assert kept_recomputed < 0.3 * kept_plain, (kept_recomputed, kept_plain)
 
 
 def test_compiled_backend_trains_with_the_torch_backends_loss_and_gradients_and_keeps_as_little(monkeypatch):
