@@ -7,8 +7,11 @@ the keys of earlier chunks entering through the state carried from chunk to chun
 
 Autograd through that forward kept a dozen [chunk, chunk] and [D, Dv] tensors per chunk and ran
 its backward as a long chain of small ops; on a CPU those ops, not the products, set the time
-(one SmolLM2 layer's memory at batch 4 x 512: 12 ms forward, 39 ms forward and backward). The
-backward here is the gated linear attention's, chunk by chunk, in the same units as the forward:
+(docs/performance.md, "The memory's backward written out"). The backward here is the gated
+linear attention's, chunk by chunk, in the same units as the forward, from what the forward keeps
+(its inputs, stabilisers, chunk-entry states, outputs, and the intra-chunk weights W with their
+product with q k^T, which spares the backward a product and an exp over [chunk, chunk]; under the
+lean plan the forward runs again right before the backward, so they live one layer at a time):
 
 - intra-chunk: P = W * (dnum v^T + dden), dq = P k, dk = P^T q, dv = (W * qk^T)^T dnum;
 - a query reading the state entering its chunk: dq += w_inter (C dnum + n dden);
@@ -67,8 +70,9 @@ def _weights(i_gate, b, m_t, m_in, intra=True):
 
 def memory_sums(q, k, v, i_gate, b, m_t, m_in, C0, n0):
     """The forward: num [B,H,N,L,Dv], den [B,H,N,L], the states entering each chunk (C [B,H,N,D,Dv],
-    n [B,H,N,D]) and after the last (C, n). q (already scaled), k [B,H,N,L,D], v [B,H,N,L,Dv]; the
-    rest as ``memory_stabilisers`` returns them; C0, n0 the state before position 0 (units exp(m0))."""
+    n [B,H,N,D]) and after the last (C, n), the intra-chunk weights W and W * (q k^T) [B,H,N,L,L].
+    q (already scaled), k [B,H,N,L,D], v [B,H,N,L,Dv]; the rest as ``memory_stabilisers`` returns
+    them; C0, n0 the state before position 0 (units exp(m0))."""
     W, w_inter, a, carry = _weights(i_gate, b, m_t, m_in)
     ka = k * a.unsqueeze(-1)
     chunk_C, chunk_n = ka.transpose(-1, -2) @ v, ka.sum(-2)
@@ -101,15 +105,23 @@ class MemorySums(torch.autograd.Function):
         d_n_end = torch.zeros_like(n_end) if d_n_end is None else d_n_end
         w_inter, a, carry = _weights(i_gate, b, m_t, m_in, intra=False)[1:]
         N = q.shape[2]
+        # only what is asked for (alignment: v comes from the frozen teacher and needs none); the
+        # gates' gradients are read off dq and dk
+        need = ctx.needs_input_grad
+        gates = need[3] or need[4]
+        want_q, want_k, want_v = need[0] or gates, need[1] or gates, need[2]
+        dq = dk = dv = None
 
         # within each chunk
-        P = W * (d_num @ v.transpose(-1, -2) + d_den.unsqueeze(-1))
-        dq = P @ k
-        dk = P.transpose(-1, -2) @ q
-        dv = WS.transpose(-1, -2) @ d_num
-        # queries reading the state entering their chunk
-        dq += w_inter.unsqueeze(-1) * torch.addcmul(d_num @ C_all.transpose(-1, -2), d_den.unsqueeze(-1),
-                                                    n_all.unsqueeze(-2))
+        if want_q or want_k:
+            P = W * (d_num @ v.transpose(-1, -2) + d_den.unsqueeze(-1))
+        if want_q:  # and the state entering the chunk, which its queries read
+            dq = torch.addcmul(P @ k, w_inter.unsqueeze(-1), torch.addcmul(
+                d_num @ C_all.transpose(-1, -2), d_den.unsqueeze(-1), n_all.unsqueeze(-2)))
+        if want_k:
+            dk = P.transpose(-1, -2) @ q
+        if want_v:
+            dv = WS.transpose(-1, -2) @ d_num
         # the state's gradient, from the last chunk back: G[c] is the gradient of the state after chunk c
         qw = q * w_inter.unsqueeze(-1)
         read_C, read_n = qw.transpose(-1, -2) @ d_num, (qw * d_den.unsqueeze(-1)).sum(-2)
@@ -121,19 +133,24 @@ class MemorySums(torch.autograd.Function):
         d_n0 = torch.addcmul(read_n[:, :, 0], g[-1], carry[:, :, 0, None])
         G, g = torch.stack(G[::-1], 2), torch.stack(g[::-1], 2)  # [B,H,N,D,Dv], [B,H,N,D]
         # keys written into the states their chunk hands on
-        dk += a.unsqueeze(-1) * (v @ G.transpose(-1, -2) + g.unsqueeze(-2))
-        dv += a.unsqueeze(-1) * (k @ G)
+        if want_k:
+            dk += a.unsqueeze(-1) * (v @ G.transpose(-1, -2) + g.unsqueeze(-2))
+        if want_v:
+            dv += a.unsqueeze(-1) * (k @ G)
 
-        d_i = (k * dk).sum(-1)
-        d_b = (q * dq).sum(-1) - d_i
-        # the state after chunk c grows with exp(b at the chunk's end) as a whole
-        C_after = torch.cat([C_all[:, :, 1:], C_end.unsqueeze(2)], 2)
-        n_after = torch.cat([n_all[:, :, 1:], n_end.unsqueeze(2)], 2)
-        d_b[..., -1] += (G * C_after).sum((-1, -2)) + (g * n_after).sum(-1)
+        d_i = d_b = None
+        if gates:
+            d_i = (k * dk).sum(-1)
+            d_b = (q * dq).sum(-1) - d_i
+            # the state after chunk c grows with exp(b at the chunk's end) as a whole
+            C_after = torch.cat([C_all[:, :, 1:], C_end.unsqueeze(2)], 2)
+            n_after = torch.cat([n_all[:, :, 1:], n_end.unsqueeze(2)], 2)
+            d_b[..., -1] += (G * C_after).sum((-1, -2)) + (g * n_after).sum(-1)
         # the outputs are in units of exp(-m_t); the final state in exp(-m_in[N]), the initial in
         # exp(m_in[0]); the stabilisers of the states in between cancel
         d_m_t = -((d_num * num).sum(-1) + d_den * den)
         d_m_in = torch.zeros_like(m_in)
         d_m_in[..., 0] = (d_C0 * C_all[:, :, 0]).sum((-1, -2)) + (d_n0 * n_all[:, :, 0]).sum(-1)
         d_m_in[..., -1] = -((d_C_end * C_end).sum((-1, -2)) + (d_n_end * n_end).sum(-1))
-        return dq, dk, dv, d_i, d_b, d_m_t, d_m_in, d_C0, d_n0
+        grads = (dq, dk, dv, d_i, d_b, d_m_t, d_m_in, d_C0, d_n0)
+        return tuple(grad if wanted else None for grad, wanted in zip(grads, need))

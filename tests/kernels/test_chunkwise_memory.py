@@ -42,9 +42,10 @@ def _outputs(x, written_out: bool):
 
 @pytest.mark.parametrize("initial", [False, True])
 @pytest.mark.parametrize("gate_shift", [0.0, -8.0, 6.0])  # -8: the normaliser's floor exp(-m) binds
-def test_written_out_backward_equals_autograd_through_the_same_forward(initial, gate_shift):
+@pytest.mark.parametrize("frozen", [(), ("v",), ("q", "k", "v")])  # alignment: v from the frozen teacher
+def test_written_out_backward_equals_autograd_through_the_same_forward(initial, gate_shift, frozen):
     x = _inputs(initial=initial, gate_shift=gate_shift)
-    leaves = {n: t.clone().requires_grad_(n != "m0" or initial) for n, t in x.items()}
+    leaves = {n: t.clone().requires_grad_((n != "m0" or initial) and n not in frozen) for n, t in x.items()}
     gen = torch.Generator().manual_seed(1)
     results = []
     for written_out in (True, False):
@@ -60,7 +61,7 @@ def test_written_out_backward_equals_autograd_through_the_same_forward(initial, 
         results.append({n: t.grad.clone() for n, t in leaves.items() if t.grad is not None})
         gen = torch.Generator().manual_seed(1)  # the same weights for both
     written, autograd = results
-    assert written.keys() == autograd.keys() and {"q", "k", "v", "i_gate", "log_f"} <= written.keys()
+    assert written.keys() == autograd.keys() and {"q", "k", "v", "i_gate", "log_f"} - set(frozen) <= written.keys()
     for name in written:
         torch.testing.assert_close(written[name], autograd[name], rtol=1e-10, atol=1e-12, msg=name)
 
