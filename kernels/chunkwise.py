@@ -67,7 +67,7 @@ def mlstm_chunkwise(q, k, v, i_gate, log_f, *, scale, chunk_size, initial=None):
                                                       q.new_full((B, H), LOG_ZERO))
     m_t, m_in = memory_stabilisers(i_gate, b, m0)
     args = (q, k, v, i_gate, b, m_t, m_in, C0, n0)
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in args):
+    if torch.is_grad_enabled() and any(x.requires_grad for x in args):
         num, den, C_end, n_end = MemorySums.apply(*args)
     else:
         num, den, _, _, C_end, n_end, _, _ = memory_sums(*args)

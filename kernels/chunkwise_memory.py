@@ -53,19 +53,20 @@ def memory_stabilisers(i_gate, b, m0):
     return m_t, m_in
 
 
-def _weights(i_gate, b, m_t, m_in, intra=True):
-    """W (intra-chunk, zero above the diagonal; None without ``intra``), w_inter (a query reading
-    its chunk's entering state), a (a key written into the state after its chunk), carry (the
-    state through a chunk)."""
-    W = None
-    if intra:
-        L = b.shape[-1]
-        tril = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
-        W = torch.exp((b - m_t).unsqueeze(-1) + (i_gate - b).unsqueeze(-2)).masked_fill(~tril, 0.0)
+def _intra_weights(i_gate, b, m_t):
+    """W [B,H,N,L,L]: each query's weight on each key of its own chunk, zero above the diagonal."""
+    L = b.shape[-1]
+    tril = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
+    return torch.exp((b - m_t).unsqueeze(-1) + (i_gate - b).unsqueeze(-2)).masked_fill(~tril, 0.0)
+
+
+def _state_weights(i_gate, b, m_t, m_in):
+    """w_inter (a query reading its chunk's entering state), a (a key written into the state after
+    its chunk), carry (the state through a chunk)."""
     w_inter = torch.exp(m_in[..., :-1].unsqueeze(-1) + b - m_t)
     a = torch.exp(b[..., -1:] - b + i_gate - m_in[..., 1:].unsqueeze(-1))
     carry = torch.exp(m_in[..., :-1] + b[..., -1] - m_in[..., 1:])
-    return W, w_inter, a, carry
+    return w_inter, a, carry
 
 
 def memory_sums(q, k, v, i_gate, b, m_t, m_in, C0, n0):
@@ -73,7 +74,8 @@ def memory_sums(q, k, v, i_gate, b, m_t, m_in, C0, n0):
     n [B,H,N,D]) and after the last (C, n), the intra-chunk weights W and W * (q k^T) [B,H,N,L,L].
     q (already scaled), k [B,H,N,L,D], v [B,H,N,L,Dv]; the rest as ``memory_stabilisers`` returns
     them; C0, n0 the state before position 0 (units exp(m0))."""
-    W, w_inter, a, carry = _weights(i_gate, b, m_t, m_in)
+    W = _intra_weights(i_gate, b, m_t)
+    w_inter, a, carry = _state_weights(i_gate, b, m_t, m_in)
     ka = k * a.unsqueeze(-1)
     chunk_C, chunk_n = ka.transpose(-1, -2) @ v, ka.sum(-2)
     C_in, n_in = [C0], [n0]
@@ -103,7 +105,7 @@ class MemorySums(torch.autograd.Function):
         d_den = torch.zeros_like(den) if d_den is None else d_den
         d_C_end = torch.zeros_like(C_end) if d_C_end is None else d_C_end
         d_n_end = torch.zeros_like(n_end) if d_n_end is None else d_n_end
-        w_inter, a, carry = _weights(i_gate, b, m_t, m_in, intra=False)[1:]
+        w_inter, a, carry = _state_weights(i_gate, b, m_t, m_in)  # W was kept
         N = q.shape[2]
         # only what is asked for (alignment: v comes from the frozen teacher and needs none); the
         # gates' gradients are read off dq and dk
